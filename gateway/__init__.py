@@ -1,0 +1,3 @@
+"""cgw: the community edge gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,259 @@
+"""The gateway's one typed settings object, built once at start-up and passed down.
+
+Sources, lowest to highest priority: defaults, the optional YAML file (`--config`), then
+environment variables with prefix `CGW_` and `__` between levels (CONTRACT.md section 3).
+A bad value becomes one `SettingsError` line that names the setting and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+Role = Literal["viewer", "terminal", "operator", "installer"]
+ENV_PREFIX = "CGW_"
+ENV_NESTED = "__"
+
+
+class SettingsError(Exception):
+    """A setting is missing or wrong; the message is one line an installer can act on."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = ""  # empty: "cgw-{community}"
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    # Persistent session: what devices publish while the gateway restarts waits at the broker.
+    clean_start: bool = False
+    tls_ca: Path | None = None
+    tls_insecure: bool = False
+    max_payload_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"must start with mqtt:// or mqtts://, got {value!r}")
+        if not parts.hostname:
+            raise ValueError(f"has no host: {value!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"has a bad port: {value!r}") from exc
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+class InfluxSettings(_Section):
+    url: str = ""  # empty: no time-series sink
+    token: SecretStr = SecretStr("")
+    org: str = "cgw"
+    bucket: str = "cgw"
+    batch_size: int = Field(5000, ge=1, le=100_000)
+    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    # Points kept in memory while the store is unreachable; beyond it the oldest telemetry goes
+    # (counted). Issue 4 replaces this with the durable outbox.
+    buffer_points: int = Field(200_000, ge=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"must be an http:// or https:// URL (or empty), got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Per SSE subscriber; a client that cannot keep up loses its oldest events (counted).
+    stream_queue: int = Field(1000, ge=10)
+
+
+class StoreSettings(_Section):
+    raw_retention: timedelta = timedelta(hours=48)
+    rollup_retention: timedelta = timedelta(days=90)
+    batch_size: int = Field(5000, ge=1)
+    dead_letter_retention: timedelta = timedelta(days=7)
+
+
+class PipelineSettings(_Section):
+    queue_size: int = Field(64, ge=1, description="batches held between two stages")
+    batch_size: int = Field(2000, ge=1, description="messages handled as one batch")
+    max_future: timedelta = timedelta(minutes=10)
+    max_past: timedelta = timedelta(days=7)
+    presence_sweep_s: float = Field(5.0, gt=0)
+
+
+class AuthSettings(_Section):
+    # Plain tokens (e.g. from CGW_AUTH__TOKENS='{"tok":"operator"}') and sha256 hex digests
+    # (for the YAML file). Both are held only as digests after start-up.
+    tokens: dict[str, Role] = Field(default_factory=dict)
+    token_hashes: dict[str, Role] = Field(default_factory=dict)
+
+    def digests(self) -> dict[str, Role]:
+        out = {k.lower(): v for k, v in self.token_hashes.items()}
+        for token, role in self.tokens.items():
+            out[hashlib.sha256(token.encode()).hexdigest()] = role
+        return out
+
+
+class ModbusRegister(_Section):
+    metric: str
+    address: int = Field(ge=0, le=65535)
+    table: Literal["holding", "input"] = "holding"
+    type: Literal["uint16", "int16", "uint32", "int32", "float32"] = "uint16"
+    scale: float = 1.0
+    word_order: Literal["big", "little"] = "big"
+
+
+class ModbusDevice(_Section):
+    device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: str = "energy_meter"
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    unit: int = Field(1, ge=0, le=247)
+    poll_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(3.0, gt=0)
+    registers: list[ModbusRegister] = Field(min_length=1)
+
+
+class ModbusSettings(_Section):
+    devices: list[ModbusDevice] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    community: str = Field("community", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    data_dir: Path = Path("./data")
+    registration: Literal["open", "closed"] = "open"
+    inventory: Path | None = None  # installer's YAML inventory; wins over birth messages
+    profiles_dir: Path | None = None  # extra or overriding device profiles
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings = InfluxSettings()
+    api: ApiSettings = ApiSettings()
+    store: StoreSettings = StoreSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    auth: AuthSettings = AuthSettings()
+    modbus: ModbusSettings = ModbusSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init carries the YAML file's content; the environment wins over it.
+        return (env_settings, init_settings)
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"cgw-{self.community}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "cgw.sqlite3"
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + ENV_NESTED.join(str(part).upper() for part in loc)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: cannot read the file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise SettingsError(f"--config {path}{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: must be a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def load_settings(
+    config: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings from the YAML file, the environment and explicit overrides.
+
+    `env` defaults to the process environment; tests pass their own mapping. Overrides (from
+    CLI flags) win over everything.
+    """
+    file_values = _read_yaml(config) if config is not None else {}
+    environ = dict(os.environ if env is None else env)
+    for key, value in overrides.items():
+        if value is not None:
+            file_values[key] = value
+            environ.pop(ENV_PREFIX + key.upper(), None)  # a CLI flag beats the environment
+    saved = os.environ.copy()
+    try:
+        # pydantic-settings reads os.environ; give it exactly the mapping meant for this build.
+        os.environ.clear()
+        os.environ.update(environ)
+        return Settings(**file_values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        loc = tuple(errors[0]["loc"])
+        msg = str(errors[0]["msg"]).removeprefix("Value error, ")
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        name = ".".join(map(str, loc))
+        raise SettingsError(f"setting {_env_name(loc)} ({name}): {msg}{more}") from exc
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -1,0 +1,1 @@
+"""Simulated community: devices and service terminals that speak the contract over MQTT."""
