@@ -22,6 +22,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as _SourceError
 
 Role = Literal["viewer", "terminal", "operator", "installer"]
 ENV_PREFIX = "CGW_"
@@ -254,6 +255,12 @@ def load_settings(
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         name = ".".join(map(str, loc))
         raise SettingsError(f"setting {_env_name(loc)} ({name}): {msg}{more}") from exc
+    except _SourceError as exc:
+        # A structured value (dict/list) in the environment that is not valid JSON.
+        field_name = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        names = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX + field_name.upper()))
+        which = " / ".join(names) or _env_name((field_name,))
+        raise SettingsError(f"setting {which}: not valid JSON (structured values are JSON)") from exc
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -1,0 +1,188 @@
+"""The MQTT driver: the contract's device topics in, with QoS 1 and a persistent session.
+
+CONTRACT.md section 1: devices publish on `cgw/v1/{device_id}/{channel}` with QoS 1. The gateway
+subscribes with QoS 1 and a persistent session (clean session off, fixed client id), so what
+devices publish while the gateway restarts waits at the broker and is delivered when it is back.
+
+paho-mqtt runs its network loop in its own thread; messages cross to the event loop through a
+deque in batches (one wake-up for many messages, no per-message task). When the pipeline falls
+behind, the paho thread waits, which stops reading the socket: back-pressure reaches the broker,
+which holds the messages, instead of the gateway's memory growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from drivers.base import Driver, Ingress
+from gateway.models import RawMessage
+from gateway.settings import MqttSettings
+from gateway.stats import GatewayMetrics
+from gateway.topics import SUBSCRIPTIONS
+
+log = logging.getLogger(__name__)
+
+
+class MqttDriver(Driver):
+    name = "mqtt"
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        metrics: GatewayMetrics,
+        batch_size: int = 2000,
+        max_pending: int = 20_000,
+    ) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._max_pending = max_pending
+        self._pending: deque[RawMessage] = deque()
+        self._room = threading.Event()
+        self._room.set()
+        self._wake = asyncio.Event()
+        self._wake_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._connected = False
+        self._stopping = False
+        self.last_error: str | None = None
+        self._up = metrics.driver_connected.labels(driver=self.name)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def run(self, ingress: Ingress) -> None:
+        self._loop = asyncio.get_running_loop()
+        client = self._make_client()
+        self._client = client
+        client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive_s)
+        client.loop_start()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    batch = self._take(self._batch_size)
+                    await ingress.put(batch)
+                    if len(self._pending) < self._max_pending // 2:
+                        self._room.set()
+                if self._stopping and not client.is_connected():
+                    return
+        finally:
+            self._stopping = True
+            self._room.set()
+            client.disconnect()
+            client.loop_stop()
+            self._set_connected(False)
+
+    async def stop(self) -> None:
+        """Stop reading from the broker, hand over what was received, and let `run` return.
+
+        Messages not yet received stay in the broker's persistent session for the next start.
+        """
+        self._stopping = True
+        self._room.set()
+        client = self._client
+        if client is not None:
+            await asyncio.to_thread(client.disconnect)
+            await asyncio.to_thread(client.loop_stop)
+        self._wake.set()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish to a device (acks, commands). Thread-safe; paho queues it while offline."""
+        if self._client is None:
+            raise RuntimeError("the MQTT driver is not running")
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    # -- paho side (network thread) ------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self._settings
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            clean_session=s.clean_start,
+            protocol=paho.MQTTv311,
+        )
+        if s.username:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+        if s.tls:
+            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(s.tls_insecure)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(10_000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker {self._settings.url} refused the connection: {reason}"
+            log.error("%s (check CGW_MQTT__USERNAME / CGW_MQTT__PASSWORD)", self.last_error)
+            return
+        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+        self.last_error = None
+        self._set_connected(True)
+        log.info(
+            "connected to %s as %s (session present: %s)",
+            self._settings.url,
+            self._client_id,
+            flags.session_present,
+        )
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self._set_connected(False)
+        if not self._stopping:
+            self.last_error = f"lost the broker {self._settings.url}: {reason}"
+            log.warning("%s; reconnecting", self.last_error)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            # Kept (and then refused with a reason) rather than dropped inside paho.
+            topic = msg._topic.decode("utf-8", errors="replace")
+        self._pending.append((topic, msg.payload, time.time_ns() // 1_000_000))
+        if not self._wake_scheduled and self._loop is not None:
+            self._wake_scheduled = True
+            self._loop.call_soon_threadsafe(self._wake_up)
+        if len(self._pending) >= self._max_pending:
+            # Hold the network thread until the pipeline has caught up to half the bound. The
+            # timeout re-checks the length, so a wake-up that raced this clear() is not missed.
+            low = self._max_pending // 2
+            while len(self._pending) >= low and not self._stopping:
+                self._room.clear()
+                self._room.wait(timeout=0.2)
+
+    def _set_connected(self, value: bool) -> None:
+        self._connected = value
+        self._up.set(1 if value else 0)
+
+    # -- event-loop side -----------------------------------------------------------------------
+
+    def _wake_up(self) -> None:
+        self._wake_scheduled = False
+        self._wake.set()
+
+    def _take(self, n: int) -> list[RawMessage]:
+        pending = self._pending
+        count = min(n, len(pending))
+        return [pending.popleft() for _ in range(count)]

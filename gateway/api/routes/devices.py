@@ -1,0 +1,144 @@
+"""Devices: the list with presence and last values, one device, its telemetry over a range.
+
+Presence and last values come from the live registry; history comes from the local store,
+so all of it works with the uplink down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+
+from gateway.api.auth import Reader
+from gateway.api.context import ApiContext, context
+from gateway.api.schemas import DeviceList, DeviceOut, ErrorBody, ProfileOut, Summary, Telemetry
+from gateway.store.queries import EventFilter
+
+router = APIRouter(prefix="/api/v1", tags=["devices"])
+Ctx = Annotated[ApiContext, Depends(context)]
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
+AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+
+# Without a step, ranges up to this long return raw points; longer ones are bucketed.
+RAW_RANGE = timedelta(hours=2)
+TARGET_POINTS = 500
+
+
+def _device_out(ctx: ApiContext, device: Any) -> DeviceOut:
+    return DeviceOut(**device.to_dict(), active_alarms=ctx.alarms_active(device.device_id))
+
+
+@router.get(
+    "/devices", response_model=DeviceList, summary="Devices with presence and last values", responses=AUTH
+)
+async def list_devices(
+    ctx: Ctx,
+    _: Reader,
+    kind: str | None = None,
+    building: str | None = None,
+    online: bool | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DeviceList:
+    devices = sorted(ctx.registry.all(), key=lambda d: d.device_id)
+    selected = [
+        d
+        for d in devices
+        if (kind is None or d.kind == kind)
+        and (building is None or d.building == building)
+        and (online is None or d.online == online)
+    ]
+    return DeviceList(
+        total=len(selected),
+        online=sum(1 for d in selected if d.online),
+        items=[_device_out(ctx, d) for d in selected[offset : offset + limit]],
+    )
+
+
+@router.get(
+    "/devices/{device_id}", response_model=DeviceOut, summary="One device", responses={**NOT_FOUND, **AUTH}
+)
+async def get_device(ctx: Ctx, _: Reader, device_id: str) -> DeviceOut:
+    device = ctx.registry.get(device_id)
+    if device is None:
+        raise HTTPException(404, f"no device {device_id!r}")
+    return _device_out(ctx, device)
+
+
+@router.get(
+    "/devices/{device_id}/telemetry",
+    response_model=Telemetry,
+    summary="A device's telemetry over a time range, raw or downsampled",
+    description=(
+        "`start`/`end` are ISO 8601 date-times (default: the last hour). With `step` (seconds or "
+        "ISO 8601 duration, e.g. `PT5M`) points are averaged per bucket with min, max and count; "
+        f"without it, ranges up to {RAW_RANGE} return raw points and longer ones get a step that "
+        f"gives about {TARGET_POINTS} points. Ranges older than raw retention read minute roll-ups."
+    ),
+    responses={**NOT_FOUND, **AUTH, 422: {"model": ErrorBody}},
+)
+async def get_telemetry(
+    ctx: Ctx,
+    _: Reader,
+    device_id: str,
+    metric: Annotated[list[str] | None, Query(description="Metric names; default all")] = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    step: timedelta | None = None,
+) -> Telemetry:
+    if ctx.registry.get(device_id) is None:
+        raise HTTPException(404, f"no device {device_id!r}")
+    now_ms = int(time.time() * 1000)
+    end_ms = _ms(end) if end is not None else now_ms + 1
+    start_ms = _ms(start) if start is not None else end_ms - 3_600_000
+    if start_ms >= end_ms:
+        raise HTTPException(422, "start must be before end")
+    step_ms: int | None = None
+    if step is not None:
+        step_ms = int(step.total_seconds() * 1000)
+        if step_ms < 1000:
+            raise HTTPException(422, "step must be at least 1 second")
+        if (end_ms - start_ms) // step_ms > 10_000:
+            raise HTTPException(422, "step too small for this range: at most 10000 buckets")
+    elif end_ms - start_ms > RAW_RANGE.total_seconds() * 1000:
+        step_ms = max(1000, (end_ms - start_ms) // TARGET_POINTS)
+    data = await ctx.reader.telemetry(device_id, metric, start_ms, end_ms, step_ms, now_ms)
+    return Telemetry.model_validate(data)
+
+
+@router.get(
+    "/summary", response_model=Summary, summary="Presence by kind and building, open alarms", responses=AUTH
+)
+async def summary(ctx: Ctx, _: Reader) -> Summary:
+    by_kind: dict[str, Counter[str]] = {}
+    by_building: dict[str, Counter[str]] = {}
+    devices = ctx.registry.all()
+    for d in devices:
+        state = "online" if d.online else "offline"
+        by_kind.setdefault(d.kind, Counter())[state] += 1
+        by_building.setdefault(d.building or "-", Counter())[state] += 1
+    open_alarms = await ctx.reader.events(EventFilter(alarm=True, acked=False, limit=10_000))
+    return Summary(
+        community=ctx.community,
+        devices=len(devices),
+        online=sum(1 for d in devices if d.online),
+        by_kind={k: {"online": c["online"], "offline": c["offline"]} for k, c in by_kind.items()},
+        by_building={b: {"online": c["online"], "offline": c["offline"]} for b, c in by_building.items()},
+        open_alarms=len(open_alarms),
+        stream_subscribers=ctx.hub.subscribers,
+    )
+
+
+@router.get("/profiles", response_model=list[ProfileOut], summary="Device profiles", responses=AUTH)
+async def profiles(ctx: Ctx, _: Reader) -> list[ProfileOut]:
+    return [ProfileOut.model_validate(ctx.profiles.describe(kind)) for kind in ctx.profiles.kinds]
+
+
+def _ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise HTTPException(422, f"{moment.isoformat()} has no UTC offset (add Z or ±hh:mm)")
+    return int(moment.timestamp() * 1000)

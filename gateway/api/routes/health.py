@@ -1,0 +1,47 @@
+"""Liveness, readiness and Prometheus metrics.
+
+CONTRACT.md section 4: "`/healthz` (alive), `/readyz` (broker connected, stores writable),
+`/metrics` (Prometheus text)." Probes need no token; /metrics needs any valid token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.api.auth import Reader
+from gateway.api.context import ApiContext, context
+from gateway.api.schemas import Health, Ready
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Broker connected and stores writable",
+    responses={503: {"model": Ready, "description": "Not ready: see which check failed"}},
+)
+async def readyz(ctx: Annotated[ApiContext, Depends(context)]) -> JSONResponse:
+    checks = ctx.readiness()
+    ready = all(check["ok"] for check in checks.values())
+    body = Ready(ready=ready, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(ctx: Annotated[ApiContext, Depends(context)], _: Reader) -> Response:
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,146 @@
+"""Response and request models of the API: they are the OpenAPI document's schemas."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+SeverityName = Literal["info", "warning", "critical"]
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What went wrong, in one sentence")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    checks: dict[str, Check]
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    kind: str
+    source: Literal["inventory", "birth", "auto"]
+    building: str | None
+    floor: int | None
+    unit: str | None
+    fw: str | None
+    battery: float | None
+    rssi: float | None
+    online: bool
+    first_seen_ms: int | None
+    last_seen_ms: int | None
+    presence_ms: int | None = Field(description="When presence last changed (epoch ms)")
+    last_ts_ms: int | None = Field(description="Time of the newest reading (epoch ms)")
+    last_seq: int | None
+    last_values: dict[str, float]
+    active_alarms: list[str] = Field(default_factory=list, description="Alarm rules raised now")
+
+
+class DeviceList(BaseModel):
+    total: int
+    online: int
+    items: list[DeviceOut]
+
+
+class RawPoint(BaseModel):
+    ts_ms: int
+    value: float
+    seq: int | None
+
+
+class AggregatePoint(BaseModel):
+    ts_ms: int = Field(description="Start of the bucket (epoch ms)")
+    avg: float
+    min: float
+    max: float
+    count: int
+
+
+class Telemetry(BaseModel):
+    device_id: str
+    start_ms: int
+    end_ms: int
+    step_ms: int | None = Field(description="Bucket width; null for raw points")
+    source: Literal["raw", "rollup_1m"]
+    truncated: bool = Field(description="True when a series hit the point limit")
+    series: dict[str, list[AggregatePoint] | list[RawPoint]]
+
+
+class EventOut(BaseModel):
+    id: int
+    ts_ms: int
+    device_id: str
+    kind: str
+    building: str | None
+    type: str
+    severity: SeverityName
+    source: str
+    message: str
+    data: dict[str, Any]
+    alarm: bool
+    acked: bool
+    acked_ms: int | None = None
+    acked_by: str | None = None
+    ack_note: str | None = None
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+
+
+class AckIn(BaseModel):
+    note: str = Field("", max_length=1000, description="Why, or what was done")
+
+
+class DeadLetterOut(BaseModel):
+    id: int
+    received_ms: int
+    topic: str
+    device_id: str | None
+    channel: str | None
+    reason_code: str
+    reason: str
+    payload: str = Field(description="The refused payload (first 4 KiB, invalid UTF-8 replaced)")
+    payload_bytes: int
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetterOut]
+
+
+class MetricOut(BaseModel):
+    unit: str
+    type: Literal["gauge", "counter"]
+    min: float | None
+    max: float | None
+    description: str = ""
+
+
+class ProfileOut(BaseModel):
+    kind: str
+    description: str
+    heartbeat_timeout_s: float
+    strict: bool
+    metrics: dict[str, MetricOut]
+    rules: list[dict[str, Any]]
+
+
+class Summary(BaseModel):
+    community: str
+    devices: int
+    online: int
+    by_kind: dict[str, dict[str, int]]
+    by_building: dict[str, dict[str, int]]
+    open_alarms: int
+    stream_subscribers: int

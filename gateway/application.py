@@ -1,0 +1,239 @@
+"""The composition root: builds every component from the settings and runs their lifecycles.
+
+`Gateway.run()` opens the store, then runs drivers, pipeline, store writer, maintenance, sinks and
+the API as tasks of one TaskGroup. `stop()` drains in order: drivers stop taking input, the
+pipeline empties, the store and the sinks flush, then the API closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from drivers.base import Driver
+from drivers.mqtt import MqttDriver
+from gateway.api.app import create_app
+from gateway.api.context import ApiContext
+from gateway.pipeline.decode import TimeWindow
+from gateway.pipeline.process import Processor
+from gateway.pipeline.route import Router, Sink
+from gateway.pipeline.run import Pipeline
+from gateway.profiles import load_profiles
+from gateway.registry import DeviceRegistry, load_inventory
+from gateway.rules import AlarmEngine
+from gateway.settings import Settings
+from gateway.sinks.influx import InfluxSink
+from gateway.stats import GatewayMetrics
+from gateway.store.maintenance import StoreMaintenance
+from gateway.store.queries import StoreReader
+from gateway.store.writer import StoreWriter
+from gateway.stream import StreamHub
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 15.0
+MIN_FREE_DISK = 100 * 1024 * 1024
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our TaskGroup: the application, not uvicorn, owns the signal handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    """One running gateway. Build it, `await run()`, call `stop()` to shut down cleanly."""
+
+    def __init__(self, settings: Settings, extra_drivers: list[Driver] | None = None) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.profiles = load_profiles(settings.profiles_dir)
+        self.inventory = (
+            load_inventory(settings.inventory, self.profiles) if settings.inventory is not None else []
+        )
+        self.registry = DeviceRegistry(self.profiles, settings.registration)
+        self.alarms = AlarmEngine(self.profiles)
+        self.hub = StreamHub(self.metrics, settings.api.stream_queue)
+        self.writer = StoreWriter(settings.db_path, self.metrics, settings.pipeline.queue_size)
+        self.reader = StoreReader(settings.db_path, int(settings.store.raw_retention.total_seconds() * 1000))
+        self.maintenance = StoreMaintenance(self.writer, settings.store)
+        self.influx = (
+            InfluxSink(settings.influx, settings.community, self.metrics) if settings.influx.enabled else None
+        )
+        sinks: list[Sink] = [self.influx] if self.influx is not None else []
+        self.mqtt = MqttDriver(
+            settings.mqtt, settings.mqtt_client_id, self.metrics, settings.pipeline.batch_size
+        )
+        self.drivers: list[Driver] = [self.mqtt, *(extra_drivers or [])]
+        if settings.modbus.devices:
+            from drivers.modbus import ModbusDriver
+
+            self.drivers.append(ModbusDriver(settings.modbus))
+        window = TimeWindow(
+            max_future_ms=int(settings.pipeline.max_future.total_seconds() * 1000),
+            max_past_ms=int(settings.pipeline.max_past.total_seconds() * 1000),
+        )
+        self.processor = Processor(
+            self.profiles,
+            self.registry,
+            self.alarms,
+            self.metrics,
+            window,
+            settings.mqtt.max_payload_bytes,
+        )
+        self.pipeline = Pipeline(
+            self.processor,
+            Router(self.writer, sinks, self.hub),
+            self.registry,
+            self.metrics,
+            settings.pipeline.queue_size,
+            settings.pipeline.presence_sweep_s,
+        )
+        self.api = create_app(
+            ApiContext(
+                community=settings.community,
+                registry=self.registry,
+                profiles=self.profiles,
+                reader=self.reader,
+                hub=self.hub,
+                metrics=self.metrics,
+                token_digests=settings.auth.digests(),
+                readiness=self.readiness,
+                alarms_active=self.alarms.active,
+            )
+        )
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._server: _EmbeddedServer | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def api_port(self) -> int:
+        """The port the API listens on (useful when the settings asked for port 0)."""
+        if self._socket is None:
+            raise RuntimeError("the API is not bound yet")
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        checks: dict[str, dict[str, Any]] = {
+            "broker": {
+                "ok": self.mqtt.connected,
+                "detail": f"connected to {self.settings.mqtt.url}"
+                if self.mqtt.connected
+                else (self.mqtt.last_error or f"connecting to {self.settings.mqtt.url}"),
+            },
+        }
+        free = shutil.disk_usage(self.settings.data_dir).free
+        store_ok = self.writer.last_error is None and free > MIN_FREE_DISK
+        checks["local_store"] = {
+            "ok": store_ok,
+            "detail": self.writer.last_error
+            or (
+                f"{free // (1024 * 1024)} MiB free"
+                if free > MIN_FREE_DISK
+                else f"only {free // (1024 * 1024)} MiB free in {self.settings.data_dir}"
+            ),
+        }
+        if self.influx is not None:
+            checks["timeseries"] = {
+                "ok": self.influx.healthy,
+                "detail": self.influx.last_error or f"writing to {self.settings.influx.url}",
+            }
+        return checks
+
+    def stop(self) -> None:
+        """Ask the gateway to drain and stop; `run()` returns when it has."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.registry.restore(await self.writer.open())
+        self.registry.apply_inventory(self.inventory)
+        self._socket = _bind(self.settings.api.host, self.settings.api.port)
+        config = uvicorn.Config(self.api, log_level="warning", access_log=False, lifespan="off")
+        self._server = _EmbeddedServer(config)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                background = [
+                    tg.create_task(self.writer.run(), name="store-writer"),
+                    tg.create_task(self.maintenance.run(), name="store-maintenance"),
+                    tg.create_task(self.pipeline.run(), name="pipeline"),
+                ]
+                if self.influx is not None:
+                    background.append(tg.create_task(self.influx.run(), name="influx-sink"))
+                inputs = [
+                    tg.create_task(driver.run(self.pipeline), name=f"driver-{driver.name}")
+                    for driver in self.drivers
+                ]
+                api = tg.create_task(self._server.serve(sockets=[self._socket]), name="api")
+                self.ready.set()
+                log.info(
+                    "gateway for community %s running: API on http://%s:%d",
+                    self.settings.community,
+                    self.settings.api.host,
+                    self.api_port,
+                )
+                await self._stop.wait()
+                await self._shutdown(inputs, background, api)
+        finally:
+            await self._close()
+
+    async def _shutdown(
+        self, inputs: list[asyncio.Task[None]], background: list[asyncio.Task[None]], api: asyncio.Task[None]
+    ) -> None:
+        log.info("stopping: draining the pipeline, the local store and the sinks")
+        for driver in self.drivers:
+            await driver.stop()
+        # Drivers hand over what they already received, then return on their own.
+        _, late = await asyncio.wait(inputs, timeout=DRAIN_TIMEOUT_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*inputs, return_exceptions=True)
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await self.pipeline.drain()
+                await self.writer.drain()
+                if self.influx is not None:
+                    await self.influx.drain(DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("drain did not finish within %.0f s; stopping anyway", DRAIN_TIMEOUT_S)
+        await self.maintenance.run_once()
+        if self._server is not None:
+            self._server.should_exit = True
+        await asyncio.gather(api, return_exceptions=True)
+        for task in background:
+            task.cancel()
+
+    async def _close(self) -> None:
+        if self.influx is not None:
+            await self.influx.close()
+        await self.writer.close()
+        self.reader.close()
+        if self._socket is not None:
+            self._socket.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): set CGW_API__HOST / CGW_API__PORT"
+        ) from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,278 @@
+"""The `cgw` command: run, demo, simulate and doctor (CONTRACT.md section 3).
+
+Each command builds the settings once (YAML file, then `CGW_` environment) and passes them down;
+a bad setting ends the command with one line naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from gateway import __version__
+from gateway.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="cgw",
+    help=(
+        "cgw: the community edge gateway. Collects sensor and service-terminal data over MQTT "
+        "(and Modbus), validates and keeps it locally, forwards it to InfluxDB, and serves an "
+        "HTTP API. Settings: --config FILE (YAML) and CGW_* environment variables; see "
+        "docs/configuration.md."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file; CGW_* environment variables win over it."),
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    for noisy in ("amqtt", "transitions", "pymodbus"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)` on a fresh loop; SIGINT/SIGTERM set `stop` for a clean drain."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except* OSError as group:
+        for exc in group.exceptions:
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the gateway with the configured broker, local store, sinks and API."""
+    settings = _settings(config)
+    _logging(settings.log_level)
+    from gateway.application import Gateway
+    from gateway.profiles import ProfileError
+    from gateway.registry import InventoryError
+
+    try:
+        gateway = Gateway(settings)
+    except (ProfileError, InventoryError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+    async def main(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(gateway.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        gateway.stop()
+        stopper.cancel()
+        await task
+
+    _run_until_signal(main)
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its store and broker data.")] = Path(
+        "./cgw-demo-data"
+    ),
+    community: Annotated[str, typer.Option(help="Community name.")] = "sunrise",
+    buildings: Annotated[int, typer.Option(min=1, max=50, help="Residential buildings.")] = 6,
+    floors: Annotated[int, typer.Option(min=1, max=60, help="Floors per building.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated community.")] = 42,
+    speed: Annotated[
+        float, typer.Option(min=0.1, help="Simulated time per real second (daily cycles).")
+    ] = 60.0,
+    faults: Annotated[
+        str, typer.Option(help="Faults to inject, e.g. 'disconnect=0.001,malformed=0.005'.")
+    ] = "",
+    broker: Annotated[str | None, typer.Option(help="Use this broker instead of a private one.")] = None,
+    embedded_broker: Annotated[
+        bool, typer.Option(help="Use the in-process amqtt broker even if Mosquitto is installed.")
+    ] = False,
+    host: Annotated[str, typer.Option(help="API address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port (a free one is used if taken).")] = 8080,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Start a complete simulated community on this machine, with no outside services."""
+    base = _settings(config)
+    _logging("warning" if base.log_level == "info" else base.log_level)
+    from simulators.run import parse_faults
+
+    from gateway.demo import DemoInfo, DemoOptions, run_demo
+
+    try:
+        fault_rates = parse_faults(faults) if faults else {}
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --faults: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    options = DemoOptions(
+        data_dir=data_dir,
+        community=community,
+        buildings=buildings,
+        floors=floors,
+        seed=seed,
+        speed=speed,
+        faults=fault_rates,
+        broker_url=broker,
+        api_host=host,
+        api_port=port,
+        duration_s=duration,
+        prefer_mosquitto=not embedded_broker,
+    )
+
+    def ready(info: DemoInfo) -> None:
+        viewer, operator = info.tokens["viewer"], info.tokens["operator"]
+        out.print(
+            f"\n[bold green]cgw demo is running[/bold green] — community [bold]{community}[/bold], "
+            f"{info.devices} simulated devices",
+            highlight=False,
+        )
+        out.print(f"  API and docs   {info.api_url}/docs", highlight=False)
+        out.print(f"  Broker         {info.broker_url} ({info.broker_kind})", highlight=False)
+        out.print(f"  Data           {info.data_dir}", highlight=False)
+        out.print(
+            "  Tokens         " + "  ".join(f"{r}={t}" for r, t in info.tokens.items()), highlight=False
+        )
+        out.print("\nTry:", highlight=False)
+        out.print(
+            f"  curl -H 'Authorization: Bearer {viewer}' {info.api_url}/api/v1/summary", highlight=False
+        )
+        out.print(
+            f"  curl -H 'Authorization: Bearer {viewer}' '{info.api_url}/api/v1/devices?online=true'",
+            highlight=False,
+        )
+        out.print(
+            f"  curl -N -H 'Authorization: Bearer {operator}' {info.api_url}/api/v1/stream", highlight=False
+        )
+        port_ = info.broker_url.rsplit(":", 1)[1]
+        out.print(
+            f"  mosquitto_pub -p {port_} -q 1 -t cgw/v1/my-sensor/status "
+            '-m \'{"state":"online","kind":"air_quality","location":{"building":"1"}}\'',
+            highlight=False,
+        )
+        out.print(
+            f"  mosquitto_pub -p {port_} -q 1 -t cgw/v1/my-sensor/telemetry "
+            '-m \'{"metrics":{"pm25":88.5,"temp_c":21.4}}\'',
+            highlight=False,
+        )
+        out.print("Stop with Ctrl-C.\n", highlight=False)
+
+    _run_until_signal(lambda stop: run_demo(options, base, ready, stop))
+
+
+@app.command()
+def simulate(
+    broker: Annotated[str, typer.Option(help="Broker URL, mqtt://host:port.")] = "mqtt://127.0.0.1:1883",
+    username: Annotated[str | None, typer.Option(help="Broker user name.")] = None,
+    password: Annotated[str | None, typer.Option(help="Broker password.", envvar="CGW_SIM_PASSWORD")] = None,
+    community: Annotated[str, typer.Option(help="Community name.")] = "sunrise",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same community.")] = 42,
+    buildings: Annotated[int, typer.Option(min=1, max=50)] = 6,
+    floors: Annotated[int, typer.Option(min=1, max=60)] = 6,
+    speed: Annotated[float, typer.Option(min=0.1, help="Simulated time per real second.")] = 1.0,
+    interval_scale: Annotated[float, typer.Option(min=0.01, help="Multiply every publish interval.")] = 1.0,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="e.g. 'disconnect=0.001,malformed=0.01,duplicate=0.01,clock_skew=0.001,burst=0.001'."
+        ),
+    ] = "",
+    inventory: Annotated[
+        Path | None, typer.Option(help="Also write the community's inventory YAML here.")
+    ] = None,
+) -> None:
+    """Drive simulated devices and service terminals against any MQTT broker."""
+    _logging("info")
+    from simulators.community import build_community
+    from simulators.run import SimulationConfig, parse_faults
+    from simulators.run import simulate as run_simulation
+
+    try:
+        fault_rates = parse_faults(faults) if faults else {}
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --faults: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if inventory is not None:
+        build_community(community, seed, buildings, floors).write_inventory(inventory)
+    config = SimulationConfig(
+        broker_url=broker,
+        username=username,
+        password=password,
+        community=community,
+        seed=seed,
+        buildings=buildings,
+        floors=floors,
+        interval_scale=interval_scale,
+        speed=speed,
+        duration_s=duration,
+        faults=fault_rates,
+    )
+
+    async def main(stop: asyncio.Event) -> None:
+        stats = await run_simulation(config, stop)
+        out.print(stats)
+
+    _run_until_signal(main)
+
+
+@app.command()
+def doctor(config: ConfigOption = None) -> None:
+    """Check a deployment: settings, disk, local store, broker, time-series store, clock."""
+    settings = _settings(config)
+    from gateway.doctor import run_checks
+
+    findings = run_checks(settings)
+    for finding in findings:
+        mark = "[green]ok[/green]  " if finding.ok else "[red]FAIL[/red]"
+        out.print(f"{mark} {finding.check}: {finding.detail}", highlight=False)
+    if not all(f.ok for f in findings):
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`cgw demo`: a complete community on one machine with no outside services.
+
+Starts a private broker (Mosquitto if installed, else the embedded amqtt), writes the simulated
+community's inventory, makes API tokens, runs the gateway and the simulated devices together,
+and prints where to look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simulators.community import build_community
+from simulators.run import SimulationConfig, simulate
+
+from gateway.application import Gateway
+from gateway.broker import LocalBroker, free_port, port_open
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoOptions:
+    data_dir: Path = Path("./cgw-demo-data")
+    community: str = "sunrise"
+    buildings: int = 6
+    floors: int = 6
+    seed: int = 42
+    speed: float = 60.0
+    interval_scale: float = 1.0
+    faults: dict[str, float] = field(default_factory=dict)
+    broker_url: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    duration_s: float | None = None
+    prefer_mosquitto: bool = True
+
+
+@dataclass
+class DemoInfo:
+    api_url: str
+    broker_url: str
+    broker_kind: str
+    tokens: dict[str, str]
+    devices: int
+    data_dir: Path
+
+
+def demo_tokens() -> dict[str, str]:
+    """One fresh token per role; printed once, held by the gateway only as digests."""
+    return {role: secrets.token_urlsafe(18) for role in ("viewer", "terminal", "operator", "installer")}
+
+
+async def run_demo(
+    options: DemoOptions,
+    base: Settings,
+    on_ready: Callable[[DemoInfo], None],
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until `stop` is set, the duration ends, or the task is cancelled."""
+    stop = stop or asyncio.Event()
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    community = build_community(options.community, options.seed, options.buildings, options.floors)
+    inventory = options.data_dir / "inventory.yaml"
+    community.write_inventory(inventory)
+    broker: LocalBroker | None = None
+    broker_url = options.broker_url
+    broker_kind = "external"
+    if broker_url is None:
+        broker = LocalBroker(options.data_dir, prefer_mosquitto=options.prefer_mosquitto)
+        broker_url = await broker.start()
+        broker_kind = broker.kind
+    api_port = options.api_port
+    if api_port and port_open(options.api_host, api_port):
+        api_port = free_port(options.api_host)
+        log.warning("port %d is taken; the demo API uses %d instead", options.api_port, api_port)
+    tokens = demo_tokens()
+    settings = base.model_copy(
+        update={
+            "community": options.community,
+            "data_dir": options.data_dir,
+            "inventory": inventory,
+            "mqtt": base.mqtt.model_copy(update={"url": broker_url, "client_id": ""}),
+            "api": base.api.model_copy(update={"host": options.api_host, "port": api_port}),
+            "auth": base.auth.model_copy(
+                update={"tokens": {**base.auth.tokens, **{t: r for r, t in tokens.items()}}}
+            ),
+        }
+    )
+    gateway = Gateway(settings)
+    sim_stop = asyncio.Event()
+    sim_config = SimulationConfig(
+        broker_url=broker_url,
+        community=options.community,
+        seed=options.seed,
+        buildings=options.buildings,
+        floors=options.floors,
+        interval_scale=options.interval_scale,
+        speed=options.speed,
+        faults=options.faults,
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            gw_task = tg.create_task(gateway.run(), name="gateway")
+            await _first(gateway.ready.wait(), gw_task)
+            sim_task = tg.create_task(simulate(sim_config, sim_stop), name="simulator")
+            on_ready(
+                DemoInfo(
+                    api_url=f"http://{options.api_host}:{gateway.api_port}",
+                    broker_url=broker_url,
+                    broker_kind=broker_kind,
+                    tokens=tokens,
+                    devices=len(community.devices),
+                    data_dir=options.data_dir,
+                )
+            )
+            try:
+                async with asyncio.timeout(options.duration_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            # Devices go offline cleanly first, so the gateway records it, then the gateway drains.
+            sim_stop.set()
+            await sim_task
+            gateway.stop()
+            await gw_task
+    finally:
+        if broker is not None:
+            await broker.stop()
+
+
+async def _first(waiter: object, task: asyncio.Task[None]) -> None:
+    """Wait for `waiter`, but fail at once if `task` ends first (e.g. a port in use)."""
+    wait_task = asyncio.ensure_future(waiter)  # type: ignore[arg-type]
+    done, _ = await asyncio.wait({wait_task, task}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done and wait_task not in done:
+        wait_task.cancel()
+        task.result()
+        raise RuntimeError("the gateway stopped before it was ready")

@@ -1,0 +1,1 @@
+"""The ingest pipeline: decode → validate → enrich → route, in batches between bounded queues."""

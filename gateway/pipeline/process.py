@@ -1,0 +1,236 @@
+"""Validate and enrich stage: one batch of raw messages in, typed records and refusals out.
+
+Synchronous and free of I/O so it can be tested directly and so one task owns the registry,
+presence and alarm state (no locks). Each message is judged alone: a bad one becomes a
+dead letter with its reason, and the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.models import DeadLetter, DeviceEvent, PresenceChange, RawMessage, Reading
+from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
+from gateway.presence import PresenceTracker, presence_event
+from gateway.profiles import ProfileSet
+from gateway.registry import Device, DeviceRegistry
+from gateway.rules import AlarmEngine
+from gateway.stats import GatewayMetrics
+from gateway.topics import TopicError, parse
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_BATCH_ITEMS = 1000
+MAX_MESSAGE_CHARS = 1024
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass(slots=True)
+class Processed:
+    """What one batch became: records for the stores, sinks and the live stream."""
+
+    readings: list[Reading] = field(default_factory=list)
+    events: list[DeviceEvent] = field(default_factory=list)
+    presence: list[PresenceChange] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    devices: list[Device] = field(default_factory=list)  # changed, to persist
+
+    def __bool__(self) -> bool:
+        return bool(self.readings or self.events or self.presence or self.dead_letters or self.devices)
+
+
+class Processor:
+    """Turns raw contract messages into readings, events and presence changes."""
+
+    def __init__(
+        self,
+        profiles: ProfileSet,
+        registry: DeviceRegistry,
+        alarms: AlarmEngine,
+        metrics: GatewayMetrics,
+        window: TimeWindow,
+        max_payload_bytes: int,
+    ) -> None:
+        self._profiles = profiles
+        self._registry = registry
+        self._presence = PresenceTracker(registry, profiles)
+        self._alarms = alarms
+        self._metrics = metrics
+        self._window = window
+        self._max_bytes = max_payload_bytes
+        self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in _CHANNELS}
+
+    def process(self, batch: list[RawMessage]) -> Processed:
+        out = Processed()
+        for topic, payload, received_ms in batch:
+            device_id: str | None = None
+            channel: str | None = None
+            try:
+                device_id, channel = parse(topic)
+                self._received[channel].inc()
+                handler = _CHANNELS[channel]
+                handler(self, device_id, decode_object(payload, self._max_bytes), received_ms, out)
+            except (Rejected, TopicError) as exc:
+                self._reject(out, topic, device_id, channel, str(exc), payload, received_ms)
+        self._finish(out)
+        return out
+
+    def sweep(self, now_ms: int) -> Processed:
+        """Heartbeat time-outs, run periodically by the pipeline task."""
+        out = Processed()
+        for change in self._presence.sweep(now_ms):
+            self._add_presence(out, change)
+        self._finish(out)
+        return out
+
+    # -- channels -----------------------------------------------------------------------------
+
+    def _status(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+        state = obj.get("state")
+        if state not in ("online", "offline"):
+            raise Rejected(f"schema: status.state must be 'online' or 'offline', got {state!r}")
+        if state == "offline":
+            device = self._registry.get(device_id)
+            if device is None:
+                # A Last Will of a device we never knew says nothing worth keeping.
+                return
+            change = self._presence.went_offline(device, received_ms, "will")
+        else:
+            device = self._registry.on_birth(device_id, obj, received_ms)
+            change = self._presence.seen(device, received_ms, "birth")
+        if change is not None:
+            self._add_presence(out, change)
+
+    def _telemetry(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+        device = self._registry.resolve(device_id, received_ms)
+        self._seen(device, received_ms, out)
+        profile = self._profiles.get(device.kind) or self._profiles.generic
+        items = obj.get("batch")
+        if items is None:
+            out.readings.append(self._reading(device, profile, obj, received_ms))
+            return
+        if not isinstance(items, list) or not items:
+            raise Rejected("schema: telemetry.batch must be a non-empty array of readings")
+        if len(items) > MAX_BATCH_ITEMS:
+            raise Rejected(f"schema: telemetry.batch holds {len(items)} readings, at most {MAX_BATCH_ITEMS}")
+        topic = f"cgw/v1/{device_id}/telemetry"
+        for index, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise Rejected(f"schema: batch item must be an object, got {type(item).__name__}")
+                out.readings.append(self._reading(device, profile, item, received_ms))
+            except Rejected as exc:
+                # One bad item costs only itself; its siblings are kept.
+                self._reject(
+                    out,
+                    topic,
+                    device_id,
+                    "telemetry",
+                    f"{exc} (batch item {index})",
+                    orjson.dumps(item, default=str),
+                    received_ms,
+                )
+
+    def _reading(self, device: Device, profile: Any, obj: dict[str, Any], received_ms: int) -> Reading:
+        ts_ms = parse_timestamp(obj.get("ts"), received_ms, self._window)
+        seq = obj.get("seq")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+            raise Rejected(f"schema: seq must be a non-negative integer, got {seq!r}")
+        try:
+            values = profile.validate_metrics(obj.get("metrics"))
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+        return Reading(device.device_id, device.kind, ts_ms, values, seq, device.building)
+
+    def _event(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+        device = self._registry.resolve(device_id, received_ms)
+        self._seen(device, received_ms, out)
+        event_type = obj.get("type")
+        if not isinstance(event_type, str) or EVENT_TYPE.fullmatch(event_type) is None:
+            raise Rejected(f"schema: event.type must match [A-Za-z0-9_.-]{{1,64}}, got {event_type!r}")
+        severity = obj.get("severity")
+        if severity is not None and severity not in SEVERITIES:
+            raise Rejected(f"schema: event.severity must be info, warning or critical, got {severity!r}")
+        message = obj.get("message", "")
+        if not isinstance(message, str):
+            raise Rejected("schema: event.message must be a string")
+        data = obj.get("data", {})
+        if not isinstance(data, dict):
+            raise Rejected("schema: event.data must be an object")
+        ts_ms = parse_timestamp(obj.get("ts"), received_ms, self._window)
+        profile = self._profiles.get(device.kind) or self._profiles.generic
+        out.events.append(
+            DeviceEvent(
+                device_id=device_id,
+                kind=device.kind,
+                ts_ms=ts_ms,
+                type=event_type,
+                severity=profile.event_severity(event_type, severity),
+                message=message[:MAX_MESSAGE_CHARS],
+                data=data,
+                source="device",
+                building=device.building,
+            )
+        )
+
+    def _unsupported(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+        # Kept whole in the dead-letter store, so nothing a terminal sent is lost before the
+        # service loop that owns these channels is enabled.
+        raise Rejected("unsupported_channel: service requests and ratings are not enabled on this gateway")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _seen(self, device: Device, received_ms: int, out: Processed) -> None:
+        change = self._presence.seen(device, received_ms, "message")
+        if change is not None:
+            self._add_presence(out, change)
+
+    def _add_presence(self, out: Processed, change: PresenceChange) -> None:
+        out.presence.append(change)
+        out.events.append(presence_event(change))
+        self._metrics.presence_changes.labels(state="online" if change.online else "offline").inc()
+
+    def _reject(
+        self,
+        out: Processed,
+        topic: str,
+        device_id: str | None,
+        channel: str | None,
+        reason: str,
+        payload: bytes,
+        received_ms: int,
+    ) -> None:
+        letter = DeadLetter(received_ms, topic, device_id, reason, payload, channel)
+        out.dead_letters.append(letter)
+        self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
+        log.warning("rejected message on %s: %s", topic[:200], reason)
+
+    def _finish(self, out: Processed) -> None:
+        """Update last values, run the alarm rules, and collect devices to persist."""
+        for reading in out.readings:
+            device = self._registry.get(reading.device_id)
+            if device is not None and (device.last_ts_ms is None or reading.ts_ms >= device.last_ts_ms):
+                device.last_ts_ms = reading.ts_ms
+                device.last_values.update(reading.metrics)
+                if reading.seq is not None:
+                    device.last_seq = reading.seq
+            out.events.extend(self._alarms.observe(reading))
+        self._metrics.readings.inc(len(out.readings))
+        for event in out.events:
+            self._metrics.events.labels(severity=event.severity).inc()
+        out.devices = self._registry.take_dirty()
+
+
+_CHANNELS = {
+    "status": Processor._status,
+    "telemetry": Processor._telemetry,
+    "event": Processor._event,
+    "request": Processor._unsupported,
+    "rating": Processor._unsupported,
+}

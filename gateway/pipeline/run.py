@@ -1,0 +1,85 @@
+"""The pipeline task: takes driver batches from the bounded inbox and pushes them through.
+
+It is the `Ingress` every driver puts into. One task owns processing, so registry, presence
+and alarm state need no locks; it also runs the presence sweep and periodic device snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.models import RawMessage
+from gateway.pipeline.process import Processor
+from gateway.pipeline.route import Router
+from gateway.registry import DeviceRegistry
+from gateway.stats import GatewayMetrics
+
+SNAPSHOT_INTERVAL_S = 30.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Pipeline:
+    """decode → validate → enrich → route, one batch at a time."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        router: Router,
+        registry: DeviceRegistry,
+        metrics: GatewayMetrics,
+        queue_size: int,
+        sweep_interval_s: float,
+    ) -> None:
+        self._processor = processor
+        self._router = router
+        self._registry = registry
+        self._metrics = metrics
+        self._inbox: asyncio.Queue[list[RawMessage]] = asyncio.Queue(maxsize=queue_size)
+        self._sweep_interval_s = sweep_interval_s
+        self._depth = metrics.queue_depth.labels(stage="inbox")
+
+    async def put(self, batch: list[RawMessage]) -> None:
+        await self._inbox.put(batch)
+        self._depth.set(self._inbox.qsize())
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self._sweep_interval_s
+        next_snapshot = loop.time() + SNAPSHOT_INTERVAL_S
+        while True:
+            timeout = max(0.0, next_sweep - loop.time())
+            try:
+                batch = await asyncio.wait_for(self._inbox.get(), timeout)
+            except TimeoutError:
+                batch = None
+            if batch is not None:
+                try:
+                    processed = self._processor.process(batch)
+                    await self._router.route(processed)
+                finally:
+                    self._inbox.task_done()
+                    self._depth.set(self._inbox.qsize())
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + self._sweep_interval_s
+                swept = self._processor.sweep(now_ms())
+                if loop.time() >= next_snapshot:
+                    # Last values and last-seen times change with every reading; they are saved
+                    # here in bulk rather than per message.
+                    next_snapshot = loop.time() + SNAPSHOT_INTERVAL_S
+                    swept.devices = self._registry.all()
+                if swept:
+                    await self._router.route(swept)
+                self._update_presence_gauges()
+
+    async def drain(self) -> None:
+        """Wait until every batch put so far has been processed and routed."""
+        await self._inbox.join()
+
+    def _update_presence_gauges(self) -> None:
+        online = sum(1 for d in self._registry.all() if d.online)
+        self._metrics.devices.labels(state="online").set(online)
+        self._metrics.devices.labels(state="offline").set(len(self._registry) - online)

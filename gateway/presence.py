@@ -1,0 +1,81 @@
+"""Presence: online on birth or any message, offline on the Last Will or a heartbeat timeout.
+
+CONTRACT.md section 1: "Presence: online on birth or any message; offline on the Last Will, or
+after the profile's heartbeat timeout with no message." Every change becomes a `PresenceChange`
+and an event. Timeouts use the gateway's receive clock, never the device's own `ts`.
+"""
+
+from __future__ import annotations
+
+from gateway.models import DeviceEvent, PresenceChange
+from gateway.profiles import ProfileSet
+from gateway.registry import Device, DeviceRegistry
+
+
+class PresenceTracker:
+    """Turns traffic and silence into presence changes; owned by the pipeline task alone."""
+
+    def __init__(self, registry: DeviceRegistry, profiles: ProfileSet) -> None:
+        self._registry = registry
+        self._profiles = profiles
+
+    def seen(self, device: Device, received_ms: int, reason: str) -> PresenceChange | None:
+        """Record traffic from `device`; a change when it was offline."""
+        device.last_seen_ms = received_ms
+        if device.first_seen_ms is None:
+            device.first_seen_ms = received_ms
+        if device.online:
+            return None
+        return self._change(device, received_ms, online=True, reason=reason)
+
+    def went_offline(self, device: Device, at_ms: int, reason: str) -> PresenceChange | None:
+        """The device said it is offline (Last Will or clean shutdown)."""
+        if not device.online:
+            return None
+        return self._change(device, at_ms, online=False, reason=reason)
+
+    def sweep(self, now_ms: int) -> list[PresenceChange]:
+        """Devices silent for longer than their profile's heartbeat timeout go offline."""
+        changes: list[PresenceChange] = []
+        for device in self._registry.all():
+            if not device.online or device.last_seen_ms is None:
+                continue
+            profile = self._profiles.get(device.kind) or self._profiles.generic
+            if now_ms - device.last_seen_ms > profile.heartbeat_timeout_s * 1000:
+                changes.append(self._change(device, now_ms, online=False, reason="timeout"))
+        return changes
+
+    def _change(self, device: Device, at_ms: int, *, online: bool, reason: str) -> PresenceChange:
+        device.online = online
+        device.presence_ms = at_ms
+        self._registry.mark_dirty(device.device_id)
+        return PresenceChange(
+            device_id=device.device_id,
+            kind=device.kind,
+            ts_ms=at_ms,
+            online=online,
+            reason=reason,
+            building=device.building,
+        )
+
+
+def presence_event(change: PresenceChange) -> DeviceEvent:
+    """The event an operator sees for a presence change; a silent death is a warning."""
+    state = "online" if change.online else "offline"
+    severity = "warning" if change.reason == "timeout" else "info"
+    why = {
+        "timeout": "no message within the heartbeat timeout",
+        "will": "Last Will / offline status received",
+        "birth": "birth message received",
+    }.get(change.reason, f"{change.reason} received")
+    return DeviceEvent(
+        device_id=change.device_id,
+        kind=change.kind,
+        ts_ms=change.ts_ms,
+        type=state,
+        severity=severity,
+        message=f"{change.device_id} is {state}: {why}",
+        data={"reason": change.reason},
+        source="gateway",
+        building=change.building,
+    )

@@ -1,0 +1,87 @@
+"""Roll-ups and retention for the local store, run periodically on the writer's thread.
+
+Roll-ups are recomputed from raw telemetry for every minute that received data, never
+accumulated, so a replayed or late reading cannot count twice. Raw telemetry is kept for
+`store.raw_retention` (48 h), minute roll-ups and events for `store.rollup_retention` (90 days).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+
+from gateway.settings import StoreSettings
+from gateway.store.writer import MINUTE_MS, StoreWriter
+
+log = logging.getLogger(__name__)
+
+# A minute is rolled up once it has been closed this long, so stragglers of that minute are in.
+SETTLE_MS = 5_000
+
+
+class StoreMaintenance:
+    """Periodic roll-up and pruning; its `run()` is one task of the application."""
+
+    def __init__(self, writer: StoreWriter, settings: StoreSettings, interval_s: float = 30.0) -> None:
+        self._writer = writer
+        self._settings = settings
+        self._interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.run_once()
+
+    async def run_once(self, now_ms: int | None = None, *, settle: bool = True) -> None:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        try:
+            await self._writer.call(self._work, now, settle)
+        except sqlite3.Error as exc:
+            log.error("local store maintenance failed (will retry): %s", exc)
+
+    def _work(self, conn: sqlite3.Connection, now_ms: int, settle: bool) -> None:
+        limit = now_ms - SETTLE_MS if settle else now_ms + MINUTE_MS
+        rollup(conn, self._writer.take_dirty_minutes(limit))
+        prune(conn, now_ms, self._settings)
+
+
+def rollup(conn: sqlite3.Connection, minutes: list[int]) -> None:
+    """Recompute the 1-minute roll-ups of the given minutes from raw telemetry."""
+    for start, end in _ranges(minutes):
+        conn.execute("BEGIN")
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO rollup_1m (device_id, metric, minute_ms, n, sum, min, max) "
+                "SELECT device_id, metric, ts_ms - (ts_ms % 60000), count(*), sum(value), "
+                "min(value), max(value) FROM telemetry WHERE ts_ms >= ? AND ts_ms < ? "
+                "GROUP BY device_id, metric, ts_ms - (ts_ms % 60000)",
+                (start, end),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def prune(conn: sqlite3.Connection, now_ms: int, settings: StoreSettings) -> None:
+    """Delete what is past its retention."""
+    raw_cutoff = now_ms - int(settings.raw_retention.total_seconds() * 1000)
+    rollup_cutoff = now_ms - int(settings.rollup_retention.total_seconds() * 1000)
+    letters_cutoff = now_ms - int(settings.dead_letter_retention.total_seconds() * 1000)
+    conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (raw_cutoff,))
+    conn.execute("DELETE FROM rollup_1m WHERE minute_ms < ?", (rollup_cutoff,))
+    conn.execute("DELETE FROM events WHERE ts_ms < ?", (rollup_cutoff,))
+    conn.execute("DELETE FROM dead_letters WHERE received_ms < ?", (letters_cutoff,))
+
+
+def _ranges(minutes: list[int]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) spans covering the sorted minutes."""
+    spans: list[tuple[int, int]] = []
+    for minute in minutes:
+        if spans and spans[-1][1] == minute:
+            spans[-1] = (spans[-1][0], minute + MINUTE_MS)
+        else:
+            spans.append((minute, minute + MINUTE_MS))
+    return spans

@@ -1,0 +1,309 @@
+"""Reads from the local store for the API: telemetry ranges, events and alarms, dead letters.
+
+Readers use their own connections on a small thread pool (WAL lets them run beside the writer),
+so a slow query never blocks the event loop or the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway.store.schema import connect
+
+T = TypeVar("T")
+
+MAX_POINTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    device_id: str | None = None
+    kind: str | None = None
+    building: str | None = None
+    type: str | None = None
+    severity: str | None = None
+    source: str | None = None
+    alarm: bool | None = None
+    acked: bool | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+class StoreReader:
+    """Read-only queries; `close()` when the application stops."""
+
+    def __init__(self, path: Path, raw_retention_ms: int, threads: int = 4) -> None:
+        self._path = path
+        self._raw_retention_ms = raw_retention_ms
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cgw-read")
+        self._local = threading.local()
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._with_conn, fn, args)
+
+    def _with_conn(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self._path, synchronous="NORMAL")
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return fn(conn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+    # -- events and alarms -------------------------------------------------------------------
+
+    async def events(self, flt: EventFilter) -> list[dict[str, Any]]:
+        return await self._run(_events, flt)
+
+    async def event(self, event_id: int) -> dict[str, Any] | None:
+        rows = await self._run(_event_by_id, event_id)
+        return rows
+
+    async def acknowledge(self, event_id: int, by: str, note: str, now_ms: int) -> dict[str, Any] | None:
+        """Mark an event acknowledged (idempotent: the first acknowledgement is kept)."""
+        return await self._run(_ack, event_id, by, note, now_ms)
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    async def telemetry(
+        self,
+        device_id: str,
+        metrics: list[str] | None,
+        start_ms: int,
+        end_ms: int,
+        step_ms: int | None,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        """Points of a device over [start, end): raw, or averaged per `step` when given.
+
+        Steps over ranges that begin before raw retention read the minute roll-ups instead.
+        """
+        use_rollup = start_ms < now_ms - self._raw_retention_ms
+        if use_rollup and step_ms is None:
+            step_ms = 60_000
+        if use_rollup and step_ms is not None:
+            step_ms = max(60_000, step_ms - step_ms % 60_000)
+        return await self._run(_telemetry, device_id, metrics, start_ms, end_ms, step_ms, use_rollup)
+
+    async def metric_names(self, device_id: str) -> list[str]:
+        return await self._run(_metric_names, device_id)
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    async def dead_letters(
+        self, device_id: str | None, reason: str | None, limit: int, offset: int
+    ) -> list[dict[str, Any]]:
+        return await self._run(_dead_letters, device_id, reason, limit, offset)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._run(_counts)
+
+
+_EVENT_COLUMNS = (
+    "id, ts_ms, device_id, kind, building, type, severity, source, message, data, alarm, "
+    "acked_ms, acked_by, ack_note"
+)
+
+
+def _event_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+    (
+        eid,
+        ts_ms,
+        device_id,
+        kind,
+        building,
+        etype,
+        severity,
+        source,
+        message,
+        data,
+        alarm,
+        acked_ms,
+        acked_by,
+        ack_note,
+    ) = row
+    return {
+        "id": eid,
+        "ts_ms": ts_ms,
+        "device_id": device_id,
+        "kind": kind,
+        "building": building,
+        "type": etype,
+        "severity": severity,
+        "source": source,
+        "message": message,
+        "data": orjson.loads(data),
+        "alarm": bool(alarm),
+        "acked": acked_ms is not None,
+        "acked_ms": acked_ms,
+        "acked_by": acked_by,
+        "ack_note": ack_note,
+    }
+
+
+def _events(conn: Any, flt: EventFilter) -> list[dict[str, Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (
+        ("device_id", flt.device_id),
+        ("kind", flt.kind),
+        ("building", flt.building),
+        ("type", flt.type),
+        ("severity", flt.severity),
+        ("source", flt.source),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if flt.alarm is not None:
+        where.append("alarm = ?")
+        args.append(int(flt.alarm))
+    if flt.acked is not None:
+        where.append("acked_ms IS NOT NULL" if flt.acked else "acked_ms IS NULL")
+    if flt.since_ms is not None:
+        where.append("ts_ms >= ?")
+        args.append(flt.since_ms)
+    if flt.until_ms is not None:
+        where.append("ts_ms < ?")
+        args.append(flt.until_ms)
+    sql = f"SELECT {_EVENT_COLUMNS} FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY ts_ms DESC, id DESC LIMIT ? OFFSET ?"
+    args += [flt.limit, flt.offset]
+    return [_event_dict(row) for row in conn.execute(sql, args)]
+
+
+def _event_by_id(conn: Any, event_id: int) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)).fetchone()
+    return None if row is None else _event_dict(row)
+
+
+def _ack(conn: Any, event_id: int, by: str, note: str, now_ms: int) -> dict[str, Any] | None:
+    conn.execute(
+        "UPDATE events SET acked_ms = ?, acked_by = ?, ack_note = ? WHERE id = ? AND acked_ms IS NULL",
+        (now_ms, by, note, event_id),
+    )
+    return _event_by_id(conn, event_id)
+
+
+def _telemetry(
+    conn: Any,
+    device_id: str,
+    metrics: list[str] | None,
+    start_ms: int,
+    end_ms: int,
+    step_ms: int | None,
+    use_rollup: bool,
+) -> dict[str, Any]:
+    names = metrics or _metric_names(conn, device_id)
+    series: dict[str, list[dict[str, Any]]] = {}
+    truncated = False
+    for metric in names:
+        if step_ms is None:
+            rows = conn.execute(
+                "SELECT ts_ms, value, seq FROM telemetry WHERE device_id = ? AND metric = ? "
+                "AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms LIMIT ?",
+                (device_id, metric, start_ms, end_ms, MAX_POINTS + 1),
+            ).fetchall()
+            truncated |= len(rows) > MAX_POINTS
+            series[metric] = [{"ts_ms": t, "value": v, "seq": s} for t, v, s in rows[:MAX_POINTS]]
+            continue
+        if use_rollup:
+            sql = (
+                "SELECT (minute_ms - ?) / ? AS bucket, sum(sum) / sum(n), min(min), max(max), sum(n) "
+                "FROM rollup_1m WHERE device_id = ? AND metric = ? AND minute_ms >= ? "
+                "AND minute_ms < ? GROUP BY bucket ORDER BY bucket LIMIT ?"
+            )
+        else:
+            sql = (
+                "SELECT (ts_ms - ?) / ? AS bucket, avg(value), min(value), max(value), count(*) "
+                "FROM telemetry WHERE device_id = ? AND metric = ? AND ts_ms >= ? AND ts_ms < ? "
+                "GROUP BY bucket ORDER BY bucket LIMIT ?"
+            )
+        rows = conn.execute(
+            sql, (start_ms, step_ms, device_id, metric, start_ms, end_ms, MAX_POINTS + 1)
+        ).fetchall()
+        truncated |= len(rows) > MAX_POINTS
+        series[metric] = [
+            {"ts_ms": start_ms + b * step_ms, "avg": a, "min": lo, "max": hi, "count": n}
+            for b, a, lo, hi, n in rows[:MAX_POINTS]
+        ]
+    return {
+        "device_id": device_id,
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        "step_ms": step_ms,
+        "source": "rollup_1m" if use_rollup and step_ms else "raw",
+        "truncated": truncated,
+        "series": series,
+    }
+
+
+def _metric_names(conn: Any, device_id: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT DISTINCT metric FROM rollup_1m WHERE device_id = ? "
+        "UNION SELECT DISTINCT metric FROM telemetry WHERE device_id = ?",
+        (device_id, device_id),
+    ).fetchall()
+    return sorted(r[0] for r in rows)
+
+
+def _dead_letters(
+    conn: Any, device_id: str | None, reason: str | None, limit: int, offset: int
+) -> list[dict[str, Any]]:
+    where, args = [], []
+    if device_id is not None:
+        where.append("device_id = ?")
+        args.append(device_id)
+    if reason is not None:
+        where.append("reason_code = ?")
+        args.append(reason)
+    sql = "SELECT id, received_ms, topic, device_id, channel, reason_code, reason, payload FROM dead_letters"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+    out = []
+    for lid, received, topic, dev, channel, code, why, payload in conn.execute(sql, [*args, limit, offset]):
+        out.append(
+            {
+                "id": lid,
+                "received_ms": received,
+                "topic": topic,
+                "device_id": dev,
+                "channel": channel,
+                "reason_code": code,
+                "reason": why,
+                # Payloads may be any bytes (that is often why they were refused): show them safely.
+                "payload": bytes(payload[:4096]).decode("utf-8", errors="replace"),
+                "payload_bytes": len(payload),
+            }
+        )
+    return out
+
+
+def _counts(conn: Any) -> dict[str, int]:
+    return {
+        table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        for table in ("telemetry", "rollup_1m", "events", "dead_letters", "devices")
+    }

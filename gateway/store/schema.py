@@ -1,0 +1,77 @@
+"""Tables of the local store, and the migrations that bring an older file up to date.
+
+`PRAGMA user_version` holds the schema version; each migration is a list of statements applied
+in one transaction, so an upgrade either completes or leaves the old schema intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+MIGRATIONS: list[list[str]] = [
+    # 1: telemetry, roll-ups, events, dead letters, devices
+    [
+        """CREATE TABLE telemetry (
+            device_id TEXT NOT NULL, metric TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+            value REAL NOT NULL, seq INTEGER,
+            PRIMARY KEY (device_id, metric, ts_ms)) WITHOUT ROWID""",
+        "CREATE INDEX telemetry_ts ON telemetry (ts_ms)",
+        """CREATE TABLE rollup_1m (
+            device_id TEXT NOT NULL, metric TEXT NOT NULL, minute_ms INTEGER NOT NULL,
+            n INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL,
+            PRIMARY KEY (device_id, metric, minute_ms)) WITHOUT ROWID""",
+        "CREATE INDEX rollup_minute ON rollup_1m (minute_ms)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, device_id TEXT NOT NULL,
+            kind TEXT NOT NULL, building TEXT, type TEXT NOT NULL, severity TEXT NOT NULL,
+            source TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL,
+            alarm INTEGER NOT NULL, acked_ms INTEGER, acked_by TEXT, ack_note TEXT)""",
+        "CREATE INDEX events_ts ON events (ts_ms)",
+        "CREATE INDEX events_device ON events (device_id, ts_ms)",
+        "CREATE INDEX events_open_alarms ON events (alarm, acked_ms, ts_ms)",
+        """CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms INTEGER NOT NULL,
+            topic TEXT NOT NULL, device_id TEXT, channel TEXT, reason_code TEXT NOT NULL,
+            reason TEXT NOT NULL, payload BLOB NOT NULL)""",
+        "CREATE INDEX dead_letters_received ON dead_letters (received_ms)",
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY, kind TEXT NOT NULL, source TEXT NOT NULL,
+            building TEXT, floor INTEGER, unit TEXT, fw TEXT, battery REAL, rssi REAL,
+            online INTEGER NOT NULL, first_seen_ms INTEGER, last_seen_ms INTEGER,
+            presence_ms INTEGER, last_ts_ms INTEGER, last_seq INTEGER,
+            last_values TEXT NOT NULL, pinned_kind INTEGER NOT NULL)""",
+    ],
+]
+
+
+def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A connection set up the way every part of the gateway uses the store."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a committed batch survives power loss, not only a crash of the process.
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every migration the file has not seen; returns the resulting version."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the local store has schema version {version}, newer than this gateway knows "
+            f"({len(MIGRATIONS)}): upgrade cgw or restore a backup"
+        )
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)

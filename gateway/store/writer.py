@@ -1,0 +1,272 @@
+"""The local store's single writer: batches in through a bounded queue, one SQLite thread out.
+
+Everything the pipeline produces is written here in large transactions (one commit for many
+messages). The queue is bounded, so a slow disk slows the pipeline instead of growing memory.
+Writes are idempotent: a replayed reading or event lands once (primary keys, INSERT OR IGNORE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import orjson
+
+from gateway.models import event_id
+from gateway.pipeline.process import Processed
+from gateway.registry import Device
+from gateway.stats import GatewayMetrics
+from gateway.store.schema import connect, migrate
+
+log = logging.getLogger(__name__)
+
+MINUTE_MS = 60_000
+
+
+class StoreWriter:
+    """Owns the write connection; `run()` is its task, `put()` feeds it."""
+
+    def __init__(self, path: Path, metrics: GatewayMetrics, queue_size: int = 64) -> None:
+        self._path = path
+        self._metrics = metrics
+        self._queue: asyncio.Queue[Processed] = asyncio.Queue(maxsize=queue_size)
+        # One thread, so the one connection is only ever used from it.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-store")
+        self._conn: sqlite3.Connection | None = None
+        self._dirty_minutes: set[int] = set()
+        self.last_error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> list[Device]:
+        """Create or migrate the file; returns the devices remembered from earlier runs."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        return await self._call(self._open)
+
+    def _open(self) -> list[Device]:
+        self._conn = connect(self._path)
+        migrate(self._conn)
+        return [_device_from_row(row) for row in self._conn.execute(_SELECT_DEVICES)]
+
+    async def put(self, processed: Processed) -> None:
+        """Queue a batch for writing; waits while the queue is full (back-pressure)."""
+        await self._queue.put(processed)
+        self._metrics.queue_depth.labels(stage="store").set(self._queue.qsize())
+
+    async def run(self) -> None:
+        """Write batches until cancelled; several waiting batches go in one transaction."""
+        while True:
+            batches = [await self._queue.get()]
+            while not self._queue.empty() and len(batches) < 64:
+                batches.append(self._queue.get_nowait())
+            await self._write_with_retry(batches)
+            for _ in batches:
+                self._queue.task_done()
+            self._metrics.queue_depth.labels(stage="store").set(self._queue.qsize())
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is written."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
+        self._thread.shutdown(wait=True)
+
+    async def call(self, fn: object, *args: object) -> object:
+        """Run maintenance work on the writer thread (it owns the connection)."""
+        assert callable(fn)
+        return await self._call(fn, self.connection, *args)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the local store is not open")
+        return self._conn
+
+    def take_dirty_minutes(self, closed_before_ms: int) -> list[int]:
+        """Minutes ended by `closed_before_ms` that received telemetry since their last roll-up.
+
+        Called on the writer thread; minutes still open stay marked for the next round.
+        """
+        ready = sorted(m for m in self._dirty_minutes if m + MINUTE_MS <= closed_before_ms)
+        self._dirty_minutes.difference_update(ready)
+        return ready
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _write_with_retry(self, batches: list[Processed]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                started = time.perf_counter()
+                await self._call(self._write, batches)
+                self._metrics.store_write_seconds.observe(time.perf_counter() - started)
+                self.last_error = None
+                return
+            except sqlite3.Error as exc:
+                # Disk full or locked: keep the batch and try again; the bounded queue upstream
+                # turns this into back-pressure instead of loss.
+                self.last_error = f"local store write failed: {exc}"
+                log.error("%s; retrying in %.1f s", self.last_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _write(self, batches: list[Processed]) -> None:
+        conn = self.connection
+        telemetry: list[tuple[str, str, int, float, int | None]] = []
+        events: list[tuple[object, ...]] = []
+        letters: list[tuple[object, ...]] = []
+        devices: dict[str, Device] = {}
+        for batch in batches:
+            for r in batch.readings:
+                for metric, value in r.metrics.items():
+                    telemetry.append((r.device_id, metric, r.ts_ms, value, r.seq))
+                self._dirty_minutes.add(r.ts_ms - r.ts_ms % MINUTE_MS)
+            for e in batch.events:
+                events.append(
+                    (
+                        event_id(e),
+                        e.ts_ms,
+                        e.device_id,
+                        e.kind,
+                        e.building,
+                        e.type,
+                        e.severity,
+                        e.source,
+                        e.message,
+                        orjson.dumps(e.data, default=str).decode(),
+                        int(e.alarm),
+                    )
+                )
+            for d in batch.dead_letters:
+                letters.append(
+                    (
+                        d.received_ms,
+                        d.topic,
+                        d.device_id,
+                        d.channel,
+                        d.reason_code,
+                        d.reason,
+                        d.payload,
+                    )
+                )
+            for device in batch.devices:
+                devices[device.device_id] = device
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT OR IGNORE INTO telemetry (device_id, metric, ts_ms, value, seq) "
+                "VALUES (?, ?, ?, ?, ?)",
+                telemetry,
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO events (id, ts_ms, device_id, kind, building, type, "
+                "severity, source, message, data, alarm) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                events,
+            )
+            conn.executemany(
+                "INSERT INTO dead_letters (received_ms, topic, device_id, channel, reason_code, "
+                "reason, payload) VALUES (?,?,?,?,?,?,?)",
+                letters,
+            )
+            conn.executemany(_UPSERT_DEVICE, [_device_row(d) for d in devices.values()])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._metrics.store_writes.labels(table="telemetry").inc(len(telemetry))
+        self._metrics.store_writes.labels(table="events").inc(len(events))
+        self._metrics.store_writes.labels(table="dead_letters").inc(len(letters))
+
+    async def save_devices(self, devices: list[Device]) -> None:
+        """Persist device snapshots (last values, presence) outside the pipeline's batches."""
+        rows = [_device_row(d) for d in devices]
+
+        def save() -> None:
+            self.connection.executemany(_UPSERT_DEVICE, rows)
+
+        await self._call(save)
+
+    async def _call(self, fn: object, *args: object) -> object:
+        assert callable(fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, fn, *args)
+
+
+_DEVICE_COLUMNS = (
+    "device_id, kind, source, building, floor, unit, fw, battery, rssi, online, first_seen_ms, "
+    "last_seen_ms, presence_ms, last_ts_ms, last_seq, last_values, pinned_kind"
+)
+_SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
+_UPSERT_DEVICE = (
+    f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _device_row(d: Device) -> tuple[object, ...]:
+    return (
+        d.device_id,
+        d.kind,
+        d.source,
+        d.building,
+        d.floor,
+        d.unit,
+        d.fw,
+        d.battery,
+        d.rssi,
+        int(d.online),
+        d.first_seen_ms,
+        d.last_seen_ms,
+        d.presence_ms,
+        d.last_ts_ms,
+        d.last_seq,
+        orjson.dumps(d.last_values).decode(),
+        int(d.pinned_kind),
+    )
+
+
+def _device_from_row(row: tuple[object, ...]) -> Device:
+    (
+        device_id,
+        kind,
+        source,
+        building,
+        floor,
+        unit,
+        fw,
+        battery,
+        rssi,
+        online,
+        first_seen,
+        last_seen,
+        presence,
+        last_ts,
+        last_seq,
+        last_values,
+        pinned,
+    ) = row
+    return Device(
+        device_id=str(device_id),
+        kind=str(kind),
+        source=source,  # type: ignore[arg-type]
+        building=building,
+        floor=floor,
+        unit=unit,
+        fw=fw,  # type: ignore[arg-type]
+        battery=battery,
+        rssi=rssi,
+        online=bool(online),  # type: ignore[arg-type]
+        first_seen_ms=first_seen,
+        last_seen_ms=last_seen,  # type: ignore[arg-type]
+        presence_ms=presence,
+        last_ts_ms=last_ts,
+        last_seq=last_seq,  # type: ignore[arg-type]
+        last_values=orjson.loads(str(last_values)),
+        pinned_kind=bool(pinned),
+    )

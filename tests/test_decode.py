@@ -1,0 +1,97 @@
+"""Decode stage and topics: every refusal is a reason code, never a crash."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
+from gateway.topics import TopicError, device_topic, parse
+
+WINDOW = TimeWindow(max_future_ms=600_000, max_past_ms=7 * 86_400_000)
+NOW = 1_795_000_000_000
+
+
+def code(exc: BaseException) -> str:
+    return str(exc).split(":", 1)[0]
+
+
+def test_topics_follow_the_contract() -> None:
+    assert parse("cgw/v1/b03-f02-aq/telemetry") == ("b03-f02-aq", "telemetry")
+    assert device_topic("x", "ack") == "cgw/v1/x/ack"
+    for bad in ["cgw/v1/a/b/telemetry", "cgw/v1//telemetry", "cgw/v1/a/ack", "cgw/v2/a/status",
+                "cgw/v1/a+b/status", "cgw/v1/" + "x" * 65 + "/status", "cgw/v1/#/event", "cgw/v1/a"]:
+        with pytest.raises(TopicError) as info:
+            parse(bad)
+        assert code(info.value) == "bad_topic"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "bad_json"),
+        (b"\xff\xfe{}", "bad_json"),
+        (b'{"a": NaN}', "bad_json"),
+        (b'{"a": Infinity}', "bad_json"),
+        (b"[1,2]", "schema"),
+        (b'"text"', "schema"),
+        (b"[" * 5000 + b"]" * 5000, "bad_json"),
+        (b'{"a":"' + b"x" * 70_000 + b'"}', "oversize"),
+    ],
+)
+def test_bad_payloads_are_refused_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(Rejected) as info:
+        decode_object(payload, 64 * 1024)
+    assert code(info.value) == reason
+
+
+def test_timestamps() -> None:
+    assert parse_timestamp(None, NOW, WINDOW) == NOW
+    assert parse_timestamp(NOW - 5, NOW, WINDOW) == NOW - 5
+    assert parse_timestamp("2026-11-18T09:20:00Z", 1_794_993_600_000, WINDOW) == 1_794_993_600_000
+    iso = "2026-11-18T09:20:00+08:00"
+    from datetime import datetime
+
+    expected = int(datetime.fromisoformat(iso).timestamp() * 1000)
+    assert parse_timestamp(iso, expected, WINDOW) == expected
+    for bad in [True, 1.5, "yesterday", "2026-11-18T09:20:00", NOW + 3_600_000, NOW - 30 * 86_400_000, [1]]:
+        with pytest.raises(Rejected) as info:
+            parse_timestamp(bad, NOW, WINDOW)
+        assert code(info.value) == "bad_timestamp"
+
+
+@given(st.binary(max_size=2048))
+def test_any_bytes_decode_or_are_refused(payload: bytes) -> None:
+    try:
+        value = decode_object(payload, 1024)
+    except Rejected as exc:
+        assert code(exc) in {"bad_json", "schema", "oversize"}
+    else:
+        assert isinstance(value, dict)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
+def test_any_json_object_decodes(obj: dict[str, object]) -> None:
+    assert decode_object(orjson.dumps(obj), 64 * 1024) == orjson.loads(orjson.dumps(obj))
+
+
+@given(st.one_of(st.integers(), st.text(max_size=50), st.floats(), st.booleans(), st.none()))
+def test_any_ts_is_accepted_within_the_window_or_refused(ts: object) -> None:
+    try:
+        value = parse_timestamp(ts, NOW, WINDOW)
+    except Rejected as exc:
+        assert code(exc) == "bad_timestamp"
+    else:
+        assert NOW - WINDOW.max_past_ms <= value <= NOW + WINDOW.max_future_ms
+        assert not isinstance(value, float) or math.isfinite(value)

@@ -1,0 +1,117 @@
+"""Settings: YAML file, CGW_ environment with __ between levels, one clear line per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.settings import SettingsError, load_settings
+
+
+def test_defaults_follow_the_contract() -> None:
+    s = load_settings(env={})
+    assert (s.api.host, s.api.port) == ("127.0.0.1", 8080)
+    assert s.registration == "open"
+    assert s.mqtt.url == "mqtt://127.0.0.1:1883"
+    assert not s.influx.enabled
+
+
+def test_environment_names_from_the_contract() -> None:
+    env = {
+        "CGW_COMMUNITY": "sunrise",
+        "CGW_DATA_DIR": "/tmp/x",
+        "CGW_MQTT__URL": "mqtts://broker.local:8883",
+        "CGW_MQTT__USERNAME": "gw",
+        "CGW_MQTT__PASSWORD": "secret",
+        "CGW_INFLUX__URL": "http://influx:8086",
+        "CGW_INFLUX__TOKEN": "tok",
+        "CGW_INFLUX__ORG": "city",
+        "CGW_INFLUX__BUCKET": "community",
+        "CGW_API__HOST": "0.0.0.0",
+        "CGW_API__PORT": "9090",
+        "CGW_REGISTRATION": "closed",
+        "CGW_AUTH__TOKENS": '{"abc":"operator"}',
+    }
+    s = load_settings(env=env)
+    assert s.community == "sunrise" and s.data_dir == Path("/tmp/x")
+    assert s.mqtt.tls and s.mqtt.port == 8883 and s.mqtt.username == "gw"
+    assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == "secret"
+    assert s.influx.enabled and s.influx.org == "city" and s.influx.bucket == "community"
+    assert (s.api.host, s.api.port, s.registration) == ("0.0.0.0", 9090, "closed")
+    assert list(s.auth.digests().values()) == ["operator"]
+    assert "secret" not in repr(s)  # secrets never show in logs or tracebacks
+
+
+def test_environment_wins_over_yaml(tmp_path: Path) -> None:
+    conf = tmp_path / "cgw.yaml"
+    conf.write_text("community: fromfile\napi:\n  port: 9000\nmqtt:\n  url: mqtt://a:1883\n")
+    s = load_settings(conf, env={"CGW_API__PORT": "9100"})
+    assert s.community == "fromfile" and s.api.port == 9100 and s.mqtt.host == "a"
+
+
+def test_cli_override_wins_over_environment() -> None:
+    s = load_settings(env={"CGW_COMMUNITY": "env"}, community="flag")
+    assert s.community == "flag"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CGW_MQTT__URL": "http://x"}, "CGW_MQTT__URL"),
+        ({"CGW_API__PORT": "99999"}, "CGW_API__PORT"),
+        ({"CGW_API__PORT": "eighty"}, "CGW_API__PORT"),
+        ({"CGW_REGISTRATION": "maybe"}, "CGW_REGISTRATION"),
+        ({"CGW_INFLUX__URL": "influx:8086"}, "CGW_INFLUX__URL"),
+        ({"CGW_COMMUNITY": "has space"}, "CGW_COMMUNITY"),
+        ({"CGW_AUTH__TOKENS": '{"t":"superuser"}'}, "CGW_AUTH__TOKENS"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_setting(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env=env)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.yaml"
+    conf.write_text("community: a\napi: [unclosed\n")
+    with pytest.raises(SettingsError, match=r"bad\.yaml line \d+"):
+        load_settings(conf, env={})
+    conf.write_text("- a list\n")
+    with pytest.raises(SettingsError, match="mapping"):
+        load_settings(conf, env={})
+    conf.write_text("mqtt:\n  urll: mqtt://x\n")
+    with pytest.raises(SettingsError, match="mqtt.urll"):
+        load_settings(conf, env={})
+    with pytest.raises(SettingsError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml", env={})
+
+
+def test_loading_does_not_change_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CGW_COMMUNITY", "kept")
+    load_settings(env={"CGW_COMMUNITY": "other"}, community="flag")
+    import os
+
+    assert os.environ["CGW_COMMUNITY"] == "kept"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["CGW_COMMUNITY", "CGW_API__PORT", "CGW_MQTT__URL", "CGW_REGISTRATION", "CGW_INFLUX__URL",
+             "CGW_STORE__RAW_RETENTION", "CGW_PIPELINE__BATCH_SIZE", "CGW_AUTH__TOKENS", "CGW_MQTT__KEEPALIVE_S"]
+        ),
+        st.text(max_size=40).filter(lambda t: "\x00" not in t),
+        max_size=4,
+    )
+)
+def test_any_environment_either_loads_or_fails_with_one_line(env: dict[str, str]) -> None:
+    try:
+        load_settings(env=env)
+    except SettingsError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("setting CGW_")
