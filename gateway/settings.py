@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +36,22 @@ from pydantic_settings import SettingsError as _SourceError
 Role = Literal["viewer", "terminal", "operator", "installer"]
 ENV_PREFIX = "CGW_"
 ENV_NESTED = "__"
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> object:
+    """Accept installer-friendly durations ("90s", "5m", "48h", "90d") besides pydantic's forms."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match:
+            return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
 class SettingsError(Exception):
@@ -109,17 +134,17 @@ class ApiSettings(_Section):
 
 
 class StoreSettings(_Section):
-    raw_retention: timedelta = timedelta(hours=48)
-    rollup_retention: timedelta = timedelta(days=90)
+    raw_retention: Duration = timedelta(hours=48)
+    rollup_retention: Duration = timedelta(days=90)
     batch_size: int = Field(5000, ge=1)
-    dead_letter_retention: timedelta = timedelta(days=7)
+    dead_letter_retention: Duration = timedelta(days=7)
 
 
 class PipelineSettings(_Section):
     queue_size: int = Field(64, ge=1, description="batches held between two stages")
     batch_size: int = Field(2000, ge=1, description="messages handled as one batch")
-    max_future: timedelta = timedelta(minutes=10)
-    max_past: timedelta = timedelta(days=7)
+    max_future: Duration = timedelta(minutes=10)
+    max_past: Duration = timedelta(days=7)
     presence_sweep_s: float = Field(5.0, gt=0)
 
 

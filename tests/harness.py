@@ -1,0 +1,87 @@
+"""Helpers for tests that run a whole gateway in the test's event loop over real connections."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from gateway.application import Gateway
+from gateway.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+TOKENS = {"viewer-token": "viewer", "operator-token": "operator", "terminal-token": "terminal",
+          "installer-token": "installer"}
+
+
+def gateway_settings(data_dir: Path, mqtt_url: str, **overrides: Any) -> Settings:
+    env = {
+        "CGW_COMMUNITY": "testville",
+        "CGW_DATA_DIR": str(data_dir),
+        "CGW_MQTT__URL": mqtt_url,
+        "CGW_API__PORT": "0",
+        "CGW_PIPELINE__PRESENCE_SWEEP_S": "0.2",
+        "CGW_INFLUX__FLUSH_INTERVAL_S": "0.1",
+    }
+    settings = load_settings(env=env)
+    auth = settings.auth.model_copy(update={"tokens": dict(TOKENS)})
+    return settings.model_copy(update={"auth": auth, **overrides})
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Gateway]:
+    """A started gateway (broker connected), stopped and drained on exit."""
+    gateway = Gateway(settings)
+    task = asyncio.create_task(gateway.run())
+    try:
+        await _ready(gateway, task)
+        yield gateway
+    finally:
+        gateway.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def _ready(gateway: Gateway, task: asyncio.Task[None]) -> None:
+    deadline = time.monotonic() + 15
+    while not (gateway.ready.is_set() and gateway.mqtt.connected):
+        if task.done():
+            task.result()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gateway not ready: {gateway.readiness()}")
+        await asyncio.sleep(0.02)
+
+
+def api(gateway: Gateway, token: str = "viewer-token") -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{gateway.api_port}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 5.0, what: str = "") -> T:
+    """Poll `probe` until it returns something truthy; the value is returned."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or probe}: last {last!r}")
+
+
+def mosquitto_pub(port: int, topic: str, message: str | bytes, *extra: str) -> None:
+    """Publish with the real mosquitto_pub client, as an installer would (QoS 1)."""
+    payload = message.encode() if isinstance(message, str) else message
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-s", *extra],
+        input=payload, check=True, timeout=10,
+    )
