@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -33,25 +31,11 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as _SourceError
 
+from gateway.durations import Duration
+
 Role = Literal["viewer", "terminal", "operator", "installer"]
 ENV_PREFIX = "CGW_"
 ENV_NESTED = "__"
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: object) -> object:
-    """Accept installer-friendly durations ("90s", "5m", "48h", "90d") besides pydantic's forms."""
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value)
-        if match:
-            return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
 class SettingsError(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -223,10 +224,20 @@ async def test_messages_published_while_the_gateway_is_down_arrive_after_restart
             return found if found and found["last_seq"] == 49 else None
 
         await eventually(all_there, 5.0, "the 50 queued readings")
+        start = datetime.fromtimestamp((base - 1000) / 1000, UTC).isoformat()
         response = await client.get("/api/v1/devices/meter-9/telemetry",
-                                    params={"metric": "energy_kwh", "start": "2020-01-01T00:00:00Z"})
+                                    params={"metric": "energy_kwh", "start": start})
         points = response.json()["series"]["energy_kwh"]
         assert [p["seq"] for p in points] == list(range(50))
+        assert [p["value"] for p in points] == [100.0 + i for i in range(50)]
+        # A long range is downsampled: every reading is counted once.
+        response = await client.get("/api/v1/devices/meter-9/telemetry",
+                                    params={"metric": "energy_kwh", "start": "2020-01-01T00:00:00Z"})
+        body = response.json()
+        assert body["step_ms"] >= 60_000 and body["source"] == "rollup_1m+raw"
+        buckets = body["series"]["energy_kwh"]
+        assert sum(b["count"] for b in buckets) == 50
+        assert min(b["min"] for b in buckets) == 100.0 and max(b["max"] for b in buckets) == 149.0
 
 
 async def test_gateway_reconnects_after_a_broker_restart(tmp_path: Path, mosquitto: Any) -> None:

@@ -72,7 +72,9 @@ class Telemetry(BaseModel):
     start_ms: int
     end_ms: int
     step_ms: int | None = Field(description="Bucket width; null for raw points")
-    source: Literal["raw", "rollup_1m"]
+    source: Literal["raw", "rollup_1m+raw"] = Field(
+        description="raw: raw telemetry only; rollup_1m+raw: minute roll-ups before raw retention"
+    )
     truncated: bool = Field(description="True when a series hit the point limit")
     series: dict[str, list[AggregatePoint] | list[RawPoint]]
 

@@ -30,10 +30,11 @@ class Router:
 
     async def route(self, processed: Processed) -> None:
         # Live stream first: it never blocks, and operators see an alarm as early as possible.
-        for event in processed.events:
-            self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
+        # Presence goes before events: a device comes online before what it then reports.
         for change in processed.presence:
             self._hub.publish("presence", presence_payload(change))
+        for event in processed.events:
+            self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
         await self._store.put(processed)
         if processed.readings or processed.events or processed.presence:
             for sink in self._sinks:

@@ -94,16 +94,15 @@ class StoreReader:
         step_ms: int | None,
         now_ms: int,
     ) -> dict[str, Any]:
-        """Points of a device over [start, end): raw, or averaged per `step` when given.
+        """Points of a device over [start, end): raw, or aggregated per `step` when given.
 
-        Steps over ranges that begin before raw retention read the minute roll-ups instead.
+        With a step, the part of the range older than raw retention comes from the minute
+        roll-ups (the step is then rounded to whole minutes) and the rest from raw telemetry.
         """
-        use_rollup = start_ms < now_ms - self._raw_retention_ms
-        if use_rollup and step_ms is None:
-            step_ms = 60_000
-        if use_rollup and step_ms is not None:
+        raw_from_ms = now_ms - self._raw_retention_ms
+        if step_ms is not None and start_ms < raw_from_ms:
             step_ms = max(60_000, step_ms - step_ms % 60_000)
-        return await self._run(_telemetry, device_id, metrics, start_ms, end_ms, step_ms, use_rollup)
+        return await self._run(_telemetry, device_id, metrics, start_ms, end_ms, step_ms, raw_from_ms)
 
     async def metric_names(self, device_id: str) -> list[str]:
         return await self._run(_metric_names, device_id)
@@ -214,11 +213,12 @@ def _telemetry(
     start_ms: int,
     end_ms: int,
     step_ms: int | None,
-    use_rollup: bool,
+    raw_from_ms: int,
 ) -> dict[str, Any]:
     names = metrics or _metric_names(conn, device_id)
     series: dict[str, list[dict[str, Any]]] = {}
     truncated = False
+    used_rollup = False
     for metric in names:
         if step_ms is None:
             rows = conn.execute(
@@ -229,32 +229,49 @@ def _telemetry(
             truncated |= len(rows) > MAX_POINTS
             series[metric] = [{"ts_ms": t, "value": v, "seq": s} for t, v, s in rows[:MAX_POINTS]]
             continue
-        if use_rollup:
-            sql = (
-                "SELECT (minute_ms - ?) / ? AS bucket, sum(sum) / sum(n), min(min), max(max), sum(n) "
+        # bucket → [sum, count, min, max], merged from roll-ups (old part) and raw (recent part)
+        buckets: dict[int, list[float]] = {}
+        split_ms = min(max(start_ms, raw_from_ms - raw_from_ms % 60_000), end_ms)
+        parts = []
+        if start_ms < split_ms:
+            used_rollup = True
+            parts.append((
+                "SELECT (minute_ms - ?) / ? AS bucket, sum(sum), sum(n), min(min), max(max) "
                 "FROM rollup_1m WHERE device_id = ? AND metric = ? AND minute_ms >= ? "
-                "AND minute_ms < ? GROUP BY bucket ORDER BY bucket LIMIT ?"
-            )
-        else:
-            sql = (
-                "SELECT (ts_ms - ?) / ? AS bucket, avg(value), min(value), max(value), count(*) "
+                "AND minute_ms < ? GROUP BY bucket",
+                start_ms, split_ms,
+            ))
+        if split_ms < end_ms:
+            parts.append((
+                "SELECT (ts_ms - ?) / ? AS bucket, sum(value), count(*), min(value), max(value) "
                 "FROM telemetry WHERE device_id = ? AND metric = ? AND ts_ms >= ? AND ts_ms < ? "
-                "GROUP BY bucket ORDER BY bucket LIMIT ?"
-            )
-        rows = conn.execute(
-            sql, (start_ms, step_ms, device_id, metric, start_ms, end_ms, MAX_POINTS + 1)
-        ).fetchall()
-        truncated |= len(rows) > MAX_POINTS
+                "GROUP BY bucket",
+                split_ms, end_ms,
+            ))
+        for sql, lo_ms, hi_ms in parts:
+            for bucket, total, count, low, high in conn.execute(
+                sql, (start_ms, step_ms, device_id, metric, lo_ms, hi_ms)
+            ):
+                have = buckets.get(bucket)
+                if have is None:
+                    buckets[bucket] = [total, count, low, high]
+                else:
+                    have[0] += total
+                    have[1] += count
+                    have[2] = min(have[2], low)
+                    have[3] = max(have[3], high)
+        ordered = sorted(buckets.items())
+        truncated |= len(ordered) > MAX_POINTS
         series[metric] = [
-            {"ts_ms": start_ms + b * step_ms, "avg": a, "min": lo, "max": hi, "count": n}
-            for b, a, lo, hi, n in rows[:MAX_POINTS]
+            {"ts_ms": start_ms + b * step_ms, "avg": t / n, "min": lo, "max": hi, "count": int(n)}
+            for b, (t, n, lo, hi) in ordered[:MAX_POINTS]
         ]
     return {
         "device_id": device_id,
         "start_ms": start_ms,
         "end_ms": end_ms,
         "step_ms": step_ms,
-        "source": "rollup_1m" if use_rollup and step_ms else "raw",
+        "source": "rollup_1m+raw" if used_rollup else "raw",
         "truncated": truncated,
         "series": series,
     }

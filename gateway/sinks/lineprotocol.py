@@ -1,0 +1,51 @@
+"""InfluxDB line protocol, built directly as strings (no per-point objects on the hot path).
+
+CONTRACT.md section 2: "Telemetry: measurement = the device's kind; tags `community`,
+`device_id`, `building`; fields = the metrics; time = the reading's `ts`." Events and presence
+changes go to `device_event` and `device_presence` (docs/timeseries.md). Times are epoch ms.
+Metric fields are always floats (`1.0`, never `1i`) so a field never changes type in InfluxDB.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from gateway.models import DeviceEvent, PresenceChange, Reading
+
+_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\\": "\\\\"})
+_TAG = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\\": "\\\\"})
+_STRING = str.maketrans({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r"})
+
+
+def _tags(pairs: tuple[tuple[str, str | None], ...]) -> str:
+    # Empty tag values are not allowed by the protocol: such tags are left out.
+    return "".join(f",{key}={value.translate(_TAG)}" for key, value in pairs if value)
+
+
+def reading_lines(reading: Reading, community: str, out: list[str]) -> None:
+    """Append the line for one reading (all its metrics as fields of one point)."""
+    fields = ",".join(f"{name.translate(_TAG)}={float(value)!r}" for name, value in reading.metrics.items())
+    tags = _tags((("building", reading.building), ("community", community), ("device_id", reading.device_id)))
+    out.append(f"{reading.kind.translate(_MEASUREMENT)}{tags} {fields} {reading.ts_ms}")
+
+
+def event_line(event: DeviceEvent, community: str) -> str:
+    tags = _tags((
+        ("building", event.building), ("community", community), ("device_id", event.device_id),
+        ("kind", event.kind), ("severity", event.severity), ("source", event.source), ("type", event.type),
+    ))
+    data = orjson.dumps(event.data, default=str).decode().translate(_STRING)
+    fields = (
+        f'message="{event.message.translate(_STRING)}",data="{data}",'
+        f"alarm={'true' if event.alarm else 'false'}"
+    )
+    return f"device_event{tags} {fields} {event.ts_ms}"
+
+
+def presence_line(change: PresenceChange, community: str) -> str:
+    tags = _tags((
+        ("building", change.building), ("community", community), ("device_id", change.device_id),
+        ("kind", change.kind), ("reason", change.reason),
+    ))
+    state = "online" if change.online else "offline"
+    return f'device_presence{tags} online={"true" if change.online else "false"},state="{state}" {change.ts_ms}'

@@ -1,0 +1,149 @@
+"""Real Mosquitto and VictoriaMetrics processes for the tests, on free ports in temporary folders.
+
+Both come from Debian's packages (`scripts/dev test` installs them). Each helper starts its
+server, waits until it answers, and can be stopped, killed and restarted with its data kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/usr/local/sbin")
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: run `scripts/dev test`, which installs it")
+    return found
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+class _Process:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        _wait_port(self.port, self._process)
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / "server.log").open("ab")
+        self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM); data on disk is kept for a restart."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _end(self, sig: signal.Signals) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(sig)
+            try:
+                self._process.wait(15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+
+class MosquittoProcess(_Process):
+    """Mosquitto with persistence, so persistent sessions survive a broker restart."""
+
+    def _command(self) -> list[str]:
+        conf = self.folder / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {self.folder}/\nmax_queued_messages 1000000\n"
+            "max_inflight_messages 0\nlog_type error\nlog_type warning\n"
+        )
+        return [_binary("mosquitto"), "-c", str(conf)]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+class VictoriaMetricsProcess(_Process):
+    """VictoriaMetrics taking InfluxDB v2 writes on /api/v2/write.
+
+    `-dedup.minScrapeInterval=1ms` makes the same series and timestamp land once, as InfluxDB does.
+    """
+
+    def _command(self) -> list[str]:
+        return [
+            _binary("victoria-metrics"),
+            f"-storageDataPath={self.folder / 'data'}",
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            "-retentionPeriod=100y",
+            "-dedup.minScrapeInterval=1ms",
+            "-search.latencyOffset=0s",
+            "-loggerLevel=ERROR",
+        ]
+
+    def _wait_ready(self) -> None:
+        super()._wait_ready()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("VictoriaMetrics did not become healthy")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def flush(self) -> None:
+        httpx.get(f"{self.url}/internal/force_flush", timeout=5)
+
+    def export(self, match: str) -> list[dict[str, Any]]:
+        """Every stored sample of the series matching the selector, one dict per series."""
+        self.flush()
+        response = httpx.post(f"{self.url}/api/v1/export", data={"match[]": match}, timeout=10)
+        response.raise_for_status()
+        return [orjson.loads(line) for line in response.text.splitlines() if line.strip()]
