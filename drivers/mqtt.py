@@ -160,7 +160,7 @@ class MqttDriver(Driver):
         except UnicodeDecodeError:
             # Kept (and then refused with a reason) rather than dropped inside paho.
             topic = msg._topic.decode("utf-8", errors="replace")
-        self._pending.append((topic, msg.payload, time.time_ns() // 1_000_000))
+        self._pending.append((topic, bytes(msg.payload), time.time_ns() // 1_000_000))
         if not self._wake_scheduled and self._loop is not None:
             self._wake_scheduled = True
             self._loop.call_soon_threadsafe(self._wake_up)

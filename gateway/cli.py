@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # long commands stay on one line, ready to copy
 
 ConfigOption = Annotated[
     Path | None,
@@ -116,6 +115,9 @@ def demo(
     speed: Annotated[
         float, typer.Option(min=0.1, help="Simulated time per real second (daily cycles).")
     ] = 60.0,
+    interval_scale: Annotated[
+        float, typer.Option(min=0.01, help="Multiply every device's publish interval (0.5: twice as often).")
+    ] = 1.0,
     faults: Annotated[
         str, typer.Option(help="Faults to inject, e.g. 'disconnect=0.001,malformed=0.005'.")
     ] = "",
@@ -130,9 +132,8 @@ def demo(
     """Start a complete simulated community on this machine, with no outside services."""
     base = _settings(config)
     _logging("warning" if base.log_level == "info" else base.log_level)
-    from simulators.run import parse_faults
-
     from gateway.demo import DemoInfo, DemoOptions, run_demo
+    from simulators.run import parse_faults
 
     try:
         fault_rates = parse_faults(faults) if faults else {}
@@ -146,6 +147,7 @@ def demo(
         floors=floors,
         seed=seed,
         speed=speed,
+        interval_scale=interval_scale,
         faults=fault_rates,
         broker_url=broker,
         api_host=host,
@@ -275,4 +277,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from simulators.community import build_community
-from simulators.run import SimulationConfig, simulate
+from typing import Any
 
 from gateway.application import Gateway
 from gateway.broker import LocalBroker, free_port, port_open
 from gateway.settings import Settings
+from simulators.community import build_community
+from simulators.run import SimulationConfig, simulate
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ async def run_demo(
             await broker.stop()
 
 
-async def _first(waiter: object, task: asyncio.Task[None]) -> None:
+async def _first(waiter: Coroutine[Any, Any, Any], task: asyncio.Task[None]) -> None:
     """Wait for `waiter`, but fail at once if `task` ends first (e.g. a port in use)."""
-    wait_task = asyncio.ensure_future(waiter)  # type: ignore[arg-type]
+    wait_task = asyncio.ensure_future(waiter)
     done, _ = await asyncio.wait({wait_task, task}, return_when=asyncio.FIRST_COMPLETED)
     if task in done and wait_task not in done:
         wait_task.cancel()

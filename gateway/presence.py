@@ -7,7 +7,7 @@ and an event. Timeouts use the gateway's receive clock, never the device's own `
 
 from __future__ import annotations
 
-from gateway.models import DeviceEvent, PresenceChange
+from gateway.models import DeviceEvent, PresenceChange, Severity
 from gateway.profiles import ProfileSet
 from gateway.registry import Device, DeviceRegistry
 
@@ -62,7 +62,7 @@ class PresenceTracker:
 def presence_event(change: PresenceChange) -> DeviceEvent:
     """The event an operator sees for a presence change; a silent death is a warning."""
     state = "online" if change.online else "offline"
-    severity = "warning" if change.reason == "timeout" else "info"
+    severity: Severity = "warning" if change.reason == "timeout" else "info"
     why = {
         "timeout": "no message within the heartbeat timeout",
         "will": "Last Will / offline status received",

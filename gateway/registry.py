@@ -232,9 +232,9 @@ class DeviceRegistry:
         fw, battery, rssi = payload.get("fw"), payload.get("battery"), payload.get("rssi")
         if isinstance(fw, str):
             device.fw = fw[:64]
-        if _is_number(battery):
+        if isinstance(battery, int | float) and not isinstance(battery, bool):
             device.battery = float(battery)
-        if _is_number(rssi):
+        if isinstance(rssi, int | float) and not isinstance(rssi, bool):
             device.rssi = float(rssi)
         self._dirty.add(device_id)
         return device
@@ -247,7 +247,3 @@ class DeviceRegistry:
         dirty = [self._devices[d] for d in self._dirty if d in self._devices]
         self._dirty.clear()
         return dirty
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

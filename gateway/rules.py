@@ -45,9 +45,9 @@ class AlarmEngine:
                 self._check_counter(reading, metric, value, events)
         if fresh:
             for rule in profile.rules:
-                value = fresh.get(rule.metric)
-                if value is not None:
-                    self._apply(rule, profile, reading, value, events)
+                current = fresh.get(rule.metric)
+                if current is not None:
+                    self._apply(rule, profile, reading, current, events)
         return events
 
     def active(self, device_id: str) -> list[str]:
@@ -89,7 +89,8 @@ class AlarmEngine:
                     ts_ms=reading.ts_ms,
                     type="counter_reset",
                     severity="warning",
-                    message=f"{metric} went backwards from {previous:g} to {value:g} (meter reset or replaced?)",
+                    message=f"{metric} went backwards from {previous:g} to {value:g} "
+                    "(meter reset or replaced?)",
                     data={"metric": metric, "previous": previous, "value": value},
                     source="rule",
                     building=reading.building,
@@ -107,19 +108,37 @@ class AlarmEngine:
         since_ms: int | None = None,
     ) -> DeviceEvent:
         unit = profile.metrics[rule.metric].unit if rule.metric in profile.metrics else ""
-        text = rule.message or f"{rule.metric} {'above' if rule.above is not None else 'below'} {rule.threshold:g}"
-        data: dict[str, object] = {"rule": rule.id, "metric": rule.metric, "value": value, "threshold": rule.threshold}
+        text = (
+            rule.message
+            or f"{rule.metric} {'above' if rule.above is not None else 'below'} {rule.threshold:g}"
+        )
+        data: dict[str, object] = {
+            "rule": rule.id,
+            "metric": rule.metric,
+            "value": value,
+            "threshold": rule.threshold,
+        }
         if cleared:
             return DeviceEvent(
-                device_id=reading.device_id, kind=reading.kind, ts_ms=reading.ts_ms,
-                type=f"{rule.id}_cleared", severity="info",
+                device_id=reading.device_id,
+                kind=reading.kind,
+                ts_ms=reading.ts_ms,
+                type=f"{rule.id}_cleared",
+                severity="info",
                 message=f"cleared: {text} (now {value:g}{(' ' + unit) if unit else ''})",
-                data=data, source="rule", building=reading.building,
+                data=data,
+                source="rule",
+                building=reading.building,
             )
         data["since_ms"] = since_ms
         return DeviceEvent(
-            device_id=reading.device_id, kind=reading.kind, ts_ms=reading.ts_ms,
-            type=rule.id, severity=rule.severity,
+            device_id=reading.device_id,
+            kind=reading.kind,
+            ts_ms=reading.ts_ms,
+            type=rule.id,
+            severity=rule.severity,
             message=f"{text} (now {value:g}{(' ' + unit) if unit else ''})",
-            data=data, source="rule", building=reading.building,
+            data=data,
+            source="rule",
+            building=reading.building,
         )

@@ -17,8 +17,12 @@ from gateway.settings import Settings, load_settings
 
 T = TypeVar("T")
 
-TOKENS = {"viewer-token": "viewer", "operator-token": "operator", "terminal-token": "terminal",
-          "installer-token": "installer"}
+TOKENS = {
+    "viewer-token": "viewer",
+    "operator-token": "operator",
+    "terminal-token": "terminal",
+    "installer-token": "installer",
+}
 
 
 def gateway_settings(data_dir: Path, mqtt_url: str, **overrides: Any) -> Settings:
@@ -83,5 +87,7 @@ def mosquitto_pub(port: int, topic: str, message: str | bytes, *extra: str) -> N
     payload = message.encode() if isinstance(message, str) else message
     subprocess.run(
         ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-s", *extra],
-        input=payload, check=True, timeout=10,
+        input=payload,
+        check=True,
+        timeout=10,
     )

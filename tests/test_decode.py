@@ -23,8 +23,16 @@ def code(exc: BaseException) -> str:
 def test_topics_follow_the_contract() -> None:
     assert parse("cgw/v1/b03-f02-aq/telemetry") == ("b03-f02-aq", "telemetry")
     assert device_topic("x", "ack") == "cgw/v1/x/ack"
-    for bad in ["cgw/v1/a/b/telemetry", "cgw/v1//telemetry", "cgw/v1/a/ack", "cgw/v2/a/status",
-                "cgw/v1/a+b/status", "cgw/v1/" + "x" * 65 + "/status", "cgw/v1/#/event", "cgw/v1/a"]:
+    for bad in [
+        "cgw/v1/a/b/telemetry",
+        "cgw/v1//telemetry",
+        "cgw/v1/a/ack",
+        "cgw/v2/a/status",
+        "cgw/v1/a+b/status",
+        "cgw/v1/" + "x" * 65 + "/status",
+        "cgw/v1/#/event",
+        "cgw/v1/a",
+    ]:
         with pytest.raises(TopicError) as info:
             parse(bad)
         assert code(info.value) == "bad_topic"
@@ -75,8 +83,14 @@ def test_any_bytes_decode_or_are_refused(payload: bytes) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

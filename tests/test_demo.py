@@ -25,7 +25,9 @@ CGW = [sys.executable, "-m", "gateway.cli"]
 def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str, dict[str, str]]:
     process = subprocess.Popen(
         [*CGW, "demo", "--data-dir", str(tmp_path / "demo"), "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "COLUMNS": "300"},
     )
     assert process.stdout is not None
@@ -73,8 +75,16 @@ def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path)
         summary = wait_online(url, tokens["viewer"], 200)
         assert summary["devices"] == 213
         assert set(summary["by_kind"]) >= {  # type: ignore[call-overload]
-            "air_quality", "smoke_detector", "water_leak", "elevator", "door_access", "energy_meter",
-            "water_meter", "emergency_button", "footfall_counter", "service_terminal",
+            "air_quality",
+            "smoke_detector",
+            "water_leak",
+            "elevator",
+            "door_access",
+            "energy_meter",
+            "water_meter",
+            "emergency_button",
+            "footfall_counter",
+            "service_terminal",
         }
         headers = {"Authorization": f"Bearer {tokens['viewer']}"}
 

@@ -37,12 +37,18 @@ async def test_device_from_mosquitto_pub_reaches_api_and_timeseries(
     settings = gateway_settings(tmp_path, mosquitto.url, influx=influx)
     async with running(settings) as gw, api(gw) as client:
         started = time.monotonic()
-        mosquitto_pub(mosquitto.port, "cgw/v1/e2e-aq-1/status",
-                      '{"state":"online","kind":"air_quality","location":{"building":"3","floor":2},'
-                      '"fw":"1.4.2","battery":87,"rssi":-61}')
+        mosquitto_pub(
+            mosquitto.port,
+            "cgw/v1/e2e-aq-1/status",
+            '{"state":"online","kind":"air_quality","location":{"building":"3","floor":2},'
+            '"fw":"1.4.2","battery":87,"rssi":-61}',
+        )
         ts = int(time.time() * 1000)
-        mosquitto_pub(mosquitto.port, "cgw/v1/e2e-aq-1/telemetry",
-                      orjson.dumps({"ts": ts, "seq": 1, "metrics": {"pm25": 12.5, "temp_c": 21.3}}))
+        mosquitto_pub(
+            mosquitto.port,
+            "cgw/v1/e2e-aq-1/telemetry",
+            orjson.dumps({"ts": ts, "seq": 1, "metrics": {"pm25": 12.5, "temp_c": 21.3}}),
+        )
 
         async def in_api() -> dict[str, Any] | None:
             found = await device(client, "e2e-aq-1")
@@ -54,7 +60,9 @@ async def test_device_from_mosquitto_pub_reaches_api_and_timeseries(
         assert shown["fw"] == "1.4.2" and shown["last_seq"] == 1
 
         async def in_store() -> list[dict[str, Any]]:
-            return await asyncio.to_thread(victoria.export, '{__name__=~"air_quality_.*",device_id="e2e-aq-1"}')
+            return await asyncio.to_thread(
+                victoria.export, '{__name__=~"air_quality_.*",device_id="e2e-aq-1"}'
+            )
 
         series = await eventually(in_store, 2.0, "the points in VictoriaMetrics")
         store_latency = time.monotonic() - started
@@ -73,8 +81,11 @@ async def test_device_from_mosquitto_pub_reaches_api_and_timeseries(
 
         # Presence changes are written too.
         presence = await eventually(
-            lambda: asyncio.to_thread(victoria.export, '{__name__=~"device_presence_.*",device_id="e2e-aq-1"}'),
-            2.0, "the presence point",
+            lambda: asyncio.to_thread(
+                victoria.export, '{__name__=~"device_presence_.*",device_id="e2e-aq-1"}'
+            ),
+            2.0,
+            "the presence point",
         )
         assert any(s["metric"]["__name__"] == "device_presence_online" for s in presence)
 
@@ -118,9 +129,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_gateway_goes_on(
         assert (await client.get("/readyz")).json()["ready"] is True
 
 
-async def test_presence_birth_will_and_heartbeat_timeout_are_events(
-    tmp_path: Path, mosquitto: Any
-) -> None:
+async def test_presence_birth_will_and_heartbeat_timeout_are_events(tmp_path: Path, mosquitto: Any) -> None:
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "quick_probe.yaml").write_text(
@@ -134,8 +143,9 @@ async def test_presence_birth_will_and_heartbeat_timeout_are_events(
         will_client.will_set("cgw/v1/will-dev/status", b'{"state":"offline"}', qos=1, retain=True)
         will_client.connect("127.0.0.1", mosquitto.port)
         will_client.loop_start()
-        will_client.publish("cgw/v1/will-dev/status", b'{"state":"online","kind":"smoke_detector"}',
-                            qos=1, retain=True).wait_for_publish(5)
+        will_client.publish(
+            "cgw/v1/will-dev/status", b'{"state":"online","kind":"smoke_detector"}', qos=1, retain=True
+        ).wait_for_publish(5)
         await eventually(lambda: _online(client, "will-dev", True), 3.0, "will-dev online")
         will_client.loop_stop()
         will_client.socket().close()  # no DISCONNECT: the broker sends the Will
@@ -147,8 +157,12 @@ async def test_presence_birth_will_and_heartbeat_timeout_are_events(
 
         events = (await client.get("/api/v1/events", params={"source": "gateway"})).json()["items"]
         seen = {(e["device_id"], e["type"], e["data"]["reason"]) for e in events}
-        assert {("will-dev", "online", "birth"), ("will-dev", "offline", "will"),
-                ("probe-1", "online", "birth"), ("probe-1", "offline", "timeout")} <= seen
+        assert {
+            ("will-dev", "online", "birth"),
+            ("will-dev", "offline", "will"),
+            ("probe-1", "online", "birth"),
+            ("probe-1", "offline", "timeout"),
+        } <= seen
         timeout_event = next(e for e in events if e["data"]["reason"] == "timeout")
         assert timeout_event["severity"] == "warning" and timeout_event["alarm"]
 
@@ -158,9 +172,7 @@ async def _online(client: Any, device_id: str, state: bool) -> bool:
     return bool(found) and found["online"] is state  # type: ignore[index]
 
 
-async def test_alarms_reach_the_live_stream_and_can_be_acknowledged(
-    tmp_path: Path, mosquitto: Any
-) -> None:
+async def test_alarms_reach_the_live_stream_and_can_be_acknowledged(tmp_path: Path, mosquitto: Any) -> None:
     async with running(gateway_settings(tmp_path, mosquitto.url)) as gw, api(gw) as client:
         received: list[tuple[str, dict[str, Any]]] = []
         connected = asyncio.Event()
@@ -182,8 +194,11 @@ async def test_alarms_reach_the_live_stream_and_can_be_acknowledged(
         listener = asyncio.create_task(listen())
         await asyncio.wait_for(connected.wait(), 5)
         mosquitto_pub(mosquitto.port, "cgw/v1/btn-7/status", '{"state":"online","kind":"emergency_button"}')
-        mosquitto_pub(mosquitto.port, "cgw/v1/btn-7/event",
-                      '{"type":"emergency_press","message":"pressed at 2-301","severity":"info"}')
+        mosquitto_pub(
+            mosquitto.port,
+            "cgw/v1/btn-7/event",
+            '{"type":"emergency_press","message":"pressed at 2-301","severity":"info"}',
+        )
         await asyncio.wait_for(listener, 5)
         names = [name for name, _ in received]
         assert names[0] == "presence" and names[-1] == "alarm"
@@ -200,7 +215,9 @@ async def test_alarms_reach_the_live_stream_and_can_be_acknowledged(
         assert (await client.post(f"/api/v1/events/{alarm['id']}/ack")).status_code == 403
         async with api(gw, "operator-token") as operator:
             acked = await operator.post(f"/api/v1/events/{alarm['id']}/ack", json={"note": "visited"})
-            assert acked.status_code == 200 and acked.json()["acked"] and acked.json()["ack_note"] == "visited"
+            assert (
+                acked.status_code == 200 and acked.json()["acked"] and acked.json()["ack_note"] == "visited"
+            )
             again = await operator.post(f"/api/v1/events/{alarm['id']}/ack", json={"note": "again"})
             assert again.json()["ack_note"] == "visited"
         assert (await client.get("/api/v1/alarms")).json()["items"] == []
@@ -216,23 +233,30 @@ async def test_messages_published_while_the_gateway_is_down_arrive_after_restart
     # Gateway stopped: the broker keeps QoS 1 messages for its persistent session.
     base = int(time.time() * 1000)
     for i in range(50):
-        mosquitto_pub(mosquitto.port, "cgw/v1/meter-9/telemetry",
-                      orjson.dumps({"ts": base + i, "seq": i, "metrics": {"energy_kwh": 100 + i}}))
+        mosquitto_pub(
+            mosquitto.port,
+            "cgw/v1/meter-9/telemetry",
+            orjson.dumps({"ts": base + i, "seq": i, "metrics": {"energy_kwh": 100 + i}}),
+        )
     async with running(settings) as gw, api(gw) as client:
+
         async def all_there() -> dict[str, Any] | None:
             found = await device(client, "meter-9")
             return found if found and found["last_seq"] == 49 else None
 
         await eventually(all_there, 5.0, "the 50 queued readings")
         start = datetime.fromtimestamp((base - 1000) / 1000, UTC).isoformat()
-        response = await client.get("/api/v1/devices/meter-9/telemetry",
-                                    params={"metric": "energy_kwh", "start": start})
+        response = await client.get(
+            "/api/v1/devices/meter-9/telemetry", params={"metric": "energy_kwh", "start": start}
+        )
         points = response.json()["series"]["energy_kwh"]
         assert [p["seq"] for p in points] == list(range(50))
         assert [p["value"] for p in points] == [100.0 + i for i in range(50)]
         # A long range is downsampled: every reading is counted once.
-        response = await client.get("/api/v1/devices/meter-9/telemetry",
-                                    params={"metric": "energy_kwh", "start": "2020-01-01T00:00:00Z"})
+        response = await client.get(
+            "/api/v1/devices/meter-9/telemetry",
+            params={"metric": "energy_kwh", "start": "2020-01-01T00:00:00Z"},
+        )
         body = response.json()
         assert body["step_ms"] >= 60_000 and body["source"] == "rollup_1m+raw"
         buckets = body["series"]["energy_kwh"]
@@ -261,15 +285,20 @@ async def test_closed_registration_refuses_unknown_devices(tmp_path: Path, mosqu
     settings = gateway_settings(tmp_path / "data", mosquitto.url, registration="closed", inventory=inventory)
     async with running(settings) as gw, api(gw) as client:
         # The inventory wins over what the birth says.
-        mosquitto_pub(mosquitto.port, "cgw/v1/known-1/status",
-                      '{"state":"online","kind":"air_quality","location":{"building":"9"}}')
+        mosquitto_pub(
+            mosquitto.port,
+            "cgw/v1/known-1/status",
+            '{"state":"online","kind":"air_quality","location":{"building":"9"}}',
+        )
         mosquitto_pub(mosquitto.port, "cgw/v1/stranger/status", '{"state":"online","kind":"air_quality"}')
         mosquitto_pub(mosquitto.port, "cgw/v1/stranger/telemetry", '{"metrics":{"pm25":1}}')
         known = await eventually(lambda: _online_device(client, "known-1"), 3.0, "known-1 online")
         assert known["kind"] == "water_leak" and known["building"] == "5"
 
         async def refused() -> list[dict[str, Any]]:
-            items = (await client.get("/api/v1/dead-letters", params={"reason": "unknown_device"})).json()["items"]
+            items = (await client.get("/api/v1/dead-letters", params={"reason": "unknown_device"})).json()[
+                "items"
+            ]
             return items if len(items) == 2 else []
 
         await eventually(refused, 3.0, "two unknown_device dead letters")

@@ -85,7 +85,7 @@ def test_yaml_errors_name_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="mapping"):
         load_settings(conf, env={})
     conf.write_text("mqtt:\n  urll: mqtt://x\n")
-    with pytest.raises(SettingsError, match="mqtt.urll"):
+    with pytest.raises(SettingsError, match=r"mqtt\.urll"):
         load_settings(conf, env={})
     with pytest.raises(SettingsError, match="cannot read"):
         load_settings(tmp_path / "missing.yaml", env={})
@@ -103,8 +103,17 @@ def test_loading_does_not_change_the_process_environment(monkeypatch: pytest.Mon
 @given(
     st.dictionaries(
         st.sampled_from(
-            ["CGW_COMMUNITY", "CGW_API__PORT", "CGW_MQTT__URL", "CGW_REGISTRATION", "CGW_INFLUX__URL",
-             "CGW_STORE__RAW_RETENTION", "CGW_PIPELINE__BATCH_SIZE", "CGW_AUTH__TOKENS", "CGW_MQTT__KEEPALIVE_S"]
+            [
+                "CGW_COMMUNITY",
+                "CGW_API__PORT",
+                "CGW_MQTT__URL",
+                "CGW_REGISTRATION",
+                "CGW_INFLUX__URL",
+                "CGW_STORE__RAW_RETENTION",
+                "CGW_PIPELINE__BATCH_SIZE",
+                "CGW_AUTH__TOKENS",
+                "CGW_MQTT__KEEPALIVE_S",
+            ]
         ),
         st.text(max_size=40).filter(lambda t: "\x00" not in t),
         max_size=4,

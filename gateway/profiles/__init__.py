@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.models import SEVERITIES, Severity
 from gateway.durations import Duration
+from gateway.models import SEVERITIES, Severity
 
 BUILTIN_DIR = Path(__file__).parent / "data"
 METRIC_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
@@ -148,7 +148,9 @@ class DeviceProfile(BaseModel):
             ):
                 low = "-∞" if spec.min is None else f"{spec.min:g}"
                 high = "∞" if spec.max is None else f"{spec.max:g}"
-                raise ValueError(f"out_of_range: {name}={number:g} outside [{low}, {high}] {spec.unit}".rstrip())
+                raise ValueError(
+                    f"out_of_range: {name}={number:g} outside [{low}, {high}] {spec.unit}".rstrip()
+                )
             out[name] = number
         return out
 
@@ -169,7 +171,8 @@ class DeviceProfile(BaseModel):
             "strict": self.strict,
             "metrics": {name: spec.model_dump() for name, spec in self.metrics.items()},
             "rules": [
-                {**rule.model_dump(exclude={"for_"}), "for_s": rule.for_.total_seconds()} for rule in self.rules
+                {**rule.model_dump(exclude={"for_"}), "for_s": rule.for_.total_seconds()}
+                for rule in self.rules
             ],
             "events": dict(self.events),
         }
@@ -234,7 +237,9 @@ def load_profile(path: Path) -> DeviceProfile:
         line = _line_of(node, loc)
         where = f" line {line}" if line else ""
         field = ".".join(str(p) for p in loc) or "profile"
-        raise ProfileError(f"{path.name}{where}: {field}: {err['msg'].removeprefix('Value error, ')}") from exc
+        raise ProfileError(
+            f"{path.name}{where}: {field}: {err['msg'].removeprefix('Value error, ')}"
+        ) from exc
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -13,8 +13,9 @@ import logging
 import time
 from collections import deque
 
-from influxdb_client import InfluxDBClient, WritePrecision
+from influxdb_client.client.influxdb_client import InfluxDBClient
 from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -72,8 +73,10 @@ class InfluxSink:
         self, readings: list[Reading], events: list[DeviceEvent], presence: list[PresenceChange]
     ) -> None:
         community = self._community
+        lines: list[str] = []
         for reading in readings:
-            reading_lines(reading, community, self._telemetry)
+            reading_lines(reading, community, lines)
+        self._telemetry.extend(lines)
         self._important.extend(event_line(e, community) for e in events)
         self._important.extend(presence_line(p, community) for p in presence)
         self._enforce_bound()
@@ -140,13 +143,7 @@ class InfluxSink:
         """One write request; True when the lines are done with (written, or refused for good)."""
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(
-                self._write_api.write,
-                bucket=self._settings.bucket,
-                org=self._settings.org,
-                record="\n".join(lines),
-                write_precision=WritePrecision.MS,
-            )
+            await asyncio.to_thread(self._post, "\n".join(lines))
         except ApiException as exc:
             return self._refused(exc, lines)
         except (Urllib3Error, OSError) as exc:
@@ -161,9 +158,17 @@ class InfluxSink:
         self._up.set(1)
         return True
 
+    def _post(self, body: str) -> None:
+        precision: WritePrecision = WritePrecision.MS  # type: ignore[assignment]
+        self._write_api.write(
+            bucket=self._settings.bucket, org=self._settings.org, record=body, write_precision=precision
+        )
+
     def _refused(self, exc: ApiException, lines: list[str]) -> bool:
         status = exc.status or 0
-        body = (exc.body or b"").decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+        body = (
+            (exc.body or b"").decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+        )
         if status in (401, 403):
             self._fail(f"InfluxDB refused the token ({status}): check CGW_INFLUX__TOKEN", lines)
             return False

@@ -30,10 +30,17 @@ def reading_lines(reading: Reading, community: str, out: list[str]) -> None:
 
 
 def event_line(event: DeviceEvent, community: str) -> str:
-    tags = _tags((
-        ("building", event.building), ("community", community), ("device_id", event.device_id),
-        ("kind", event.kind), ("severity", event.severity), ("source", event.source), ("type", event.type),
-    ))
+    tags = _tags(
+        (
+            ("building", event.building),
+            ("community", community),
+            ("device_id", event.device_id),
+            ("kind", event.kind),
+            ("severity", event.severity),
+            ("source", event.source),
+            ("type", event.type),
+        )
+    )
     data = orjson.dumps(event.data, default=str).decode().translate(_STRING)
     fields = (
         f'message="{event.message.translate(_STRING)}",data="{data}",'
@@ -43,9 +50,16 @@ def event_line(event: DeviceEvent, community: str) -> str:
 
 
 def presence_line(change: PresenceChange, community: str) -> str:
-    tags = _tags((
-        ("building", change.building), ("community", community), ("device_id", change.device_id),
-        ("kind", change.kind), ("reason", change.reason),
-    ))
+    tags = _tags(
+        (
+            ("building", change.building),
+            ("community", community),
+            ("device_id", change.device_id),
+            ("kind", change.kind),
+            ("reason", change.reason),
+        )
+    )
     state = "online" if change.online else "offline"
-    return f'device_presence{tags} online={"true" if change.online else "false"},state="{state}" {change.ts_ms}'
+    return (
+        f'device_presence{tags} online={"true" if change.online else "false"},state="{state}" {change.ts_ms}'
+    )

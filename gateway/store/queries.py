@@ -235,19 +235,25 @@ def _telemetry(
         parts = []
         if start_ms < split_ms:
             used_rollup = True
-            parts.append((
-                "SELECT (minute_ms - ?) / ? AS bucket, sum(sum), sum(n), min(min), max(max) "
-                "FROM rollup_1m WHERE device_id = ? AND metric = ? AND minute_ms >= ? "
-                "AND minute_ms < ? GROUP BY bucket",
-                start_ms, split_ms,
-            ))
+            parts.append(
+                (
+                    "SELECT (minute_ms - ?) / ? AS bucket, sum(sum), sum(n), min(min), max(max) "
+                    "FROM rollup_1m WHERE device_id = ? AND metric = ? AND minute_ms >= ? "
+                    "AND minute_ms < ? GROUP BY bucket",
+                    start_ms,
+                    split_ms,
+                )
+            )
         if split_ms < end_ms:
-            parts.append((
-                "SELECT (ts_ms - ?) / ? AS bucket, sum(value), count(*), min(value), max(value) "
-                "FROM telemetry WHERE device_id = ? AND metric = ? AND ts_ms >= ? AND ts_ms < ? "
-                "GROUP BY bucket",
-                split_ms, end_ms,
-            ))
+            parts.append(
+                (
+                    "SELECT (ts_ms - ?) / ? AS bucket, sum(value), count(*), min(value), max(value) "
+                    "FROM telemetry WHERE device_id = ? AND metric = ? AND ts_ms >= ? AND ts_ms < ? "
+                    "GROUP BY bucket",
+                    split_ms,
+                    end_ms,
+                )
+            )
         for sql, lo_ms, hi_ms in parts:
             for bucket, total, count, low, high in conn.execute(
                 sql, (start_ms, step_ms, device_id, metric, lo_ms, hi_ms)

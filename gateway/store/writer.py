@@ -11,8 +11,10 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 
@@ -23,6 +25,7 @@ from gateway.stats import GatewayMetrics
 from gateway.store.schema import connect, migrate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MINUTE_MS = 60_000
 
@@ -45,7 +48,8 @@ class StoreWriter:
     async def open(self) -> list[Device]:
         """Create or migrate the file; returns the devices remembered from earlier runs."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        return await self._call(self._open)
+        devices: list[Device] = await self._call(self._open)
+        return devices
 
     def _open(self) -> list[Device]:
         self._conn = connect(self._path)
@@ -78,9 +82,8 @@ class StoreWriter:
             self._conn = None
         self._thread.shutdown(wait=True)
 
-    async def call(self, fn: object, *args: object) -> object:
-        """Run maintenance work on the writer thread (it owns the connection)."""
-        assert callable(fn)
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(connection, *args)` on the writer thread (it owns the connection)."""
         return await self._call(fn, self.connection, *args)
 
     @property
@@ -193,8 +196,7 @@ class StoreWriter:
 
         await self._call(save)
 
-    async def _call(self, fn: object, *args: object) -> object:
-        assert callable(fn)
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, fn, *args)
 
@@ -231,42 +233,25 @@ def _device_row(d: Device) -> tuple[object, ...]:
     )
 
 
-def _device_from_row(row: tuple[object, ...]) -> Device:
-    (
-        device_id,
-        kind,
-        source,
-        building,
-        floor,
-        unit,
-        fw,
-        battery,
-        rssi,
-        online,
-        first_seen,
-        last_seen,
-        presence,
-        last_ts,
-        last_seq,
-        last_values,
-        pinned,
-    ) = row
+def _device_from_row(row: tuple[Any, ...]) -> Device:
+    (device_id, kind, source, building, floor, unit, fw, battery, rssi, online, first_seen,
+     last_seen, presence, last_ts, last_seq, last_values, pinned) = row  # fmt: skip
     return Device(
-        device_id=str(device_id),
-        kind=str(kind),
-        source=source,  # type: ignore[arg-type]
+        device_id=device_id,
+        kind=kind,
+        source=source,
         building=building,
         floor=floor,
         unit=unit,
-        fw=fw,  # type: ignore[arg-type]
+        fw=fw,
         battery=battery,
         rssi=rssi,
-        online=bool(online),  # type: ignore[arg-type]
+        online=bool(online),
         first_seen_ms=first_seen,
-        last_seen_ms=last_seen,  # type: ignore[arg-type]
+        last_seen_ms=last_seen,
         presence_ms=presence,
         last_ts_ms=last_ts,
-        last_seq=last_seq,  # type: ignore[arg-type]
-        last_values=orjson.loads(str(last_values)),
+        last_seq=last_seq,
+        last_values=orjson.loads(last_values),
         pinned_kind=bool(pinned),
     )

@@ -135,7 +135,7 @@ async def summary(ctx: Ctx, _: Reader) -> Summary:
 
 @router.get("/profiles", response_model=list[ProfileOut], summary="Device profiles", responses=AUTH)
 async def profiles(ctx: Ctx, _: Reader) -> list[ProfileOut]:
-    return [ProfileOut.model_validate(ctx.profiles.describe(kind)) for kind in ctx.profiles.kinds]
+    return [ProfileOut.model_validate(profile.describe()) for profile in ctx.profiles]
 
 
 def _ms(moment: datetime) -> int:
