@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from drivers.base import Driver
+from drivers.modbus import ModbusDriver
 from drivers.mqtt import MqttDriver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
@@ -75,9 +76,7 @@ class Gateway:
         )
         self.drivers: list[Driver] = [self.mqtt, *(extra_drivers or [])]
         if settings.modbus.devices:
-            from drivers.modbus import ModbusDriver
-
-            self.drivers.append(ModbusDriver(settings.modbus))
+            self.drivers.append(ModbusDriver(settings.modbus, self.metrics))
         window = TimeWindow(
             max_future_ms=int(settings.pipeline.max_future.total_seconds() * 1000),
             max_past_ms=int(settings.pipeline.max_past.total_seconds() * 1000),

@@ -45,6 +45,12 @@ class GatewayMetrics:
         self.driver_connected = Gauge(
             "cgw_driver_connected", "1 while a driver is connected", ["driver"], registry=r
         )
+        self.driver_errors = Counter(
+            "cgw_driver_errors",
+            "Driver errors (unreachable peers, refused reads)",
+            ["driver", "reason"],
+            registry=r,
+        )
         self.stream_dropped = Counter(
             "cgw_stream_dropped", "Live-stream events dropped for slow subscribers", registry=r
         )
