@@ -57,7 +57,7 @@ def encode(metrics: dict[str, float]) -> dict[int, int]:
     for register in METER_REGISTERS:
         value = metrics[register.metric] / register.scale
         dtype = getattr(AsyncModbusTcpClient.DATATYPE, register.type.upper())
-        number: int | float = value if register.type == "float32" else int(round(value))
+        number: int | float = value if register.type == "float32" else round(value)
         for i, word in enumerate(convert(number, dtype, word_order=register.word_order)):
             words[register.address + i] = word
     return words
