@@ -53,7 +53,7 @@ async def test_replays_land_once(store) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_rollups_are_recomputed_not_accumulated(store) -> None:  # type: ignore[no-untyped-def]
-    writer, reader = store
+    writer, _ = store
     readings = [Reading("d1", "generic", T0 + i * 10_000, {"v": float(i)}) for i in range(12)]  # two minutes
     await write(writer, batch(*readings))
     maintenance = StoreMaintenance(writer, StoreSettings())
@@ -79,13 +79,22 @@ async def test_open_minutes_wait_for_the_next_round(store) -> None:  # type: ign
 async def test_retention_prunes_raw_rollups_events_and_dead_letters(store) -> None:  # type: ignore[no-untyped-def]
     writer, reader = store
     old, recent = T0, T0 + 3 * 86_400_000
-    await write(writer, Processed(
-        readings=[Reading("d1", "generic", old, {"v": 1.0}), Reading("d1", "generic", recent, {"v": 2.0})],
-        events=[DeviceEvent("d1", "generic", old, "x", "info")],
-        dead_letters=[DeadLetter(old, "cgw/v1/d1/telemetry", "d1", "bad_json: x", b"{")],
-    ))
-    settings = StoreSettings(raw_retention=timedelta(days=2), rollup_retention=timedelta(days=90),
-                             dead_letter_retention=timedelta(days=1))
+    await write(
+        writer,
+        Processed(
+            readings=[
+                Reading("d1", "generic", old, {"v": 1.0}),
+                Reading("d1", "generic", recent, {"v": 2.0}),
+            ],
+            events=[DeviceEvent("d1", "generic", old, "x", "info")],
+            dead_letters=[DeadLetter(old, "cgw/v1/d1/telemetry", "d1", "bad_json: x", b"{")],
+        ),
+    )
+    settings = StoreSettings(
+        raw_retention=timedelta(days=2),
+        rollup_retention=timedelta(days=90),
+        dead_letter_retention=timedelta(days=1),
+    )
     await StoreMaintenance(writer, settings).run_once(now_ms=recent + MINUTE, settle=False)
     counts = await reader.counts()
     assert counts["telemetry"] == 1  # the old raw reading is gone...
@@ -102,7 +111,10 @@ async def test_telemetry_ranges_raw_and_bucketed(store) -> None:  # type: ignore
     bucketed = await reader.telemetry("d1", None, T0, T0 + 2 * MINUTE, 30_000, now_ms=T0 + 2 * MINUTE)
     assert set(bucketed["series"]) == {"v", "w"}
     assert [(b["count"], b["min"], b["max"]) for b in bucketed["series"]["v"]] == [
-        (30, 0.0, 29.0), (30, 30.0, 59.0), (30, 60.0, 89.0), (30, 90.0, 119.0)
+        (30, 0.0, 29.0),
+        (30, 30.0, 59.0),
+        (30, 60.0, 89.0),
+        (30, 90.0, 119.0),
     ]
     assert bucketed["series"]["v"][0]["avg"] == pytest.approx(14.5)
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
 from gateway.api.schemas import DeviceList, DeviceOut, ErrorBody, ProfileOut, Summary, Telemetry
+from gateway.durations import Duration
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
@@ -74,8 +75,8 @@ async def get_device(ctx: Ctx, _: Reader, device_id: str) -> DeviceOut:
     response_model=Telemetry,
     summary="A device's telemetry over a time range, raw or downsampled",
     description=(
-        "`start`/`end` are ISO 8601 date-times (default: the last hour). With `step` (seconds or "
-        "ISO 8601 duration, e.g. `PT5M`) points are averaged per bucket with min, max and count; "
+        "`start`/`end` are ISO 8601 date-times (default: the last hour). With `step` (e.g. `60`, `5m`, "
+        "`1h` or ISO 8601 `PT5M`) points are averaged per bucket with min, max and count; "
         f"without it, ranges up to {RAW_RANGE} return raw points and longer ones get a step that "
         f"gives about {TARGET_POINTS} points. Ranges older than raw retention read minute roll-ups."
     ),
@@ -88,7 +89,7 @@ async def get_telemetry(
     metric: Annotated[list[str] | None, Query(description="Metric names; default all")] = None,
     start: datetime | None = None,
     end: datetime | None = None,
-    step: timedelta | None = None,
+    step: Annotated[Duration | None, Query(description="Bucket width: 60, 60s, 5m, 1h or PT5M")] = None,
 ) -> Telemetry:
     if ctx.registry.get(device_id) is None:
         raise HTTPException(404, f"no device {device_id!r}")

@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from gateway.api.auth import Operator, Reader
 from gateway.api.context import ApiContext, context
@@ -22,6 +22,8 @@ Ctx = Annotated[ApiContext, Depends(context)]
 AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+# Event ids are 63-bit (see gateway.models.event_id): anything larger cannot name an event.
+EventId = Annotated[int, Path(ge=0, le=2**63 - 1, description="The event's stable id")]
 
 
 def _ms(moment: datetime | None) -> int | None:
@@ -100,7 +102,7 @@ async def list_alarms(
     summary="One event",
     responses={404: {"model": ErrorBody}, **AUTH},
 )
-async def get_event(ctx: Ctx, _: Reader, event_id: int) -> EventOut:
+async def get_event(ctx: Ctx, _: Reader, event_id: EventId) -> EventOut:
     event = await ctx.reader.event(event_id)
     if event is None:
         raise HTTPException(404, f"no event {event_id}")
@@ -114,7 +116,7 @@ async def get_event(ctx: Ctx, _: Reader, event_id: int) -> EventOut:
     description="Idempotent: acknowledging twice keeps the first acknowledgement.",
     responses={404: {"model": ErrorBody}, **AUTH},
 )
-async def acknowledge(ctx: Ctx, who: Operator, event_id: int, body: AckIn | None = None) -> EventOut:
+async def acknowledge(ctx: Ctx, who: Operator, event_id: EventId, body: AckIn | None = None) -> EventOut:
     note = body.note if body is not None else ""
     event = await ctx.reader.acknowledge(
         event_id, f"{who.role}:{who.token_id}", note, int(time.time() * 1000)
