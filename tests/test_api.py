@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -201,14 +202,16 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(gateway: Gate
 
     for operation in operations:
         # /readyz answers 503 by design here (no broker); its 503 body is documented and validated.
-        excluded = [not_a_server_error] if operation.path == "/readyz" else []
+        check_operation(operation, [not_a_server_error] if operation.path == "/readyz" else [])
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-        def check(case: schemathesis.Case, excluded: list[object] = excluded) -> None:
-            case.call_and_validate(headers=bearer("operator-token"), excluded_checks=excluded)
 
-        check()
+def check_operation(operation: Any, excluded: list[Any]) -> None:
+    @given(case=operation.as_strategy())
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(headers=bearer("operator-token"), excluded_checks=excluded)
+
+    check()
 
 
 def test_stream_requires_a_token(gateway: Gateway) -> None:
