@@ -240,16 +240,19 @@ async def test_messages_published_while_the_gateway_is_down_arrive_after_restart
         )
     async with running(settings) as gw, api(gw) as client:
 
-        async def all_there() -> dict[str, Any] | None:
-            found = await device(client, "meter-9")
-            return found if found and found["last_seq"] == 49 else None
-
-        await eventually(all_there, 5.0, "the 50 queued readings")
         start = datetime.fromtimestamp((base - 1000) / 1000, UTC).isoformat()
-        response = await client.get(
-            "/api/v1/devices/meter-9/telemetry", params={"metric": "energy_kwh", "start": start}
-        )
-        points = response.json()["series"]["energy_kwh"]
+
+        # The device view is live (in memory); the telemetry range reads the store, which the
+        # writer commits in batches a moment later: wait for the store.
+        async def all_stored() -> list[dict[str, Any]] | None:
+            response = await client.get(
+                "/api/v1/devices/meter-9/telemetry", params={"metric": "energy_kwh", "start": start}
+            )
+            series = response.json()["series"].get("energy_kwh", [])
+            return series if len(series) >= 50 else None
+
+        points = await eventually(all_stored, 5.0, "the 50 queued readings")
+        assert (await device(client, "meter-9"))["last_seq"] == 49
         assert [p["seq"] for p in points] == list(range(50))
         assert [p["value"] for p in points] == [100.0 + i for i in range(50)]
         # A long range is downsampled: every reading is counted once.
