@@ -29,6 +29,8 @@ from gateway.pipeline.run import Pipeline
 from gateway.profiles import load_profiles
 from gateway.registry import DeviceRegistry, load_inventory
 from gateway.rules import AlarmEngine
+from gateway.services.catalogue import load_catalogue
+from gateway.services.desk import ServiceDesk
 from gateway.settings import Settings
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
@@ -63,6 +65,14 @@ class Gateway:
         )
         self.registry = DeviceRegistry(self.profiles, settings.registration)
         self.alarms = AlarmEngine(self.profiles)
+        self.catalogue = load_catalogue(settings.services.catalogue, settings.services.stall_after)
+        self.desk = ServiceDesk(
+            settings.services_db_path,
+            self.catalogue,
+            settings.community,
+            self.metrics,
+            settings.services.check_interval_s,
+        )
         self.hub = StreamHub(self.metrics, settings.api.stream_queue)
         self.writer = StoreWriter(settings.db_path, self.metrics, settings.pipeline.queue_size)
         self.reader = StoreReader(settings.db_path, int(settings.store.raw_retention.total_seconds() * 1000))
@@ -89,9 +99,10 @@ class Gateway:
             window,
             settings.mqtt.max_payload_bytes,
         )
+        self.router = Router(self.writer, sinks, self.hub, self.desk, self.mqtt.publish)
         self.pipeline = Pipeline(
             self.processor,
-            Router(self.writer, sinks, self.hub),
+            self.router,
             self.registry,
             self.metrics,
             settings.pipeline.queue_size,
@@ -108,6 +119,7 @@ class Gateway:
                 token_digests=settings.auth.digests(),
                 readiness=self.readiness,
                 alarms_active=self.alarms.active,
+                desk=self.desk,
             )
         )
         self.ready = asyncio.Event()
@@ -158,6 +170,7 @@ class Gateway:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry.restore(await self.writer.open())
         self.registry.apply_inventory(self.inventory)
+        await self.desk.open(self.router.deliver)
         self._socket = _bind(self.settings.api.host, self.settings.api.port)
         config = uvicorn.Config(self.api, log_level="warning", access_log=False, lifespan="off")
         self._server = _EmbeddedServer(config)
@@ -167,6 +180,7 @@ class Gateway:
                     tg.create_task(self.writer.run(), name="store-writer"),
                     tg.create_task(self.maintenance.run(), name="store-maintenance"),
                     tg.create_task(self.pipeline.run(), name="pipeline"),
+                    tg.create_task(self.desk.run(), name="service-desk"),
                 ]
                 if self.influx is not None:
                     background.append(tg.create_task(self.influx.run(), name="influx-sink"))
@@ -216,6 +230,7 @@ class Gateway:
     async def _close(self) -> None:
         if self.influx is not None:
             await self.influx.close()
+        await self.desk.close()
         await self.writer.close()
         self.reader.close()
         if self._socket is not None:

@@ -145,6 +145,12 @@ class AuthSettings(_Section):
         return out
 
 
+class ServicesSettings(_Section):
+    catalogue: Path | None = None  # the installer's service catalogue; empty: the built-in one
+    stall_after: Duration = timedelta(hours=48)  # default time in one stage before work is "stalled"
+    check_interval_s: float = Field(60.0, gt=0, le=3600, description="how often deadlines are checked")
+
+
 class ModbusRegister(_Section):
     metric: str
     address: int = Field(ge=0, le=65535)
@@ -190,6 +196,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     auth: AuthSettings = AuthSettings()
     modbus: ModbusSettings = ModbusSettings()
+    services: ServicesSettings = ServicesSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -210,6 +217,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "cgw.sqlite3"
+
+    @property
+    def services_db_path(self) -> Path:
+        return self.data_dir / "services.sqlite3"
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:

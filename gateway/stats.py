@@ -51,6 +51,16 @@ class GatewayMetrics:
             ["driver", "reason"],
             registry=r,
         )
+        self.service_requests = Counter(
+            "cgw_service_requests",
+            "Service requests filed, by source and outcome",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.ratings = Counter("cgw_service_ratings", "Resident ratings received", ["score"], registry=r)
+        self.service_alarms = Counter(
+            "cgw_service_alarms", "Overdue and stalled service requests raised", ["type"], registry=r
+        )
         self.stream_dropped = Counter(
             "cgw_stream_dropped", "Live-stream events dropped for slow subscribers", registry=r
         )

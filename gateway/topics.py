@@ -1,8 +1,8 @@
 """The contract's MQTT topic scheme, in one place.
 
 CONTRACT.md section 1: "Topic: `cgw/v1/{device_id}/{channel}`. `device_id` matches
-`[A-Za-z0-9_-]{1,64}`." Devices publish `status`, `telemetry`, `event`, `request`, `rating`;
-the gateway publishes `ack` and `cmd`.
+`[A-Za-z0-9_-]{1,64}`." Devices publish `status`, `telemetry`, `event`, `request`, `rating`
+and (an extension) `vote`; the gateway publishes `ack` and `cmd`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 PREFIX = "cgw/v1/"
-INBOUND_CHANNELS = ("status", "telemetry", "event", "request", "rating")
+INBOUND_CHANNELS = ("status", "telemetry", "event", "request", "rating", "vote")
+TERMINAL_CHANNELS = ("request", "rating", "vote")
 OUTBOUND_CHANNELS = ("ack", "cmd")
 DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

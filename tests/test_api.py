@@ -18,7 +18,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from gateway.application import Gateway
 from gateway.models import DeviceEvent, Reading
@@ -37,6 +37,7 @@ def build_gateway(data_dir: Path) -> Gateway:
 
     async def prepare() -> None:
         gateway.registry.restore(await gateway.writer.open())
+        await gateway.desk.open(gateway.router.deliver)
         device = gateway.registry.on_birth(
             "api-aq-1", {"kind": "air_quality", "location": {"building": "2"}}, 1
         )
@@ -201,8 +202,32 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(gateway: Gate
     assert len(operations) >= 13
 
     for operation in operations:
-        # /readyz answers 503 by design here (no broker); its 503 body is documented and validated.
-        check_operation(operation, [not_a_server_error] if operation.path == "/readyz" else [])
+        check_operation(operation, EXCLUDED.get((operation.method.upper(), operation.path), []))
+
+
+# Checks left out for one operation, each with its reason. "Positive data acceptance" expects
+# every schema-valid request to succeed; these operations also depend on state or on relations
+# between fields that a schema cannot express, and answer those with a documented 4xx.
+_STATEFUL = [positive_data_acceptance]
+EXCLUDED: dict[tuple[str, str], list[Any]] = {
+    # 503 by design here (no broker); its 503 body is documented and validated.
+    ("GET", "/readyz"): [not_a_server_error],
+    # start must come before end.
+    ("GET", "/open311/v2/requests.{fmt}"): _STATEFUL,
+    ("GET", "/api/v1/needs/heatmap"): _STATEFUL,
+    ("GET", "/api/v1/evaluation"): _STATEFUL,
+    # The service code must be in the catalogue, the required attributes present.
+    ("POST", "/open311/v2/requests.{fmt}"): _STATEFUL,
+    # The lifecycle decides which step is allowed; ratings need a completed request.
+    ("POST", "/api/v1/requests/{ticket}/transitions"): _STATEFUL,
+    ("POST", "/api/v1/requests/{ticket}/rating"): _STATEFUL,
+    ("POST", "/api/v1/assessments"): _STATEFUL,
+    ("POST", "/api/v1/proposals/{proposal_id}/votes"): _STATEFUL,
+    ("POST", "/api/v1/proposals/{proposal_id}/close"): _STATEFUL,
+    # Durations are text ("24h") checked against bounds.
+    ("GET", "/api/v1/needs/hotspots"): _STATEFUL,
+    ("GET", "/api/v1/needs"): _STATEFUL,
+}
 
 
 def check_operation(operation: Any, excluded: list[Any]) -> None:

@@ -6,14 +6,17 @@ default lists them as objects; an installer's script wants one line).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.api.context import ApiContext
-from gateway.api.routes import devices, events, health, stream
+from gateway.api.routes import devices, evaluation, events, health, needs, open311, requests, stream
+from gateway.services.open311 import to_xml
 
 DESCRIPTION = """
 The community edge gateway's API (contract: CONTRACT.md section 4).
@@ -33,6 +36,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
             {"name": "devices", "description": "Devices, presence, telemetry, profiles"},
             {"name": "events", "description": "Events, alarms and acknowledgements, dead letters"},
             {"name": "stream", "description": "Live Server-Sent Events"},
+            {"name": "open311", "description": "Open311 GeoReport v2 (services and service requests)"},
+            {"name": "service requests", "description": "Lifecycle, audit trail, ratings, providers"},
+            {"name": "needs and plans", "description": "Hotspots, needs list, proposals, votes, the plan"},
+            {"name": "evaluation", "description": "Satisfaction and process figures"},
         ],
     )
     app.state.ctx = ctx
@@ -40,16 +47,40 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(events.router)
     app.include_router(stream.router)
+    app.include_router(open311.router)
+    app.include_router(requests.router)
+    app.include_router(needs.router)
+    app.include_router(evaluation.router)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}{more}"}, status_code=422)
+        message = f"{where}: {first.get('msg', 'invalid')}{more}"
+        if request.url.path.startswith(OPEN311):
+            return _open311_error(request, 400, message, None)
+        return JSONResponse({"detail": message}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith(OPEN311):
+            return _open311_error(request, exc.status_code, str(exc.detail), exc.headers)
         return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     return app
+
+
+OPEN311 = "/open311/"
+
+
+def _open311_error(
+    request: Request, status: int, message: str, headers: Mapping[str, str] | None
+) -> Response:
+    """The GeoReport v2 error format: a list of {code, description}, in the format asked for."""
+    errors = [{"code": status, "description": message}]
+    if request.url.path.endswith(".xml"):
+        return Response(
+            to_xml("errors", errors), status_code=status, media_type="application/xml", headers=headers
+        )
+    return JSONResponse(errors, status_code=status, headers=headers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -40,6 +40,27 @@ def authenticate(token: str, digests: dict[str, Role]) -> Principal | None:
     return None if found is None else Principal(found, digest[:8])
 
 
+def check_token(token: str | None, digests: dict[str, Role], allowed: tuple[Role, ...]) -> Principal:
+    """The principal for `token`, or the HTTP error that refuses it (401 or 403)."""
+    if token is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing bearer token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    principal = authenticate(token, digests)
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if principal.role not in allowed:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"role {principal.role!r} may not do this (needs one of: {', '.join(allowed)})",
+        )
+    return principal
+
+
 def require(*roles: Role) -> Callable[..., Principal]:
     """A dependency admitting tokens whose role is one of `roles`."""
     allowed = roles or ALL_ROLES
@@ -50,26 +71,35 @@ def require(*roles: Role) -> Callable[..., Principal]:
         ctx: Annotated[ApiContext, Depends(context)],
     ) -> Principal:
         token = credentials.credentials if credentials is not None else None
-        if token is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing bearer token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        principal = authenticate(token, ctx.token_digests)
-        if principal is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"}
-            )
-        if principal.role not in allowed:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"role {principal.role!r} may not do this (needs one of: {', '.join(allowed)})",
-            )
-        return principal
+        return check_token(token, ctx.token_digests, allowed)
 
     return check
 
 
+def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
+    """Open311 style: a bearer token, or the spec's `api_key` (query string or POST form field)."""
+    allowed = roles or ALL_ROLES
+
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        ctx: Annotated[ApiContext, Depends(context)],
+    ) -> Principal:
+        token = credentials.credentials if credentials is not None else request.query_params.get("api_key")
+        form_post = request.method == "POST" and request.headers.get("content-type", "").startswith(
+            _FORM_TYPES
+        )
+        if token is None and form_post:
+            value = (await request.form()).get("api_key")
+            token = value if isinstance(value, str) else None
+        return check_token(token, ctx.token_digests, allowed)
+
+    return check
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
 Reader = Annotated[Principal, Depends(require())]
 Operator = Annotated[Principal, Depends(require("operator", "installer"))]
+Terminal = Annotated[Principal, Depends(require("terminal", "operator", "installer"))]

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
+from gateway.services.desk import ServiceDesk
 from gateway.settings import Role
 from gateway.stats import GatewayMetrics
 from gateway.store.queries import StoreReader
@@ -27,6 +28,7 @@ class ApiContext:
     token_digests: dict[str, Role]
     readiness: Callable[[], dict[str, Any]]
     alarms_active: Callable[[str], list[str]]
+    desk: ServiceDesk
 
 
 def context(request: Request) -> ApiContext:

@@ -20,8 +20,9 @@ from gateway.presence import PresenceTracker, presence_event
 from gateway.profiles import ProfileSet
 from gateway.registry import Device, DeviceRegistry
 from gateway.rules import AlarmEngine
+from gateway.services.desk import TerminalMessage
 from gateway.stats import GatewayMetrics
-from gateway.topics import TopicError, parse
+from gateway.topics import INBOUND_CHANNELS, TERMINAL_CHANNELS, TopicError, parse
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,17 @@ class Processed:
     presence: list[PresenceChange] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     devices: list[Device] = field(default_factory=list)  # changed, to persist
+    terminal: list[TerminalMessage] = field(default_factory=list)  # for the service desk
 
     def __bool__(self) -> bool:
-        return bool(self.readings or self.events or self.presence or self.dead_letters or self.devices)
+        return bool(
+            self.readings
+            or self.events
+            or self.presence
+            or self.dead_letters
+            or self.devices
+            or self.terminal
+        )
 
 
 class Processor:
@@ -64,7 +73,7 @@ class Processor:
         self._metrics = metrics
         self._window = window
         self._max_bytes = max_payload_bytes
-        self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in _CHANNELS}
+        self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
     def process(self, batch: list[RawMessage]) -> Processed:
         out = Processed()
@@ -74,8 +83,11 @@ class Processor:
             try:
                 device_id, channel = parse(topic)
                 self._received[channel].inc()
-                handler = _CHANNELS[channel]
-                handler(self, device_id, decode_object(payload, self._max_bytes), received_ms, out)
+                obj = decode_object(payload, self._max_bytes)
+                if channel in TERMINAL_CHANNELS:
+                    self._terminal(device_id, channel, obj, topic, payload, received_ms, out)
+                else:
+                    _CHANNELS[channel](self, device_id, obj, received_ms, out)
             except (Rejected, TopicError) as exc:
                 self._reject(out, topic, device_id, channel, str(exc), payload, received_ms)
         self._finish(out)
@@ -179,10 +191,23 @@ class Processor:
             )
         )
 
-    def _unsupported(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
-        # Kept whole in the dead-letter store, so nothing a terminal sent is lost before the
-        # service loop that owns these channels is enabled.
-        raise Rejected("unsupported_channel: service requests and ratings are not enabled on this gateway")
+    def _terminal(
+        self,
+        device_id: str,
+        channel: str,
+        obj: dict[str, Any],
+        topic: str,
+        payload: bytes,
+        received_ms: int,
+        out: Processed,
+    ) -> None:
+        """Requests, ratings and votes: checked here for the device, read by the service desk."""
+        device = self._registry.resolve(device_id, received_ms)
+        self._seen(device, received_ms, out)
+        ts_ms = parse_timestamp(obj.get("ts"), received_ms, self._window)
+        out.terminal.append(
+            TerminalMessage(device_id, channel, obj, ts_ms, received_ms, topic, payload, device.building)
+        )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -231,6 +256,4 @@ _CHANNELS = {
     "status": Processor._status,
     "telemetry": Processor._telemetry,
     "event": Processor._event,
-    "request": Processor._unsupported,
-    "rating": Processor._unsupported,
 }

@@ -14,9 +14,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.datafiles import DataFileError, load_model
 from gateway.durations import Duration
 from gateway.models import SEVERITIES, Severity
 
@@ -217,43 +217,6 @@ def load_profiles(extra_dir: Path | None = None) -> ProfileSet:
 
 def load_profile(path: Path) -> DeviceProfile:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read ({exc.strerror})") from exc
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ProfileError(f"{path.name}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path.name}: a profile must be a mapping")
-    try:
-        return DeviceProfile.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        line = _line_of(node, loc)
-        where = f" line {line}" if line else ""
-        field = ".".join(str(p) for p in loc) or "profile"
-        raise ProfileError(
-            f"{path.name}{where}: {field}: {err['msg'].removeprefix('Value error, ')}"
-        ) from exc
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The 1-based line of the YAML node at `loc`, as deep as the path can be followed."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            match = node.value[part]
-        else:
-            match = None
-        if match is None:
-            break
-        node = match
-        line = node.start_mark.line + 1
-    return line
+        return load_model(path, DeviceProfile, "a profile")
+    except DataFileError as exc:
+        raise ProfileError(str(exc)) from exc

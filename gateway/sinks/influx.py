@@ -84,6 +84,13 @@ class InfluxSink:
         if len(self._telemetry) + len(self._important) >= self._settings.batch_size:
             self._wake.set()
 
+    async def submit_lines(self, lines: list[str]) -> None:
+        """Service records: kept in favour of telemetry, like events."""
+        self._important.extend(lines)
+        self._enforce_bound()
+        self._buffered.set(self.buffered)
+        self._wake.set()
+
     def _enforce_bound(self) -> None:
         excess = self.buffered - self._settings.buffer_points
         if excess <= 0:

@@ -2,15 +2,21 @@
 
 CONTRACT.md section 2: "Telemetry: measurement = the device's kind; tags `community`,
 `device_id`, `building`; fields = the metrics; time = the reading's `ts`." Events and presence
-changes go to `device_event` and `device_presence` (docs/timeseries.md). Times are epoch ms.
+changes go to `device_event` and `device_presence`; the service loop writes `service_request`
+(one point per lifecycle step), `rating` and `service_usage` (docs/timeseries.md). Times are epoch ms.
 Metric fields are always floats (`1.0`, never `1i`) so a field never changes type in InfluxDB.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import orjson
 
 from gateway.models import DeviceEvent, PresenceChange, Reading
+
+if TYPE_CHECKING:
+    from gateway.services.store import Step
 
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\\": "\\\\"})
 _TAG = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\\": "\\\\"})
@@ -63,3 +69,63 @@ def presence_line(change: PresenceChange, community: str) -> str:
     return (
         f'device_presence{tags} online={"true" if change.online else "false"},state="{state}" {change.ts_ms}'
     )
+
+
+def _string(value: str) -> str:
+    return f'"{value.translate(_STRING)}"'
+
+
+def service_step_lines(step: Step, community: str) -> list[str]:
+    """One `service_request` point per lifecycle step; a completion also adds `service_usage`.
+
+    The ticket is a tag so that two requests changing state in the same millisecond stay two
+    points (requests are few enough that this does not strain the series index).
+    """
+    r = step.request
+    tags = _tags(
+        (
+            ("building", r["building"]),
+            ("community", community),
+            ("provider", r["provider_id"]),
+            ("service_code", r["service_code"]),
+            ("service_group", r["service_group"]),
+            ("service_request_id", r["id"]),
+            ("source", r["source"]),
+            ("state", step.to_state),
+        )
+    )
+    fields = (
+        f"from_state={_string(step.from_state or '')},actor={_string(step.actor)},"
+        f"overdue={'true' if step.ts_ms > r['expected_ms'] else 'false'},count=1i"
+    )
+    lines = [f"service_request{tags} {fields} {step.ts_ms}"]
+    if step.to_state == "completed":
+        usage_tags = _tags(
+            (
+                ("building", r["building"]),
+                ("community", community),
+                ("provider", r["provider_id"]),
+                ("service_code", r["service_code"]),
+                ("service_group", r["service_group"]),
+                ("service_request_id", r["id"]),
+            )
+        )
+        hours = (step.ts_ms - r["requested_ms"]) / 3_600_000
+        on_time = "true" if step.ts_ms <= r["expected_ms"] else "false"
+        lines.append(
+            f"service_usage{usage_tags} hours_to_complete={hours!r},on_time={on_time},count=1i {step.ts_ms}"
+        )
+    return lines
+
+
+def rating_line(request: dict[str, Any], score: int, ts_ms: int, community: str) -> str:
+    tags = _tags(
+        (
+            ("community", community),
+            ("provider", request["provider_id"]),
+            ("service_code", request["service_code"]),
+            ("service_group", request["service_group"]),
+            ("service_request_id", request["id"]),
+        )
+    )
+    return f"rating{tags} score={score}i {ts_ms}"

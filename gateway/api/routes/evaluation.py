@@ -1,0 +1,82 @@
+"""Effect evaluation: satisfaction, completion, on-time and complaint figures by period, service,
+group or provider. The definitions are in `gateway/services/evaluation.py` and docs/services.md.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
+
+from gateway.api.auth import Reader
+from gateway.api.context import ApiContext, context
+from gateway.api.routes.requests import ts_ms
+from gateway.api.schemas import ErrorBody
+from gateway.services.evaluation import By, Period
+
+router = APIRouter(prefix="/api/v1", tags=["evaluation"])
+Ctx = Annotated[ApiContext, Depends(context)]
+BAD: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody},
+    403: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+}
+
+
+class Figures(BaseModel):
+    key: str = Field(description="The service code, group or provider id (or 'all')")
+    period_start_ms: int
+    period_end_ms: int
+    requests: int
+    valid: int = Field(description="Requests not rejected and not merged as duplicates")
+    completed: int
+    completion_rate: float | None
+    on_time: int
+    on_time_rate: float | None
+    ratings: int
+    satisfaction_mean: float | None
+    satisfaction_rate: float | None = Field(description="Share of ratings of 4 and 5")
+    complaints: int
+    complaints_resolved: int
+    complaint_resolution_rate: float | None
+    median_hours_to_complete: float | None
+    p90_hours_to_complete: float | None
+    assessments: int
+    assessment_mean: float | None
+
+
+class Evaluation(BaseModel):
+    start_ms: int
+    end_ms: int
+    by: By
+    period: Period
+    rows: list[Figures]
+
+
+@router.get(
+    "/evaluation",
+    response_model=Evaluation,
+    summary="Evaluation figures for requests filed in [start, end)",
+    responses=BAD,
+)
+async def evaluate(
+    ctx: Ctx,
+    _: Reader,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    by: By = "overall",
+    period: Period = "all",
+) -> Evaluation:
+    end_ms = ts_ms(end) or int(time.time() * 1000) + 1
+    start_ms = ts_ms(start) or end_ms - 30 * 86_400_000
+    if start_ms >= end_ms:
+        raise HTTPException(422, "start must be before end")
+    if end_ms - start_ms > 3660 * 86_400_000:
+        raise HTTPException(422, "the range may span at most ten years")
+    rows = await ctx.desk.evaluation(start_ms, end_ms, by, period)
+    return Evaluation(
+        start_ms=start_ms, end_ms=end_ms, by=by, period=period, rows=[Figures.model_validate(r) for r in rows]
+    )

@@ -1,0 +1,304 @@
+"""Needs and plans: hotspots, the building × group heat map, the ranked needs list, proposals,
+votes (one per household), and the plan exported for the street office (JSON or CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from gateway.api.auth import Operator, Reader, Terminal
+from gateway.api.context import ApiContext, context
+from gateway.api.routes.requests import REFUSED, refused, ts_ms
+from gateway.api.schemas import ErrorBody
+from gateway.durations import parse_duration
+from gateway.services import needs
+from gateway.services.intake import IntakeError, NewVote, household_key
+from gateway.services.store import DeskError
+
+router = APIRouter(prefix="/api/v1", tags=["needs and plans"])
+Ctx = Annotated[ApiContext, Depends(context)]
+AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+BAD: dict[int | str, dict[str, Any]] = {**AUTH, 422: {"model": ErrorBody}}
+DurationText = Annotated[str, Query(max_length=32, description='e.g. "24h", "7d", "90m"')]
+ProposalId = Annotated[str, Path(max_length=64)]
+
+
+def duration_ms(text: str, name: str) -> int:
+    value = parse_duration(text)
+    if not isinstance(value, timedelta) or value.total_seconds() < 60 or value.days > 3660:
+        raise HTTPException(422, f"{name} must be a duration between 1m and 3660d, like 24h or 14d")
+    return int(value.total_seconds() * 1000)
+
+
+class Hotspot(BaseModel):
+    service_group: str
+    building: str | None
+    count: int
+    expected: float
+    ratio: float
+    p_value: float
+    score: float
+    sources: dict[str, int]
+    services: dict[str, int]
+    peak_start_ms: int
+    peak_count: int
+    why: str = Field(description="Why this cell is a hotspot, in words")
+
+
+class Hotspots(BaseModel):
+    window_start_ms: int
+    window_end_ms: int
+    baseline_start_ms: int
+    method: str
+    items: list[Hotspot]
+
+
+class Heatmap(BaseModel):
+    start_ms: int
+    end_ms: int
+    buildings: dict[str, dict[str, int]] = Field(description="building → service group → need signals")
+
+
+class Need(BaseModel):
+    rank: int
+    need_id: str
+    service_code: str
+    service_group: str
+    building: str | None
+    requests: list[str]
+    households: int
+    sensor_signals: int
+    oldest_ms: int
+    overdue: int
+    priority: int
+    score: float
+    why: str
+
+
+class NeedsList(BaseModel):
+    items: list[Need]
+
+
+class ProposalIn(BaseModel):
+    title: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=4000)
+    need_ids: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=100)
+    closes: datetime | None = Field(None, description="When voting closes (optional)")
+
+
+class Proposal(BaseModel):
+    id: str
+    title: str
+    description: str
+    needs: list[str]
+    created_ms: int
+    created_by: str
+    closes_ms: int | None
+    closed_ms: int | None
+    filed_ms: int | None
+    open: bool
+    votes: dict[str, int]
+    households_voted: int
+    result: Literal["open", "passed", "rejected"]
+    approval: float | None
+
+
+class ProposalList(BaseModel):
+    items: list[Proposal]
+
+
+class VoteIn(BaseModel):
+    building: str = Field(min_length=1, max_length=32)
+    unit: str = Field(min_length=1, max_length=32)
+    choice: Literal["yes", "no", "abstain"]
+    vote_id: str | None = Field(None, max_length=128, description="The terminal's id for this vote")
+
+
+class VoteResult(BaseModel):
+    status: Literal["accepted", "duplicate"]
+    proposal: Proposal
+
+
+class CloseIn(BaseModel):
+    file: bool = Field(False, description="Also file it in the plan for the street office")
+
+
+@router.get(
+    "/needs/hotspots",
+    response_model=Hotspots,
+    summary="Hotspots: cells (service group × building) with improbably many needs in a window",
+    responses=BAD,
+)
+async def hotspots(
+    ctx: Ctx,
+    _: Reader,
+    end: datetime | None = None,
+    window: DurationText = "24h",
+    baseline: DurationText = "14d",
+    alpha: Annotated[float, Query(gt=0, le=0.5)] = 0.001,
+    min_count: Annotated[int, Query(ge=1, le=10_000)] = 3,
+) -> Hotspots:
+    window_end = ts_ms(end) or int(time.time() * 1000)
+    window_start = window_end - duration_ms(window, "window")
+    baseline_start = window_start - duration_ms(baseline, "baseline")
+    items = await ctx.desk.hotspots(window_start, window_end, baseline_start, alpha, min_count)
+    return Hotspots(
+        window_start_ms=window_start,
+        window_end_ms=window_end,
+        baseline_start_ms=baseline_start,
+        method=(
+            "Poisson upper tail of each cell's count against its own baseline rate "
+            "(baseline count + 0.5, scaled to the window), Bonferroni-corrected over cells"
+        ),
+        items=[Hotspot.model_validate(h) for h in items],
+    )
+
+
+@router.get(
+    "/needs/heatmap",
+    response_model=Heatmap,
+    summary="Need signals per building and service group in a period",
+    responses=BAD,
+)
+async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datetime | None = None) -> Heatmap:
+    end_ms = ts_ms(end) or int(time.time() * 1000)
+    start_ms = ts_ms(start) or end_ms - 7 * 86_400_000
+    if start_ms >= end_ms:
+        raise HTTPException(422, "start must be before end")
+    signals = await ctx.desk.signals(start_ms, end_ms)
+    return Heatmap(start_ms=start_ms, end_ms=end_ms, buildings=needs.heatmap(signals, start_ms, end_ms))
+
+
+@router.get(
+    "/needs",
+    response_model=NeedsList,
+    summary="The ranked needs list: open requests merged by service and building",
+    responses=BAD,
+)
+async def list_needs(ctx: Ctx, _: Reader, recent: DurationText = "7d") -> NeedsList:
+    items = await ctx.desk.needs_list(duration_ms(recent, "recent"))
+    return NeedsList(items=[Need.model_validate(n) for n in items])
+
+
+@router.get("/proposals", response_model=ProposalList, summary="Proposals and their votes", responses=AUTH)
+async def proposals(ctx: Ctx, _: Reader) -> ProposalList:
+    return ProposalList(items=[Proposal.model_validate(p) for p in await ctx.desk.proposals()])
+
+
+@router.post(
+    "/proposals",
+    response_model=Proposal,
+    status_code=201,
+    summary="Propose a plan item drawn from the needs list, for residents to vote on",
+    responses=BAD,
+)
+async def create_proposal(ctx: Ctx, who: Operator, body: ProposalIn) -> Proposal:
+    created = await ctx.desk.create_proposal(
+        body.title, body.description, body.need_ids, ts_ms(body.closes), f"{who.role}:{who.token_id}"
+    )
+    return Proposal.model_validate(created)
+
+
+@router.get(
+    "/proposals/{proposal_id}",
+    response_model=Proposal,
+    summary="One proposal with its results",
+    responses={**AUTH, 404: {"model": ErrorBody}},
+)
+async def get_proposal(ctx: Ctx, _: Reader, proposal_id: ProposalId) -> Proposal:
+    found = await ctx.desk.proposal(proposal_id)
+    if found is None:
+        raise HTTPException(404, f"no proposal {proposal_id!r}")
+    return Proposal.model_validate(found)
+
+
+@router.post(
+    "/proposals/{proposal_id}/votes",
+    response_model=VoteResult,
+    summary="A household's vote (one per household per proposal; a re-sent vote is a duplicate)",
+    responses=REFUSED,
+)
+async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -> VoteResult:
+    try:
+        household = household_key(body.building, body.unit)
+        key = f"api:{who.token_id}|{body.vote_id}" if body.vote_id else None
+        status, proposal = await ctx.desk.vote(
+            NewVote(proposal_id, household, body.choice, int(time.time() * 1000), None, key)
+        )
+    except IntakeError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except DeskError as exc:
+        raise refused(exc) from None
+    return VoteResult.model_validate({"status": status, "proposal": proposal})
+
+
+@router.post(
+    "/proposals/{proposal_id}/close",
+    response_model=Proposal,
+    summary="Close voting (and optionally file the proposal in the plan)",
+    responses=REFUSED,
+)
+async def close_proposal(ctx: Ctx, _: Operator, proposal_id: ProposalId, body: CloseIn) -> Proposal:
+    try:
+        return Proposal.model_validate(await ctx.desk.close_proposal(proposal_id, body.file))
+    except DeskError as exc:
+        raise refused(exc) from None
+
+
+PLAN_COLUMNS = (
+    "proposal_id", "title", "result", "yes", "no", "abstain", "households_voted", "approval",
+    "needs", "households_affected", "filed_at",
+)  # fmt: skip
+
+
+@router.get(
+    "/plan.{fmt}",
+    summary="The plan for the street office: proposals, their votes and the needs they answer",
+    responses={
+        **AUTH,
+        200: {"content": {"application/json": {}, "text/csv": {}}, "description": "The plan"},
+    },
+)
+async def plan(
+    ctx: Ctx, _: Reader, fmt: Annotated[Literal["json", "csv"], Path()], filed_only: bool = False
+) -> Response:
+    listed = {n["need_id"]: n for n in await ctx.desk.needs_list(7 * 86_400_000)}
+    rows = []
+    for p in await ctx.desk.proposals():
+        if filed_only and p["filed_ms"] is None:
+            continue
+        rows.append(
+            {
+                "proposal_id": p["id"],
+                "title": p["title"],
+                "result": p["result"],
+                "yes": p["votes"]["yes"],
+                "no": p["votes"]["no"],
+                "abstain": p["votes"]["abstain"],
+                "households_voted": p["households_voted"],
+                "approval": p["approval"],
+                "needs": p["needs"],
+                "households_affected": sum(listed[n]["households"] for n in p["needs"] if n in listed),
+                "filed_at": datetime.fromtimestamp(p["filed_ms"] / 1000).astimezone().isoformat()
+                if p["filed_ms"]
+                else None,
+            }
+        )
+    if fmt == "json":
+        return JSONResponse({"community": ctx.community, "proposals": rows, "needs": list(listed.values())})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PLAN_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "needs": ";".join(row["needs"])})
+    headers = {"Content-Disposition": f'attachment; filename="plan-{ctx.community}.csv"'}
+    # A byte-order mark so spreadsheet programs open the Chinese text as UTF-8.
+    return Response("\ufeff" + buffer.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)

@@ -1,0 +1,404 @@
+"""Open311 GeoReport v2: service list and definitions, requests (list, one, file), tokens.
+
+Every endpoint of the spec, with its field names, filters (service_request_id, service_code,
+start_date, end_date, status), defaults (the last 90 days, at most 1000 requests) and error
+format (`[{"code": 400, "description": "..."}]`), as `.json` or `.xml`. POST takes the spec's
+form fields (`attribute[code]=value`) or the same as JSON; the token may be passed as `api_key`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from gateway.api.auth import Principal, require_api_key
+from gateway.api.context import ApiContext, context
+from gateway.services import open311
+from gateway.services.intake import IntakeError, open311_request
+from gateway.services.lifecycle import OPEN311_CLOSED, STATES
+
+router = APIRouter(prefix="/open311/v2", tags=["open311"])
+Ctx = Annotated[ApiContext, Depends(context)]
+Reader311 = Annotated[Principal, Depends(require_api_key())]
+Filer311 = Annotated[Principal, Depends(require_api_key("terminal", "operator", "installer"))]
+Format = Annotated[Literal["json", "xml"], Path(description="Response format")]
+Lang = Annotated[Literal["zh", "en"], Query(description="Language of names (Chinese by default)")]
+Jurisdiction = Annotated[str | None, Query(max_length=128, description="Optional: this community's name")]
+DAY_MS = 86_400_000
+MAX_RESULTS = 1000
+
+
+class Open311Error(BaseModel):
+    code: int
+    description: str
+
+
+class ServiceOut(BaseModel):
+    service_code: str
+    service_name: str
+    description: str
+    metadata: bool
+    type: Literal["realtime", "batch", "blackbox"]
+    keywords: str
+    group: str
+
+
+class ValueOut(BaseModel):
+    key: str
+    name: str
+
+
+class AttributeOut(BaseModel):
+    variable: bool
+    code: str
+    datatype: str
+    required: bool
+    datatype_description: str | None
+    order: int
+    description: str
+    values: list[ValueOut]
+
+
+class DefinitionOut(BaseModel):
+    service_code: str
+    attributes: list[AttributeOut]
+
+
+class RequestOut(BaseModel):
+    service_request_id: str
+    status: Literal["open", "closed"]
+    status_notes: str | None
+    service_name: str
+    service_code: str
+    description: str
+    agency_responsible: str | None
+    service_notice: str | None
+    requested_datetime: str
+    updated_datetime: str
+    expected_datetime: str | None
+    address: str | None
+    address_id: str | None
+    zipcode: str | None
+    lat: float | None
+    long: float | None
+    media_url: str | None
+    extended_attributes: dict[str, Any] = Field(description="The gateway's lifecycle (extension)")
+
+
+class PostedOut(BaseModel):
+    service_request_id: str | None
+    token: str | None = None
+    service_notice: str | None
+    account_id: str | None
+
+
+class TokenOut(BaseModel):
+    service_request_id: str | None
+    token: str
+
+
+class DiscoveryEndpoint(BaseModel):
+    specification: str
+    url: str
+    changeset: str
+    type: str
+    formats: list[str]
+
+
+class DiscoveryOut(BaseModel):
+    changeset: str
+    contact: str
+    key_service: str
+    endpoints: list[DiscoveryEndpoint]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        code: {
+            "model": list[Open311Error],
+            "content": {"application/xml": {}},
+            "description": "Open311 error list",
+        }
+        for code in codes
+    }
+
+
+def _ok(model: Any) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "content": {"application/xml": {}}}}
+
+
+def respond(fmt: str, root: str, data: list[dict[str, Any]] | dict[str, Any], status: int = 200) -> Response:
+    if fmt == "xml":
+        return Response(open311.to_xml(root, data), status_code=status, media_type="application/xml")
+    return JSONResponse(data, status_code=status)
+
+
+def check_jurisdiction(ctx: ApiContext, jurisdiction_id: str | None) -> None:
+    if jurisdiction_id is not None and jurisdiction_id != ctx.community:
+        raise HTTPException(
+            404, f"jurisdiction_id {jurisdiction_id[:64]!r} is not served here ({ctx.community})"
+        )
+
+
+@router.get(
+    "/discovery.{fmt}",
+    summary="GeoReport discovery: where this endpoint is and what it speaks",
+    responses={**_ok(DiscoveryOut), **_errors(401, 403)},
+)
+async def discovery(ctx: Ctx, _: Reader311, request: Request, fmt: Format) -> Response:
+    base = str(request.base_url).rstrip("/") + "/open311/v2/"
+    return respond(
+        fmt,
+        "discovery",
+        {
+            "changeset": "2026-11-25T00:00:00+00:00",
+            "contact": f"Community {ctx.community} service station",
+            "key_service": "Ask the community's installer for a terminal or operator token",
+            "endpoints": [
+                {
+                    "specification": "http://wiki.open311.org/GeoReport_v2",
+                    "url": base,
+                    "changeset": "2026-11-25T00:00:00+00:00",
+                    "type": "production",
+                    "formats": ["application/json", "text/xml"],
+                }
+            ],
+        },
+    )
+
+
+@router.get(
+    "/services.{fmt}",
+    summary="Service list: every service residents can request",
+    responses={**_ok(list[ServiceOut]), **_errors(400, 401, 403, 404)},
+)
+async def services(
+    ctx: Ctx, _: Reader311, fmt: Format, jurisdiction_id: Jurisdiction = None, lang: Lang = "zh"
+) -> Response:
+    check_jurisdiction(ctx, jurisdiction_id)
+    items = [open311.service_entry(s, lang) for s in ctx.desk.catalogue.services.values()]
+    return respond(fmt, "services", items)
+
+
+@router.get(
+    "/services/{service_code}.{fmt}",
+    summary="Service definition: the attributes a request for this service carries",
+    responses={**_ok(DefinitionOut), **_errors(400, 401, 403, 404)},
+)
+async def service_definition(
+    ctx: Ctx,
+    _: Reader311,
+    service_code: Annotated[str, Path(max_length=128)],
+    fmt: Format,
+    jurisdiction_id: Jurisdiction = None,
+) -> Response:
+    check_jurisdiction(ctx, jurisdiction_id)
+    service = ctx.desk.catalogue.get(service_code)
+    if service is None:
+        raise HTTPException(404, f"service_code {service_code!r} is not in the catalogue")
+    return respond(fmt, "service_definition", open311.service_definition(service))
+
+
+def _moment(value: datetime | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise HTTPException(
+            400, f"{name} must carry a UTC offset (W3C date-time, e.g. 2026-11-25T08:00:00+08:00)"
+        )
+    return int(value.timestamp() * 1000)
+
+
+@router.get(
+    "/requests.{fmt}",
+    summary="Service requests, filtered as the spec says (newest first, at most 1000)",
+    responses={**_ok(list[RequestOut]), **_errors(400, 401, 403, 404)},
+)
+async def list_requests(
+    ctx: Ctx,
+    _: Reader311,
+    fmt: Format,
+    service_request_id: Annotated[
+        str | None, Query(max_length=20_000, description="Comma-separated ids")
+    ] = None,
+    service_code: Annotated[str | None, Query(max_length=5000, description="Comma-separated codes")] = None,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+    status: Annotated[
+        str | None, Query(pattern="^(open|closed)(,(open|closed))?$", description="open, closed or open,closed")
+    ] = None,
+    jurisdiction_id: Jurisdiction = None,
+    lang: Lang = "zh",
+) -> Response:
+    check_jurisdiction(ctx, jurisdiction_id)
+    if service_request_id is not None:
+        # The spec: when ids are given, the other filters are ignored.
+        ids = [i.strip() for i in service_request_id.split(",") if i.strip()][:MAX_RESULTS]
+        found = await ctx.desk.requests(ids=ids, limit=MAX_RESULTS) if ids else []
+    else:
+        start = _moment(start_date, "start_date")
+        end = _moment(end_date, "end_date")
+        if start is None and end is None:
+            end = int(time.time() * 1000) + 1
+            start = end - 90 * DAY_MS
+        elif start is None:
+            assert end is not None
+            start = end - 90 * DAY_MS
+        if end is not None and start >= end:
+            raise HTTPException(400, "start_date must be before end_date")
+        states = None
+        if status is not None:
+            wanted = {s.strip() for s in status.split(",") if s.strip()}
+            if not wanted or not wanted <= {"open", "closed"}:
+                raise HTTPException(400, "status must be open, closed or open,closed")
+            if len(wanted) == 1:
+                closed = wanted == {"closed"}
+                states = [s for s in STATES if (s in OPEN311_CLOSED) == closed]
+        codes = [c.strip() for c in service_code.split(",") if c.strip()] if service_code else None
+        found = await ctx.desk.requests(
+            codes=codes, states=states, start_ms=start, end_ms=end, limit=MAX_RESULTS
+        )
+    catalogue = ctx.desk.catalogue
+    return respond(fmt, "service_requests", [open311.request_entry(r, catalogue, lang) for r in found])
+
+
+@router.get(
+    "/requests/{service_request_id}.{fmt}",
+    summary="One service request (a list of one, as the spec has it)",
+    responses={**_ok(list[RequestOut]), **_errors(400, 401, 403, 404)},
+)
+async def get_request(
+    ctx: Ctx,
+    _: Reader311,
+    service_request_id: Annotated[str, Path(max_length=128)],
+    fmt: Format,
+    jurisdiction_id: Jurisdiction = None,
+    lang: Lang = "zh",
+) -> Response:
+    check_jurisdiction(ctx, jurisdiction_id)
+    found = await ctx.desk.get(service_request_id)
+    if found is None:
+        raise HTTPException(404, f"no service request {service_request_id!r}")
+    return respond(fmt, "service_requests", [open311.request_entry(found, ctx.desk.catalogue, lang)])
+
+
+@router.get(
+    "/tokens/{token}.{fmt}",
+    summary="The service request a POST's token stands for (tickets are issued at once)",
+    responses={**_ok(list[TokenOut]), **_errors(400, 401, 403, 404)},
+)
+async def get_token(
+    ctx: Ctx,
+    _: Reader311,
+    token: Annotated[str, Path(max_length=128)],
+    fmt: Format,
+    jurisdiction_id: Jurisdiction = None,
+) -> Response:
+    check_jurisdiction(ctx, jurisdiction_id)
+    if await ctx.desk.get(token) is None:
+        raise HTTPException(404, f"no token {token!r}")
+    return respond(fmt, "service_requests", [{"service_request_id": token, "token": token}])
+
+
+_FIELD = {"type": "string", "maxLength": 4000}
+_POST_SCHEMA = {
+    "type": "object",
+    "required": ["service_code"],
+    "properties": {
+        "api_key": _FIELD,
+        "service_code": _FIELD,
+        "jurisdiction_id": _FIELD,
+        "lat": {"type": "number"},
+        "long": {"type": "number"},
+        "address_string": _FIELD,
+        "address_id": _FIELD,
+        "email": _FIELD,
+        "device_id": _FIELD,
+        "account_id": _FIELD,
+        "first_name": _FIELD,
+        "last_name": _FIELD,
+        "phone": _FIELD,
+        "description": _FIELD,
+        "media_url": _FIELD,
+        "building": _FIELD,
+        "floor": {"type": "integer"},
+        "unit": _FIELD,
+        "request_id": {**_FIELD, "description": "Extension: a client's own id; a re-send files nothing new"},
+    },
+    "additionalProperties": {"type": "string", "description": "attribute[code]=value"},
+}
+
+
+@router.post(
+    "/requests.{fmt}",
+    summary="File a service request (form fields as in the spec, or JSON)",
+    responses={**_ok(list[PostedOut]), **_errors(400, 401, 403, 404)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {"schema": _POST_SCHEMA},
+                "application/json": {
+                    "schema": {
+                        **_POST_SCHEMA,
+                        "properties": {**_POST_SCHEMA["properties"], "attributes": {"type": "object"}},  # type: ignore[dict-item]
+                        "additionalProperties": False,
+                    }
+                },
+            },
+        }
+    },
+)
+async def post_request(
+    ctx: Ctx, principal: Filer311, request: Request, fmt: Format, lang: Lang = "zh"
+) -> Response:
+    form = await _post_fields(request)
+    check_jurisdiction(ctx, form.get("jurisdiction_id"))
+    try:
+        new = open311_request(ctx.desk.catalogue, form, int(time.time() * 1000))
+    except IntakeError as exc:
+        raise HTTPException(400, str(exc)) from None
+    view, created = await ctx.desk.file(new, f"{principal.role}:{principal.token_id}")
+    notice = open311.request_entry(view, ctx.desk.catalogue, lang)["service_notice"]
+    if not created:
+        notice = f"duplicate: already filed as {view['id']}"
+    body = [
+        {"service_request_id": view["id"], "token": view["id"], "service_notice": notice, "account_id": None}
+    ]
+    return respond(fmt, "service_requests", body, 201 if created else 200)
+
+
+async def _post_fields(request: Request) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+        return body
+    if not content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        raise HTTPException(400, "send the fields as application/x-www-form-urlencoded (or JSON)")
+    form = await request.form()
+    fields: dict[str, Any] = {}
+    attributes: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str):
+            raise HTTPException(400, f"{key[:64]} must be a text field, not a file (use media_url)")
+        if key.startswith("attribute[") and "]" in key:
+            code = key[len("attribute[") : key.index("]")]
+            if key.endswith("[]"):  # multivaluelist: attribute[code][]=a&attribute[code][]=b
+                attributes.setdefault(code, []).append(value)
+            else:
+                attributes[code] = value
+        else:
+            fields[key] = value
+    if attributes:
+        fields["attributes"] = attributes
+    return fields

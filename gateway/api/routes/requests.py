@@ -1,0 +1,281 @@
+"""Service requests for operators: list, one with its audit trail, lifecycle transitions, ratings;
+the catalogue, providers with their workloads, and third-party assessments.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from pydantic import BaseModel, Field
+
+from gateway.api.auth import Operator, Reader, Terminal
+from gateway.api.context import ApiContext, context
+from gateway.api.schemas import ErrorBody
+from gateway.services.intake import NewRating
+from gateway.services.lifecycle import State
+from gateway.services.store import DeskError, TransitionError
+
+router = APIRouter(prefix="/api/v1", tags=["service requests"])
+Ctx = Annotated[ApiContext, Depends(context)]
+AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+REFUSED: dict[int | str, dict[str, Any]] = {
+    **AUTH,
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+}
+Ticket = Annotated[str, Path(max_length=128, description="The service request id (ticket)")]
+
+
+class RequestOut(BaseModel):
+    id: str
+    service_code: str
+    service_group: str
+    state: State
+    status: str = Field(description="Open311 status: open or closed")
+    source: str
+    device_id: str | None
+    description: str
+    building: str | None
+    floor: int | None
+    unit: str | None
+    household: str | None
+    address: str | None
+    lat: float | None
+    long: float | None
+    media_url: str | None
+    attributes: dict[str, Any]
+    requested_ms: int
+    updated_ms: int
+    expected_ms: int
+    state_since_ms: int
+    provider_id: str | None
+    status_notes: str | None
+    merged_into: str | None
+    completed_ms: int | None
+    overdue: bool
+
+
+class StepOut(BaseModel):
+    ts_ms: int
+    from_state: str | None
+    to_state: str
+    actor: str
+    note: str
+    provider_id: str | None
+
+
+class RatingOut(BaseModel):
+    ts_ms: int
+    score: int
+    comment: str
+    rater: str
+
+
+class RequestDetail(RequestOut):
+    history: list[StepOut]
+    rating: RatingOut | None
+
+
+class RequestList(BaseModel):
+    items: list[RequestOut]
+
+
+class TransitionIn(BaseModel):
+    to: State = Field(description="The lifecycle stage to move to")
+    note: str = Field("", max_length=2000, description="Why (kept in the audit trail and as status_notes)")
+    provider_id: str | None = Field(None, max_length=64, description="When assigning: who delivers")
+    merged_into: str | None = Field(
+        None, max_length=128, description="When merging: the request it duplicates"
+    )
+    ts: datetime | None = Field(None, description="When it happened, if not now (recording past work)")
+
+
+class RatingIn(BaseModel):
+    score: int = Field(ge=1, le=5)
+    comment: str = Field("", max_length=2000)
+    ts: datetime | None = None
+
+
+class RatingResult(BaseModel):
+    status: str = Field(description="accepted, or duplicate (the first rating stands)")
+    request: RequestOut
+
+
+class AssessmentIn(BaseModel):
+    provider_id: str = Field(max_length=64)
+    score: int = Field(ge=1, le=5)
+    assessor: str = Field(min_length=1, max_length=200, description="Who assessed (a third party)")
+    comment: str = Field("", max_length=2000)
+    service_code: str | None = Field(None, max_length=128)
+    service_request_id: str | None = Field(None, max_length=128)
+    ts: datetime | None = None
+
+
+class AssessmentOut(BaseModel):
+    id: int
+    ts_ms: int
+    assessor: str
+    provider_id: str
+    service_code: str | None
+    service_request_id: str | None
+    score: int
+    comment: str
+
+
+class ProviderOut(BaseModel):
+    id: str
+    name_zh: str
+    name_en: str
+    type: str
+    services: list[str]
+    workload: dict[str, int] = Field(description="Active requests by stage, plus active and overdue totals")
+
+
+def ts_ms(moment: datetime | None) -> int | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise HTTPException(422, f"{moment.isoformat()} has no UTC offset (add Z or ±hh:mm)")
+    return int(moment.timestamp() * 1000)
+
+
+def refused(exc: Exception) -> HTTPException:
+    if isinstance(exc, DeskError):
+        return HTTPException(exc.status, str(exc))
+    return HTTPException(409, str(exc))
+
+
+@router.get("/requests", response_model=RequestList, summary="Service requests, newest first", responses=AUTH)
+async def list_requests(
+    ctx: Ctx,
+    _: Reader,
+    state: Annotated[list[State] | None, Query()] = None,
+    service_code: Annotated[str | None, Query(max_length=128)] = None,
+    provider_id: Annotated[str | None, Query(max_length=64)] = None,
+    building: Annotated[str | None, Query(max_length=32)] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> RequestList:
+    items = await ctx.desk.requests(
+        states=list(state) if state else None,
+        codes=[service_code] if service_code else None,
+        provider_id=provider_id,
+        building=building,
+        start_ms=ts_ms(since),
+        end_ms=ts_ms(until),
+        limit=limit,
+        offset=offset,
+    )
+    return RequestList(items=[RequestOut.model_validate(r) for r in items])
+
+
+@router.get(
+    "/requests/{ticket}",
+    response_model=RequestDetail,
+    summary="One request with its audit trail (who, when, why) and rating",
+    responses={**AUTH, 404: {"model": ErrorBody}},
+)
+async def get_request(ctx: Ctx, _: Reader, ticket: Ticket) -> RequestDetail:
+    found = await ctx.desk.get(ticket)
+    if found is None:
+        raise HTTPException(404, f"no service request {ticket!r}")
+    history = await ctx.desk.history(ticket)
+    rating = await ctx.desk.rating_of(ticket)
+    return RequestDetail.model_validate({**found, "history": history, "rating": rating})
+
+
+@router.post(
+    "/requests/{ticket}/transitions",
+    response_model=RequestOut,
+    summary="Move a request along its lifecycle (refused with the allowed steps if illegal)",
+    responses=REFUSED,
+)
+async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn) -> RequestOut:
+    try:
+        view = await ctx.desk.transition(
+            ticket,
+            body.to,
+            f"{who.role}:{who.token_id}",
+            body.note,
+            body.provider_id,
+            body.merged_into,
+            ts_ms(body.ts),
+        )
+    except (DeskError, TransitionError) as exc:
+        raise refused(exc) from None
+    return RequestOut.model_validate(view)
+
+
+@router.post(
+    "/requests/{ticket}/rating",
+    response_model=RatingResult,
+    summary="A resident's rating of a completed service (one per request)",
+    responses=REFUSED,
+)
+async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> RatingResult:
+    when = ts_ms(body.ts) or int(time.time() * 1000)
+    try:
+        view, first = await ctx.desk.rate(
+            NewRating(ticket, body.score, body.comment, when, f"{who.role}:{who.token_id}")
+        )
+    except (DeskError, TransitionError) as exc:
+        raise refused(exc) from None
+    return RatingResult(status="accepted" if first else "duplicate", request=RequestOut.model_validate(view))
+
+
+@router.post(
+    "/assessments",
+    response_model=AssessmentOut,
+    status_code=201,
+    summary="A third-party assessment of a provider (and optionally one service or request)",
+    responses=REFUSED,
+)
+async def assess(ctx: Ctx, _: Operator, body: AssessmentIn) -> AssessmentOut:
+    try:
+        saved = await ctx.desk.assess(
+            ts_ms=ts_ms(body.ts) or int(time.time() * 1000),
+            assessor=body.assessor,
+            provider_id=body.provider_id,
+            score=body.score,
+            comment=body.comment,
+            service_code=body.service_code,
+            ticket=body.service_request_id,
+        )
+    except DeskError as exc:
+        raise refused(exc) from None
+    return AssessmentOut.model_validate(saved)
+
+
+@router.get("/catalogue", summary="The service catalogue (services, groups, providers)", responses=AUTH)
+async def catalogue(ctx: Ctx, _: Reader) -> dict[str, Any]:
+    cat = ctx.desk.catalogue
+    return {
+        "groups": {code: group.model_dump() for code, group in cat.groups.items()},
+        "providers": [p.model_dump() for p in cat.providers.values()],
+        "services": [cat.describe_service(s) for s in cat.services.values()],
+    }
+
+
+@router.get(
+    "/providers",
+    response_model=list[ProviderOut],
+    summary="Providers with their current workloads",
+    responses=AUTH,
+)
+async def providers(ctx: Ctx, _: Reader) -> list[ProviderOut]:
+    cat = ctx.desk.catalogue
+    loads = await ctx.desk.workloads()
+    return [
+        ProviderOut(
+            **p.model_dump(),
+            services=[s.service_code for s in cat.services.values() if p.id in s.providers],
+            workload=loads.get(p.id, {"active": 0, "overdue": 0}),
+        )
+        for p in cat.providers.values()
+    ]

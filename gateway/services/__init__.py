@@ -1,0 +1,1 @@
+"""The precision-service loop: catalogue, requests and their lifecycle, needs, plans, evaluation."""

@@ -1,0 +1,394 @@
+"""The service desk: requests, ratings and votes in; lifecycle, process control and reports out.
+
+One component with an explicit lifecycle (`open`, `run`, `close`). Every operation runs on the
+desk's own thread against `ServiceStore`, one at a time, so a terminal's request and an
+operator's action never race. What an operation produces for the outside (acks to terminals,
+live-stream items, time-series lines, alarms) is returned as a `DeskOutput`, and handed to the
+`deliver` callback the application wires to the stream, the local store and the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.models import DeadLetter, DeviceEvent, event_id
+from gateway.services import evaluation, needs
+from gateway.services.catalogue import Catalogue
+from gateway.services.intake import (
+    IntakeError,
+    NewRating,
+    NewRequest,
+    NewVote,
+    terminal_rating,
+    terminal_request,
+    terminal_vote,
+)
+from gateway.services.lifecycle import State, TransitionError
+from gateway.services.store import DeskError, ServiceStore, Step
+from gateway.sinks.lineprotocol import rating_line, service_step_lines
+from gateway.stats import GatewayMetrics
+from gateway.topics import device_topic
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DESK_DEVICE = "service-desk"
+
+
+@dataclass(slots=True)
+class TerminalMessage:
+    """A `request`, `rating` or `vote` message that passed the pipeline's checks."""
+
+    device_id: str
+    channel: str
+    obj: dict[str, Any]
+    ts_ms: int
+    received_ms: int
+    topic: str
+    payload: bytes
+    building: str | None = None
+
+
+@dataclass(slots=True)
+class DeskOutput:
+    """What the desk asks the rest of the gateway to deliver, in order."""
+
+    acks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (topic, payload)
+    stream: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    events: list[DeviceEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.acks or self.stream or self.lines or self.events or self.dead_letters)
+
+    def step(self, step: Step, community: str, catalogue: Catalogue) -> None:
+        """Record a lifecycle step for the stream and the time-series store."""
+        self.stream.append(("request", {**step.request, "step": _step_view(step)}))
+        self.lines.extend(service_step_lines(step, community))
+
+
+def _step_view(step: Step) -> dict[str, Any]:
+    return {"from": step.from_state, "to": step.to_state, "ts_ms": step.ts_ms, "actor": step.actor}
+
+
+class ServiceDesk:
+    def __init__(
+        self,
+        path: Path,
+        catalogue: Catalogue,
+        community: str,
+        metrics: GatewayMetrics,
+        check_interval_s: float = 60.0,
+    ) -> None:
+        self.catalogue = catalogue
+        self._community = community
+        self._store = ServiceStore(path, catalogue, community)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
+        self._metrics = metrics
+        self._check_interval_s = check_interval_s
+        self._deliver: Callable[[DeskOutput], Awaitable[None]] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self, deliver: Callable[[DeskOutput], Awaitable[None]]) -> None:
+        self._deliver = deliver
+        await self._call(self._store.open)
+
+    async def run(self) -> None:
+        """Process control: raise overdue and stalled alarms, every `check_interval_s`."""
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            await self.check_deadlines(now_ms())
+
+    async def close(self) -> None:
+        await self._call(self._store.close)
+        self._thread.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+    async def _emit(self, out: DeskOutput) -> None:
+        if out and self._deliver is not None:
+            await self._deliver(out)
+
+    # -- from the pipeline ----------------------------------------------------------------------
+
+    async def handle(self, messages: list[TerminalMessage], events: list[DeviceEvent]) -> DeskOutput:
+        """Terminal messages and device events of one pipeline batch; durable before it returns."""
+        out = DeskOutput()
+        if messages or events:
+            await self._call(self._handle, messages, events, out)
+        return out
+
+    def _handle(self, messages: list[TerminalMessage], events: list[DeviceEvent], out: DeskOutput) -> None:
+        for message in messages:
+            handler = {"request": self._request, "rating": self._rating, "vote": self._vote}[message.channel]
+            try:
+                handler(message, out)
+            except (IntakeError, DeskError, TransitionError) as exc:
+                reason = str(exc)
+                if not reason.split(":", 1)[0].isidentifier() or ":" not in reason:
+                    reason = f"refused: {reason}"
+                letter = DeadLetter(
+                    message.received_ms,
+                    message.topic,
+                    message.device_id,
+                    reason,
+                    message.payload,
+                    message.channel,
+                )
+                out.dead_letters.append(letter)
+                self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
+                log.warning("refused %s from %s: %s", message.channel, message.device_id, reason)
+                out.acks.append((device_topic(message.device_id, "ack"), _refusal(message, reason)))
+        for event in events:
+            self._sensor_event(event, out)
+
+    def _request(self, message: TerminalMessage, out: DeskOutput) -> None:
+        new = terminal_request(
+            self.catalogue, message.device_id, message.obj, message.ts_ms, message.building
+        )
+        view, step = self._store.create(new, f"terminal {message.device_id}")
+        status = "accepted" if step is not None else "duplicate"
+        self._metrics.service_requests.labels(source="terminal", outcome=status).inc()
+        out.acks.append(
+            (
+                device_topic(message.device_id, "ack"),
+                {"request_id": message.obj["request_id"], "status": status, "service_request_id": view["id"]},
+            )
+        )
+        if step is not None:
+            out.step(step, self._community, self.catalogue)
+
+    def _rating(self, message: TerminalMessage, out: DeskOutput) -> None:
+        rating = terminal_rating(message.device_id, message.obj, message.ts_ms)
+        first = self._rate(rating, out)
+        ack: dict[str, Any] = {
+            "service_request_id": rating.service_request_id,
+            "status": "accepted" if first else "duplicate",
+        }
+        if "rating_id" in message.obj:
+            ack["rating_id"] = message.obj["rating_id"]
+        out.acks.append((device_topic(message.device_id, "ack"), ack))
+
+    def _rate(self, rating: NewRating, out: DeskOutput) -> bool:
+        view, first, step = self._store.rate(rating, now_ms())
+        if not first:
+            return False
+        self._metrics.ratings.labels(score=str(rating.score)).inc()
+        out.stream.append(
+            ("rating", {"service_request_id": view["id"], "score": rating.score, "ts_ms": rating.ts_ms})
+        )
+        out.lines.append(rating_line(view, rating.score, rating.ts_ms, self._community))
+        if step is not None:
+            out.step(step, self._community, self.catalogue)
+        return True
+
+    def _vote(self, message: TerminalMessage, out: DeskOutput) -> None:
+        vote = terminal_vote(message.device_id, message.obj, message.ts_ms)
+        status, proposal = self._store.vote(vote, now_ms())
+        ack: dict[str, Any] = {"proposal_id": vote.proposal_id, "status": status}
+        if "vote_id" in message.obj:
+            ack["vote_id"] = message.obj["vote_id"]
+        out.acks.append((device_topic(message.device_id, "ack"), ack))
+        if status == "accepted":
+            out.stream.append(("vote", {"proposal_id": vote.proposal_id, "votes": proposal["votes"]}))
+
+    def _sensor_event(self, event: DeviceEvent, out: DeskOutput) -> None:
+        match = self.catalogue.trigger(event.kind, event.type)
+        if match is None:
+            return
+        service, opens = match
+        key = str(event_id(event))
+        if not self._store.sensor_signal(
+            key, event.ts_ms, event.device_id, event.building, service.service_code
+        ):
+            return  # a redelivered event: already counted
+        if not opens:
+            return
+        if self._store.open_sensor_request(event.device_id, service.service_code) is not None:
+            return  # the device's need is already being worked on
+        new = NewRequest(
+            service=service,
+            description=event.message or f"{event.type} reported by {event.device_id}",
+            requested_ms=event.ts_ms,
+            source="sensor",
+            device_id=event.device_id,
+            request_key=f"sensor|{key}",
+            building=event.building,
+            address=f"Building {event.building}" if event.building else None,
+            attributes={},
+        )
+        view, step = self._store.create(new, f"sensor {event.device_id}")
+        self._store.link_signal(key, view["id"])
+        self._metrics.service_requests.labels(source="sensor", outcome="accepted").inc()
+        if step is not None:
+            out.step(step, self._community, self.catalogue)
+
+    # -- process control ------------------------------------------------------------------------
+
+    async def check_deadlines(self, now: int) -> DeskOutput:
+        out = DeskOutput()
+        for alarm_type, request, due_ms in await self._call(self._store.due_alarms, now):
+            what = "is past its deadline" if alarm_type == "request_overdue" else "has not moved on"
+            event = DeviceEvent(
+                device_id=request["device_id"] or DESK_DEVICE,
+                kind="service_request",
+                ts_ms=due_ms,
+                type=alarm_type,
+                severity="warning",
+                message=f"{request['id']} ({request['service_code']}) {what} ({request['state']})",
+                data={
+                    "service_request_id": request["id"],
+                    "service_code": request["service_code"],
+                    "state": request["state"],
+                    "provider_id": request["provider_id"],
+                    "expected_ms": request["expected_ms"],
+                },
+                source="service_desk",
+                building=request["building"],
+            )
+            out.events.append(event)
+            self._metrics.service_alarms.labels(type=alarm_type).inc()
+        await self._emit(out)
+        return out
+
+    # -- operators and Open311 (API) ------------------------------------------------------------
+
+    async def file(self, new: NewRequest, actor: str) -> tuple[dict[str, Any], bool]:
+        """File a request from the API; (request, created) — False when it was a re-send."""
+        view, step = await self._call(self._store.create, new, actor)
+        self._metrics.service_requests.labels(
+            source=new.source, outcome="accepted" if step else "duplicate"
+        ).inc()
+        if step is not None:
+            out = DeskOutput()
+            out.step(step, self._community, self.catalogue)
+            await self._emit(out)
+        return view, step is not None
+
+    async def transition(
+        self,
+        ticket: str,
+        target: State,
+        actor: str,
+        note: str = "",
+        provider_id: str | None = None,
+        merged_into: str | None = None,
+        ts_ms: int | None = None,
+    ) -> dict[str, Any]:
+        step = await self._call(
+            self._store.transition, ticket, target, actor, note, provider_id, merged_into, ts_ms, now_ms()
+        )
+        out = DeskOutput()
+        out.step(step, self._community, self.catalogue)
+        await self._emit(out)
+        return step.request
+
+    async def rate(self, rating: NewRating) -> tuple[dict[str, Any], bool]:
+        out = DeskOutput()
+        first = await self._call(self._rate, rating, out)
+        await self._emit(out)
+        request = await self.get(rating.service_request_id)
+        assert request is not None
+        return request, first
+
+    async def vote(self, vote: NewVote) -> tuple[str, dict[str, Any]]:
+        status, proposal = await self._call(self._store.vote, vote, now_ms())
+        if status == "accepted":
+            out = DeskOutput(stream=[("vote", {"proposal_id": vote.proposal_id, "votes": proposal["votes"]})])
+            await self._emit(out)
+        return status, proposal
+
+    async def assess(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._call(self._store.assess, **kwargs)
+
+    async def get(self, ticket: str) -> dict[str, Any] | None:
+        return await self._call(self._store.get, ticket)
+
+    async def history(self, ticket: str) -> list[dict[str, Any]]:
+        return await self._call(self._store.history, ticket)
+
+    async def rating_of(self, ticket: str) -> dict[str, Any] | None:
+        return await self._call(self._store.rating_of, ticket)
+
+    async def requests(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._call(lambda: self._store.requests(**filters))
+
+    async def workloads(self) -> dict[str, dict[str, int]]:
+        return await self._call(self._store.workloads, now_ms())
+
+    # -- needs, plans, evaluation --------------------------------------------------------------
+
+    async def signals(self, start_ms: int, end_ms: int) -> list[needs.Signal]:
+        rows = await self._call(self._store.signals, start_ms, end_ms)
+        return [needs.Signal(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def hotspots(
+        self, window_start: int, window_end: int, baseline_start: int, alpha: float, min_count: int
+    ) -> list[dict[str, Any]]:
+        signals = await self.signals(baseline_start, window_end)
+        names = {code: group.name_en for code, group in self.catalogue.groups.items()}
+        return needs.hotspots(
+            signals,
+            window_start,
+            window_end,
+            baseline_start,
+            alpha=alpha,
+            min_count=min_count,
+            group_names=names,
+        )
+
+    async def needs_list(self, recent_ms: int) -> list[dict[str, Any]]:
+        requests = await self._call(self._store.active_requests)
+        now = now_ms()
+        signals = await self.signals(now - recent_ms, now + 1)
+        priorities = {code: group.priority for code, group in self.catalogue.groups.items()}
+        return needs.needs_list(requests, signals, priorities, now)
+
+    async def create_proposal(
+        self, title: str, description: str, need_ids: list[str], closes_ms: int | None, actor: str
+    ) -> dict[str, Any]:
+        return await self._call(
+            self._store.create_proposal, title, description, need_ids, closes_ms, actor, now_ms()
+        )
+
+    async def proposal(self, pid: str) -> dict[str, Any] | None:
+        return await self._call(self._store.proposal, pid)
+
+    async def proposals(self) -> list[dict[str, Any]]:
+        return await self._call(self._store.proposals)
+
+    async def close_proposal(self, pid: str, filed: bool) -> dict[str, Any]:
+        return await self._call(self._store.close_proposal, pid, now_ms(), filed)
+
+    async def evaluation(
+        self, start_ms: int, end_ms: int, by: evaluation.By, period: evaluation.Period
+    ) -> list[dict[str, Any]]:
+        rows = await self._call(self._store.evaluation_rows, start_ms, end_ms)
+        assessed = await self._call(self._store.assessment_rows, start_ms, end_ms)
+        return evaluation.evaluate(
+            [dict(r) for r in rows], [dict(a) for a in assessed], start_ms, end_ms, by, period
+        )
+
+
+def _refusal(message: TerminalMessage, reason: str) -> dict[str, Any]:
+    ack: dict[str, Any] = {"status": "rejected", "error": reason}
+    for key in ("request_id", "service_request_id", "vote_id", "proposal_id", "rating_id"):
+        value = message.obj.get(key)
+        if isinstance(value, str):
+            ack[key] = value[:128]
+    return ack
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
