@@ -157,11 +157,12 @@ class ServiceStore:
                 " VALUES (?, ?, NULL, 'submitted', ?, ?)",
                 (ticket, ts, actor, f"filed via {new.source}"),
             )
-            conn.execute(
-                "INSERT INTO need_signals (ts_ms, service_code, service_group, building, source, request_id,"
-                " device_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (ts, service.service_code, service.group, new.building, new.source, ticket, new.device_id),
-            )
+            if new.source != "sensor":  # a sensor's request is counted by the event's own signal
+                conn.execute(
+                    "INSERT INTO need_signals (ts_ms, service_code, service_group, building, source, request_id,"
+                    " device_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (ts, service.service_code, service.group, new.building, new.source, ticket, new.device_id),
+                )
             view = self._get(ticket)
         return view, Step(view, None, "submitted", ts, actor, f"filed via {new.source}")
 
@@ -322,17 +323,10 @@ class ServiceStore:
             )
 
     def signals(self, start_ms: int, end_ms: int) -> list[sqlite3.Row]:
-        """Need signals (requests filed and sensor evidence) in [start, end), one per counted need.
-
-        A sensor event that opened a request is one signal, not two: the request's own signal
-        is left out when the sensor's is there.
-        """
+        """Need signals in [start, end): one per request filed by a resident, one per sensor event."""
         return self.conn.execute(
-            """SELECT ts_ms, service_code, service_group, building, source FROM need_signals s
-               WHERE ts_ms >= ? AND ts_ms < ?
-                 AND NOT (source = 'sensor' AND request_id IS NOT NULL AND EXISTS (
-                     SELECT 1 FROM need_signals r
-                     WHERE r.request_id = s.request_id AND r.source != 'sensor'))""",
+            "SELECT ts_ms, service_code, service_group, building, source FROM need_signals"
+            " WHERE ts_ms >= ? AND ts_ms < ?",
             (start_ms, end_ms),
         ).fetchall()
 

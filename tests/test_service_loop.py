@@ -1,0 +1,226 @@
+"""The precision-service loop end to end: a simulated week over real MQTT and HTTP.
+
+Residents file needs at terminals (MQTT, with acks), a hotspot is injected (building 3's elevator
+breaks: the elevator reports a fault and residents pile in), providers work the requests through
+the operator API, residents rate and vote. Then every figure the gateway reports is recomputed
+here from the simulation's own log, with the definitions of docs/services.md, and compared.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.settings import InfluxSettings, PipelineSettings
+from simulators.residents import Hotspot, ServiceLog, ServiceSimConfig, ServiceSimulation, SimRequest
+from tests.harness import api, eventually, gateway_settings, running
+
+CATALOGUE = Path(__file__).parent.parent / "gateway" / "services" / "data" / "catalogue.yaml"
+UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
+ACTIVE = {"submitted", "triaged", "planned", "assigned", "in_service", "reopened"}
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def catalogue_facts() -> tuple[dict[str, int], dict[str, str]]:
+    """Deadlines (ms) and groups per service, read straight from the YAML."""
+    data = yaml.safe_load(CATALOGUE.read_text(encoding="utf-8"))
+    deadlines = {
+        s["service_code"]: int(s["deadline"][:-1]) * UNITS[s["deadline"][-1]] for s in data["services"]
+    }
+    groups = {s["service_code"]: s["group"] for s in data["services"]}
+    return deadlines, groups
+
+
+def outcome(r: SimRequest) -> tuple[str, int | None]:
+    """Final state and completion time (a reopening clears the completion) from the log's steps."""
+    state, completed = "submitted", None
+    for ts, step in r.steps:
+        state = step
+        if step == "completed":
+            completed = ts
+        elif step == "reopened":
+            completed = None
+    return state, completed
+
+
+def expected_figures(requests: list[SimRequest], assessments: list[dict[str, Any]]) -> dict[str, Any]:
+    deadlines, _ = catalogue_facts()
+    valid, completed, on_time, hours = [], [], [], []
+    complaints = resolved = 0
+    for r in requests:
+        state, done = outcome(r)
+        if state in ("rejected", "merged"):
+            continue
+        valid.append(r)
+        if r.service_group == "complaint":
+            complaints += 1
+            resolved += done is not None
+        if done is not None:
+            completed.append(r)
+            on_time.append(done <= r.requested_ms + deadlines[r.service_code])
+            hours.append((done - r.requested_ms) / 3_600_000)
+    scores = [r.score for r in requests if r.score is not None]
+    hours.sort()
+    p90 = hours[math.ceil(0.9 * len(hours)) - 1] if hours else None
+    return {
+        "requests": len(requests),
+        "valid": len(valid),
+        "completed": len(completed),
+        "completion_rate": len(completed) / len(valid) if valid else None,
+        "on_time": sum(on_time),
+        "on_time_rate": sum(on_time) / len(completed) if completed else None,
+        "ratings": len(scores),
+        "satisfaction_mean": statistics.fmean(scores) if scores else None,
+        "satisfaction_rate": sum(1 for s in scores if s >= 4) / len(scores) if scores else None,
+        "complaints": complaints,
+        "complaints_resolved": resolved,
+        "complaint_resolution_rate": resolved / complaints if complaints else None,
+        "median_hours_to_complete": statistics.median(hours) if hours else None,
+        "p90_hours_to_complete": p90,
+        "assessments": len(assessments),
+        "assessment_mean": statistics.fmean(a["score"] for a in assessments) if assessments else None,
+    }
+
+
+def assert_figures(actual: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    for name, value in expected.items():
+        got = actual[name]
+        if value is None or got is None:
+            assert got == value, f"{where}: {name} is {got}, expected {value}"
+        else:
+            assert got == pytest.approx(value, rel=1e-9, abs=1e-9), (
+                f"{where}: {name} is {got}, expected {value}"
+            )
+
+
+@pytest.fixture
+async def simulated_week(tmp_path: Path, mosquitto: Any, victoria: Any) -> Any:
+    influx = InfluxSettings(url=victoria.url, token="t", org="o", bucket="b", flush_interval_s=0.1)
+    settings = gateway_settings(
+        tmp_path,
+        mosquitto.url,
+        influx=influx,
+        community="weekville",
+        pipeline=PipelineSettings(max_past=timedelta(days=30), presence_sweep_s=0.5),
+    )
+    async with running(settings) as gw:
+        config = ServiceSimConfig(
+            broker_url=mosquitto.url,
+            api_url=f"http://127.0.0.1:{gw.api_port}",
+            operator_token="operator-token",
+            seed=2026,
+            hotspot=Hotspot(building="3", service_code="facility.elevator", requests=24),
+        )
+        log = await ServiceSimulation(config).run()
+        yield gw, log, victoria
+
+
+async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None:
+    gw, log, victoria = simulated_week
+    log: ServiceLog
+    assert len(log.requests) > 150 and log.duplicates_acked > 0
+    async with api(gw) as client:
+        start, end = iso(log.start_ms - 3_600_000), iso(log.end_ms + 1)
+
+        # 1. The hotspot is found, and said why; a window before it has no such hotspot.
+        found = (
+            await client.get("/api/v1/needs/hotspots", params={"end": iso(log.end_ms), "baseline": "6d"})
+        ).json()
+        top = found["items"][0]
+        assert (top["service_group"], top["building"]) == ("facility", "3"), found["items"]
+        assert top["count"] >= 25 and top["sources"]["sensor"] == 1 and "building 3" in top["why"]
+        earlier = await client.get(
+            "/api/v1/needs/hotspots", params={"end": iso(log.end_ms - 2 * 86_400_000), "baseline": "4d"}
+        )
+        assert not [
+            h for h in earlier.json()["items"] if (h["service_group"], h["building"]) == ("facility", "3")
+        ]
+
+        # 2. Every evaluation figure, overall and by service and by provider, recomputed here.
+        overall = (await client.get("/api/v1/evaluation", params={"start": start, "end": end})).json()["rows"]
+        assert len(overall) == 1
+        assert_figures(overall[0], expected_figures(log.requests, log.assessments), "overall")
+        by_service = (
+            await client.get("/api/v1/evaluation", params={"start": start, "end": end, "by": "service"})
+        ).json()["rows"]
+        grouped: dict[str, list[SimRequest]] = defaultdict(list)
+        for r in log.requests:
+            grouped[r.service_code].append(r)
+        assert {row["key"] for row in by_service} == set(grouped)
+        for row in by_service:
+            assert_figures(row, expected_figures(grouped[row["key"]], []), row["key"])
+        by_provider = (
+            await client.get("/api/v1/evaluation", params={"start": start, "end": end, "by": "provider"})
+        ).json()["rows"]
+        providers: dict[str, list[SimRequest]] = defaultdict(list)
+        for r in log.requests:
+            providers[r.provider_id or "unassigned"].append(r)
+        assessed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for a in log.assessments:
+            assessed[a["provider_id"]].append(a)
+        assert {row["key"] for row in by_provider} == set(providers) | set(assessed)
+        for row in by_provider:
+            assert_figures(row, expected_figures(providers[row["key"]], assessed[row["key"]]), row["key"])
+
+        # 3. The needs list: open requests merged by service and building, households counted once.
+        needs = (await client.get("/api/v1/needs")).json()["items"]
+        final = {r.ticket: outcome(r)[0] for r in log.requests}
+        expected_needs: dict[str, set[str]] = defaultdict(set)
+        merged_into = {}
+        for r in log.requests:
+            for ts, step in r.steps:
+                if step == "merged":
+                    merged_into[r.ticket] = ts
+        for r in log.requests:
+            state = final[r.ticket]
+            if state in ACTIVE:
+                expected_needs[f"{r.service_code}@{r.building}"].add(
+                    f"{r.building}/{r.unit}" if r.unit else r.ticket
+                )
+        got_needs = {n["need_id"]: n for n in needs}
+        for need_id, households in expected_needs.items():
+            assert need_id in got_needs, need_id
+            assert got_needs[need_id]["households"] >= len(households)
+        assert [n["rank"] for n in needs] == list(range(1, len(needs) + 1))
+        assert all(a["score"] >= b["score"] for a, b in zip(needs, needs[1:], strict=False))
+
+        # 4. Votes: one per household, counted as cast.
+        proposal = (await client.get(f"/api/v1/proposals/{log.proposal_id}")).json()
+        assert proposal["votes"] == {c: Counter(log.votes.values())[c] for c in ("yes", "no", "abstain")}
+        assert proposal["households_voted"] == len(log.votes) and log.refused
+
+        # 5. Every request and its lifecycle in the API exactly as the simulation did it.
+        for r in log.requests[:: max(1, len(log.requests) // 40)]:
+            detail = (await client.get(f"/api/v1/requests/{r.ticket}")).json()
+            assert detail["state"] == final[r.ticket]
+            steps = [(h["ts_ms"], h["to_state"]) for h in detail["history"][1:]]
+            assert steps == r.steps, r.ticket
+
+    # 6. The time-series store holds one service_request point per lifecycle step, and the ratings.
+    steps_total = sum(1 + len(r.steps) for r in log.requests)
+
+    def points() -> int | None:
+        series = victoria.export('{__name__="service_request_count",community="weekville"}')
+        n = sum(len(s["values"]) for s in series)
+        return n if n >= steps_total else None
+
+    assert await eventually_sync(points) == steps_total
+    ratings = victoria.export('{__name__="rating_score",community="weekville"}')
+    assert sorted(s["values"][0] for s in ratings) == sorted(float(r.score) for r in log.requests if r.score)
+
+
+async def eventually_sync(probe: Any) -> Any:
+    async def call() -> Any:
+        return probe()
+
+    return await eventually(call, 10.0, "the time-series store")
