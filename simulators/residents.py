@@ -61,9 +61,18 @@ HOURLY = [0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.8, 1.4, 2.0, 2.2, 2.0, 1.6, 1.2, 1.
           1.2, 1.0, 0.8, 0.5, 0.3, 0.2]  # fmt: skip
 WEEKDAY = [1.1, 1.0, 1.0, 1.0, 1.05, 0.8, 0.7]  # Monday … Sunday
 # How fast each provider works, as a share of the deadline (median), and its spread.
-PACE = {"elev-maint": (0.5, 0.5), "handy-coop": (0.9, 0.6), "prop-mgmt": (0.7, 0.5), "meal-canteen": (0.3, 0.3),
-        "care-centre": (0.6, 0.5), "clinic": (0.6, 0.4), "volunteers": (0.8, 0.7), "street-office": (0.7, 0.5),
-        "mediation": (0.8, 0.5), "sanitation-co": (0.5, 0.4)}  # fmt: skip
+PACE = {
+    "elev-maint": (0.5, 0.5),
+    "handy-coop": (0.9, 0.6),
+    "prop-mgmt": (0.7, 0.5),
+    "meal-canteen": (0.3, 0.3),
+    "care-centre": (0.6, 0.5),
+    "clinic": (0.6, 0.4),
+    "volunteers": (0.8, 0.7),
+    "street-office": (0.7, 0.5),
+    "mediation": (0.8, 0.5),
+    "sanitation-co": (0.5, 0.4),
+}
 
 
 @dataclass
@@ -215,13 +224,7 @@ class ServiceSimulation:
 
         # Residents often report what a neighbour already reported: the same shared facility, or
         # the same household twice within a day. Such a request is merged into the first.
-        twin = next(
-            (e for e in reversed(earlier) if e.service_code == request.service_code and e.building == request.building
-             and e.requested_ms > request.requested_ms - DAY_MS
-             and (e.unit == request.unit or e.service_group == "facility")
-             and not (e.steps and e.steps[0][1] == "merged")),
-            None,
-        )  # fmt: skip
+        twin = next((e for e in reversed(earlier) if _same_need(e, request)), None)
         if twin is not None and rng.random() < 0.6:
             step(rng.uniform(0.1, 1) * HOUR_MS, "merged")
             request.steps = steps
@@ -327,7 +330,7 @@ class ServiceSimulation:
                     unit="",
                     requested_ms=r["requested_ms"],
                     ticket=r["id"],
-                )  # fmt: skip
+                )
             )
         return opened
 
@@ -475,6 +478,16 @@ class ServiceSimulation:
                 if again["status"] != "rejected":
                     raise RuntimeError(f"a second vote by {key} was not refused: {again}")
                 self.log.refused.append(again)
+
+
+def _same_need(earlier: SimRequest, later: SimRequest) -> bool:
+    return (
+        earlier.service_code == later.service_code
+        and earlier.building == later.building
+        and earlier.requested_ms > later.requested_ms - DAY_MS
+        and (earlier.unit == later.unit or earlier.service_group == "facility")
+        and not (earlier.steps and earlier.steps[0][1] == "merged")
+    )
 
 
 def _attributes(service: Service, rng: random.Random, ts: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ here from the simulation's own log, with the definitions of docs/services.md, an
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -192,7 +193,7 @@ async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None
             assert need_id in got_needs, need_id
             assert got_needs[need_id]["households"] >= len(households)
         assert [n["rank"] for n in needs] == list(range(1, len(needs) + 1))
-        assert all(a["score"] >= b["score"] for a, b in zip(needs, needs[1:], strict=False))
+        assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(needs))
 
         # 4. Votes: one per household, counted as cast.
         proposal = (await client.get(f"/api/v1/proposals/{log.proposal_id}")).json()

@@ -159,9 +159,17 @@ class ServiceStore:
             )
             if new.source != "sensor":  # a sensor's request is counted by the event's own signal
                 conn.execute(
-                    "INSERT INTO need_signals (ts_ms, service_code, service_group, building, source, request_id,"
-                    " device_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (ts, service.service_code, service.group, new.building, new.source, ticket, new.device_id),
+                    "INSERT INTO need_signals (ts_ms, service_code, service_group, building, source,"
+                    " request_id, device_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        ts,
+                        service.service_code,
+                        service.group,
+                        new.building,
+                        new.source,
+                        ticket,
+                        new.device_id,
+                    ),
                 )
             view = self._get(ticket)
         return view, Step(view, None, "submitted", ts, actor, f"filed via {new.source}")

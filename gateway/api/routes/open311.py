@@ -30,6 +30,7 @@ Format = Annotated[Literal["json", "xml"], Path(description="Response format")]
 Lang = Annotated[Literal["zh", "en"], Query(description="Language of names (Chinese by default)")]
 Jurisdiction = Annotated[str | None, Query(max_length=128, description="Optional: this community's name")]
 DAY_MS = 86_400_000
+STATUS_FILTER = "^(open|closed)(,(open|closed))?$"
 MAX_RESULTS = 1000
 
 
@@ -230,7 +231,7 @@ async def list_requests(
     start_date: datetime | None = None,
     end_date: datetime | None = None,
     status: Annotated[
-        str | None, Query(pattern="^(open|closed)(,(open|closed))?$", description="open, closed or open,closed")
+        str | None, Query(pattern=STATUS_FILTER, description="open, closed or open,closed")
     ] = None,
     jurisdiction_id: Jurisdiction = None,
     lang: Lang = "zh",
