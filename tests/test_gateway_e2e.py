@@ -239,7 +239,6 @@ async def test_messages_published_while_the_gateway_is_down_arrive_after_restart
             orjson.dumps({"ts": base + i, "seq": i, "metrics": {"energy_kwh": 100 + i}}),
         )
     async with running(settings) as gw, api(gw) as client:
-
         start = datetime.fromtimestamp((base - 1000) / 1000, UTC).isoformat()
 
         # The device view is live (in memory); the telemetry range reads the store, which the
