@@ -6,6 +6,7 @@ field, in one sentence an installer can act on.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+_NAMED = re.compile(r"([A-Za-z_]+(?:\.[A-Za-z0-9_]+)+): ")
 
 
 class DataFileError(Exception):
@@ -39,10 +41,14 @@ def load_model(path: Path, model: type[M], what: str) -> M:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if not loc and (named := _NAMED.match(message)):
+            # A whole-file check that names where it failed ("services.3: ..."): point there.
+            loc = tuple(int(p) if p.isdigit() else p for p in named[1].split("."))
+            message = message[named.end() :]
         line = line_of(node, loc)
         where = f" line {line}" if line else ""
         field = ".".join(str(p) for p in loc) or what
-        message = err["msg"].removeprefix("Value error, ")
         raise DataFileError(f"{path.name}{where}: {field}: {message}") from exc
 
 

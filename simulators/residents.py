@@ -57,8 +57,32 @@ DEMAND = {
     "complaint.property": 1.0,
 }
 # Share of the day's demand per hour: quiet at night, peaks mid-morning and late afternoon.
-HOURLY = [0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.8, 1.4, 2.0, 2.2, 2.0, 1.6, 1.2, 1.3, 1.6, 1.8, 1.9, 1.6,
-          1.2, 1.0, 0.8, 0.5, 0.3, 0.2]  # fmt: skip
+HOURLY = [
+    0.1,
+    0.05,
+    0.05,
+    0.05,
+    0.1,
+    0.3,
+    0.8,
+    1.4,
+    2.0,
+    2.2,
+    2.0,
+    1.6,
+    1.2,
+    1.3,
+    1.6,
+    1.8,
+    1.9,
+    1.6,
+    1.2,
+    1.0,
+    0.8,
+    0.5,
+    0.3,
+    0.2,
+]
 WEEKDAY = [1.1, 1.0, 1.0, 1.0, 1.05, 0.8, 0.7]  # Monday … Sunday
 # How fast each provider works, as a share of the deadline (median), and its spread.
 PACE = {
@@ -464,8 +488,13 @@ class ServiceSimulation:
         for key, (b, unit) in households.items():
             choice = self.rng.choices(["yes", "no", "abstain"], [6, 3, 1])[0]
             vote_id = uuid.UUID(int=self.rng.getrandbits(128)).hex
-            body = {"vote_id": vote_id, "proposal_id": proposal, "household": {"building": b, "unit": unit},
-                    "choice": choice, "ts": self.log.end_ms - 1}  # fmt: skip
+            body = {
+                "vote_id": vote_id,
+                "proposal_id": proposal,
+                "household": {"building": b, "unit": unit},
+                "choice": choice,
+                "ts": self.log.end_ms - 1,
+            }
             ack = await self._send(mqtt, terminal, "vote", vote_id, body)
             if ack["status"] != "accepted":
                 raise RuntimeError(f"vote refused: {ack}")

@@ -164,9 +164,13 @@ def terminal_vote(device_id: str, obj: dict[str, Any], ts_ms: int) -> NewVote:
     if not isinstance(household, dict):
         raise IntakeError("schema: household must be an object with building and unit")
     return NewVote(
-        proposal, household_key(household.get("building"), household.get("unit")),
-        check_choice(obj.get("choice")), ts_ms, device_id, key,
-    )  # fmt: skip
+        proposal,
+        household_key(household.get("building"), household.get("unit")),
+        check_choice(obj.get("choice")),
+        ts_ms,
+        device_id,
+        key,
+    )
 
 
 def check_choice(choice: object) -> str:

@@ -99,8 +99,13 @@ def _notice(service: Service | None, lang: str) -> str | None:
 
 # -- XML: the spec's element names; lists are wrapped the way its examples show ----------------
 
-_ITEM = {"services": "service", "service_requests": "request", "errors": "error", "attributes": "attribute",
-         "values": "value"}  # fmt: skip
+_ITEM = {
+    "services": "service",
+    "service_requests": "request",
+    "errors": "error",
+    "attributes": "attribute",
+    "values": "value",
+}
 
 
 def to_xml(root: str, items: list[dict[str, Any]] | dict[str, Any]) -> bytes:

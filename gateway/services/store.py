@@ -145,13 +145,31 @@ class ServiceStore:
                    VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
                            ?, ?)""",
                 (
-                    seq, ticket, service.service_code, service.group, new.source, new.device_id,
-                    new.request_key, new.description, new.building, new.floor, new.unit, household,
-                    new.address, new.lat, new.long, new.media_url, orjson.dumps(new.contact).decode(),
-                    orjson.dumps(new.attributes).decode(), ts, ts, ts + service.deadline_ms, ts,
+                    seq,
+                    ticket,
+                    service.service_code,
+                    service.group,
+                    new.source,
+                    new.device_id,
+                    new.request_key,
+                    new.description,
+                    new.building,
+                    new.floor,
+                    new.unit,
+                    household,
+                    new.address,
+                    new.lat,
+                    new.long,
+                    new.media_url,
+                    orjson.dumps(new.contact).decode(),
+                    orjson.dumps(new.attributes).decode(),
+                    ts,
+                    ts,
+                    ts + service.deadline_ms,
+                    ts,
                     "received",
                 ),
-            )  # fmt: skip
+            )
             conn.execute(
                 "INSERT INTO transitions (request_id, ts_ms, from_state, to_state, actor, note)"
                 " VALUES (?, ?, NULL, 'submitted', ?, ?)",
@@ -405,9 +423,13 @@ class ServiceStore:
         if row["state"] == "completed":
             ts = max(rating.ts_ms, row["state_since_ms"])
             step = self.transition(
-                rating.service_request_id, "evaluated", f"resident via {rating.rater}",
-                f"rated {rating.score}/5", ts_ms=ts, now_ms=max(now_ms, ts),
-            )  # fmt: skip
+                rating.service_request_id,
+                "evaluated",
+                f"resident via {rating.rater}",
+                f"rated {rating.score}/5",
+                ts_ms=ts,
+                now_ms=max(now_ms, ts),
+            )
         return self._get(rating.service_request_id), True, step
 
     def rating_of(self, ticket: str) -> dict[str, Any] | None:
@@ -440,9 +462,15 @@ class ServiceStore:
                 (ts_ms, assessor, provider_id, service_code, ticket, score, comment),
             )
         return {
-            "id": cursor.lastrowid, "ts_ms": ts_ms, "assessor": assessor, "provider_id": provider_id,
-            "service_code": service_code, "service_request_id": ticket, "score": score, "comment": comment,
-        }  # fmt: skip
+            "id": cursor.lastrowid,
+            "ts_ms": ts_ms,
+            "assessor": assessor,
+            "provider_id": provider_id,
+            "service_code": service_code,
+            "service_request_id": ticket,
+            "score": score,
+            "comment": comment,
+        }
 
     def evaluation_rows(self, start_ms: int, end_ms: int) -> list[sqlite3.Row]:
         """Every request filed in [start, end) with its resident rating, for the evaluation."""

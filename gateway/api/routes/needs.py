@@ -254,9 +254,18 @@ async def close_proposal(ctx: Ctx, _: Operator, proposal_id: ProposalId, body: C
 
 
 PLAN_COLUMNS = (
-    "proposal_id", "title", "result", "yes", "no", "abstain", "households_voted", "approval",
-    "needs", "households_affected", "filed_at",
-)  # fmt: skip
+    "proposal_id",
+    "title",
+    "result",
+    "yes",
+    "no",
+    "abstain",
+    "households_voted",
+    "approval",
+    "needs",
+    "households_affected",
+    "filed_at",
+)
 
 
 @router.get(
