@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -128,6 +129,9 @@ def demo(
     host: Annotated[str, typer.Option(help="API address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="API port (a free one is used if taken).")] = 8080,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    service_days: Annotated[
+        int, typer.Option(min=0, max=30, help="Days of simulated service history filled in on first start.")
+    ] = 7,
 ) -> None:
     """Start a complete simulated community on this machine, with no outside services."""
     base = _settings(config)
@@ -154,6 +158,7 @@ def demo(
         api_port=port,
         duration_s=duration,
         prefer_mosquitto=not embedded_broker,
+        service_days=service_days,
     )
 
     def ready(info: DemoInfo) -> None:
@@ -180,6 +185,17 @@ def demo(
         out.print(
             f"  curl -N -H 'Authorization: Bearer {operator}' {info.api_url}/api/v1/stream", highlight=False
         )
+        if info.service_days:
+            out.print(
+                f"  curl -H 'Authorization: Bearer {viewer}' {info.api_url}/api/v1/needs/hotspots"
+                f"   (after the {info.service_days}-day service history is filled in, ~20 s)",
+                highlight=False,
+            )
+            out.print(
+                f"  curl -H 'Authorization: Bearer {viewer}' '{info.api_url}/api/v1/evaluation?by=provider'",
+                highlight=False,
+            )
+            out.print(f"  curl '{info.api_url}/open311/v2/services.json?api_key={viewer}'", highlight=False)
         port_ = info.broker_url.rsplit(":", 1)[1]
         out.print(
             f"  mosquitto_pub -p {port_} -q 1 -t cgw/v1/my-sensor/status "
@@ -217,9 +233,27 @@ def simulate(
     inventory: Annotated[
         Path | None, typer.Option(help="Also write the community's inventory YAML here.")
     ] = None,
+    services_api: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of devices, simulate the service loop against this gateway API "
+            "(e.g. http://127.0.0.1:8080): residents' requests, providers, ratings and votes."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Operator token for --services-api.", envvar="CGW_SIM_TOKEN")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, max=30, help="Simulated days of the service loop.")] = 7,
+    hotspot: Annotated[
+        str,
+        typer.Option(help="Injected hotspot as building:service_code ('' for none), on the last day."),
+    ] = "3:facility.elevator",
 ) -> None:
     """Drive simulated devices and service terminals against any MQTT broker."""
     _logging("info")
+    if services_api is not None:
+        _simulate_services(broker, services_api, token, seed, days, buildings, floors, hotspot)
+        return
     from simulators.community import build_community
     from simulators.run import SimulationConfig, parse_faults
     from simulators.run import simulate as run_simulation
@@ -250,6 +284,54 @@ def simulate(
         out.print(stats)
 
     _run_until_signal(main)
+
+
+def _simulate_services(
+    broker: str,
+    api_url: str,
+    token: str | None,
+    seed: int,
+    days: int,
+    buildings: int,
+    floors: int,
+    hotspot: str,
+) -> None:
+    from simulators.residents import Hotspot, ServiceSimConfig, ServiceSimulation
+
+    if not token:
+        console.print("[red]error:[/red] --services-api needs --token (an operator token)", highlight=False)
+        raise typer.Exit(2)
+    spot = None
+    if hotspot:
+        building, sep, code = hotspot.partition(":")
+        if not sep or not building or not code:
+            console.print("[red]error:[/red] --hotspot must be building:service_code", highlight=False)
+            raise typer.Exit(2)
+        from gateway.services.catalogue import load_catalogue
+
+        if load_catalogue().get(code) is None:
+            console.print(
+                f"[red]error:[/red] --hotspot: {code!r} is not in the service catalogue", highlight=False
+            )
+            raise typer.Exit(2)
+        spot = Hotspot(building=building, service_code=code, device_id=None)
+    config = ServiceSimConfig(
+        broker_url=broker,
+        api_url=api_url,
+        operator_token=token,
+        seed=seed,
+        days=days,
+        buildings=buildings,
+        floors=floors,
+        hotspot=spot,
+    )
+    log = asyncio.run(ServiceSimulation(config).run())
+    states = Counter(r.steps[-1][1] if r.steps else "submitted" for r in log.requests)
+    out.print(
+        f"{len(log.requests)} requests over {days} days ({log.duplicates_acked} re-sends recognised); "
+        + ", ".join(f"{k}={v}" for k, v in sorted(states.items())),
+        highlight=False,
+    )
 
 
 @app.command()

@@ -18,7 +18,8 @@ from typing import Any
 from gateway.application import Gateway
 from gateway.broker import LocalBroker, free_port, port_open
 from gateway.settings import Settings
-from simulators.community import build_community
+from simulators.community import TERMINALS, build_community
+from simulators.residents import Hotspot, ServiceSimConfig, ServiceSimulation
 from simulators.run import SimulationConfig, simulate
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class DemoOptions:
     api_port: int = 8080
     duration_s: float | None = None
     prefer_mosquitto: bool = True
+    service_days: int = 7  # a simulated history of the service loop, filled in on first start
 
 
 @dataclass
@@ -49,6 +51,7 @@ class DemoInfo:
     tokens: dict[str, str]
     devices: int
     data_dir: Path
+    service_days: int
 
 
 def demo_tokens() -> dict[str, str]:
@@ -109,6 +112,20 @@ async def run_demo(
             gw_task = tg.create_task(gateway.run(), name="gateway")
             await _first(gateway.ready.wait(), gw_task)
             sim_task = tg.create_task(simulate(sim_config, sim_stop), name="simulator")
+            if options.service_days and not await gateway.desk.requests(limit=1):
+                spot = min(3, options.buildings)  # building 3's elevator breaks on the last day
+                history = ServiceSimConfig(
+                    broker_url=broker_url,
+                    api_url=f"http://127.0.0.1:{gateway.api_port}",
+                    operator_token=tokens["operator"],
+                    terminals=tuple(f"station-term-{t}" for t in range(1, TERMINALS + 1)),
+                    seed=options.seed,
+                    days=options.service_days,
+                    buildings=options.buildings,
+                    floors=options.floors,
+                    hotspot=Hotspot(building=str(spot), device_id=f"b{spot:02d}-elev-1"),
+                )
+                tg.create_task(_service_history(history), name="service-history")
             on_ready(
                 DemoInfo(
                     api_url=f"http://{options.api_host}:{gateway.api_port}",
@@ -117,6 +134,7 @@ async def run_demo(
                     tokens=tokens,
                     devices=len(community.devices),
                     data_dir=options.data_dir,
+                    service_days=options.service_days,
                 )
             )
             try:
@@ -132,6 +150,16 @@ async def run_demo(
     finally:
         if broker is not None:
             await broker.stop()
+
+
+async def _service_history(config: ServiceSimConfig) -> None:
+    """A week of residents' needs, providers' work, ratings and votes, so every view has data."""
+    try:
+        result = await ServiceSimulation(config).run()
+    except Exception:  # the demo goes on without history; the reason is in the log
+        log.exception("could not fill in the simulated service history")
+        return
+    log.warning("service history ready: %d requests over %d days", len(result.requests), config.days)
 
 
 async def _first(waiter: Coroutine[Any, Any, Any], task: asyncio.Task[None]) -> None:

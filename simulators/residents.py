@@ -360,7 +360,7 @@ class ServiceSimulation:
 
     async def _listen(self, mqtt: aiomqtt.Client) -> None:
         async for message in mqtt.messages:
-            ack = orjson.loads(message.payload)  # type: ignore[arg-type]
+            ack = orjson.loads(message.payload)
             key = ack.get("request_id") or ack.get("vote_id") or ack.get("rating_id")
             future = self._acks.get(key or "")
             if future is not None and not future.done():

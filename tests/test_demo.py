@@ -107,6 +107,17 @@ def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path)
             time.sleep(0.5)
         assert again["last_seq"] != first_seq
         assert httpx.get(f"{url}/readyz", timeout=5).json()["ready"] is True
+        # The service loop has a week of history: requests over Open311, building 3's hotspot.
+        deadline = time.monotonic() + 90
+        hotspots: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not hotspots:
+            time.sleep(1)
+            hotspots = httpx.get(f"{url}/api/v1/needs/hotspots", headers=headers, timeout=5).json()["items"]
+        assert (hotspots[0]["service_group"], hotspots[0]["building"]) == ("facility", "3")
+        requests = httpx.get(f"{url}/open311/v2/requests.json", headers=headers, timeout=5).json()
+        assert len(requests) > 100
+        evaluation = httpx.get(f"{url}/api/v1/evaluation", headers=headers, timeout=5).json()["rows"][0]
+        assert evaluation["completed"] > 0 and evaluation["ratings"] > 0
     finally:
         stop_demo(process)
 
