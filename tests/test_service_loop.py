@@ -8,20 +8,25 @@ here from the simulation's own log, with the definitions of docs/services.md, an
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import statistics
+import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+import paho.mqtt.client as paho
 import pytest
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.settings import InfluxSettings, PipelineSettings
+from gateway.settings import InfluxSettings, PipelineSettings, ServicesSettings
 from simulators.residents import Hotspot, ServiceLog, ServiceSimConfig, ServiceSimulation, SimRequest
-from tests.harness import api, eventually, gateway_settings, running
+from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
 
 CATALOGUE = Path(__file__).parent.parent / "gateway" / "services" / "data" / "catalogue.yaml"
 UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -199,6 +204,22 @@ async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None
         proposal = (await client.get(f"/api/v1/proposals/{log.proposal_id}")).json()
         assert proposal["votes"] == {c: Counter(log.votes.values())[c] for c in ("yes", "no", "abstain")}
         assert proposal["households_voted"] == len(log.votes) and log.refused
+        async with api(gw, "operator-token") as operator:
+            closed = (
+                await operator.post(f"/api/v1/proposals/{log.proposal_id}/close", json={"file": True})
+            ).json()
+        tally = Counter(log.votes.values())
+        assert (
+            closed["result"] == ("passed" if tally["yes"] > tally["no"] else "rejected")
+            and closed["filed_ms"]
+        )
+        plan = (await client.get("/api/v1/plan.json", params={"filed_only": True})).json()
+        assert [p["proposal_id"] for p in plan["proposals"]] == [log.proposal_id]
+        csv_text = (await client.get("/api/v1/plan.csv")).text.lstrip("\ufeff").splitlines()
+        assert csv_text[0].startswith("proposal_id,title,result,yes,no,abstain")
+        assert (
+            csv_text[1].startswith(f"{log.proposal_id},") and f",{tally['yes']},{tally['no']}," in csv_text[1]
+        )
 
         # 5. Every request and its lifecycle in the API exactly as the simulation did it.
         for r in log.requests[:: max(1, len(log.requests) // 40)]:
@@ -225,3 +246,95 @@ async def eventually_sync(probe: Any) -> Any:
         return probe()
 
     return await eventually(call, 10.0, "the time-series store")
+
+
+async def test_overdue_and_stalled_work_raises_alarms_on_the_live_stream(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    settings = gateway_settings(
+        tmp_path,
+        mosquitto.url,
+        services=ServicesSettings(check_interval_s=0.2, stall_after=timedelta(hours=1)),
+    )
+    async with running(settings) as gw, api(gw) as client, api(gw, "operator-token") as operator:
+        received: list[dict[str, Any]] = []
+        connected = asyncio.Event()
+
+        async def listen() -> None:
+            async with client.stream("GET", "/api/v1/stream", params={"types": "alarm,request"}) as response:
+                name = ""
+                async for line in response.aiter_lines():
+                    if line.startswith(": connected"):
+                        connected.set()
+                    elif line.startswith("event:"):
+                        name = line.split(":", 1)[1].strip()
+                    elif line.startswith("data:"):
+                        received.append({"event": name, **orjson.loads(line.split(":", 1)[1])})
+
+        listener = asyncio.create_task(listen())
+        await asyncio.wait_for(connected.wait(), 5)
+        two_days_ago = int(time.time() * 1000) - 2 * 86_400_000
+        request = {
+            "request_id": "late-1",
+            "ts": two_days_ago,
+            "service_code": "facility.elevator",
+            "location": {"building": "2"},
+        }
+        mosquitto_pub(mosquitto.port, "cgw/v1/term-a/request", orjson.dumps(request))
+
+        async def alarms() -> set[str] | None:
+            types = {e["type"] for e in received if e["event"] == "alarm"}
+            return types if {"request_overdue", "request_stalled"} <= types else None
+
+        await eventually(alarms, 5.0, "overdue and stalled alarms on the stream")
+        filed = next(e for e in received if e["event"] == "request")
+        assert filed["step"] == {
+            "from": None,
+            "to": "submitted",
+            "ts_ms": two_days_ago,
+            "actor": "terminal term-a",
+        }
+        stored = (await client.get("/api/v1/alarms", params={"type": "request_overdue"})).json()["items"]
+        assert (
+            stored[0]["data"]["service_request_id"] == filed["id"] and stored[0]["kind"] == "service_request"
+        )
+        # Workloads show the provider's active and overdue work once assigned.
+        for step in ({"to": "triaged"}, {"to": "assigned", "provider_id": "elev-maint"}):
+            assert (
+                await operator.post(f"/api/v1/requests/{filed['id']}/transitions", json=step)
+            ).status_code == 200
+        providers = {p["id"]: p for p in (await client.get("/api/v1/providers")).json()}
+        assert providers["elev-maint"]["workload"] == {"active": 1, "overdue": 1, "assigned": 1}
+        listener.cancel()
+
+
+async def test_terminal_refusals_are_acked_and_dead_lettered(tmp_path: Path, mosquitto: Any) -> None:
+    async with running(gateway_settings(tmp_path, mosquitto.url)) as gw, api(gw) as client:
+        acks: list[dict[str, Any]] = []
+        subscriber = paho.Client(CallbackAPIVersion.VERSION2)
+        subscriber.on_message = lambda c, u, m: acks.append(orjson.loads(m.payload))
+        subscriber.connect("127.0.0.1", mosquitto.port)
+        subscriber.subscribe("cgw/v1/term-b/ack", qos=1)
+        subscriber.loop_start()
+        try:
+            await asyncio.sleep(0.2)
+            bad = {"request_id": "r-9", "service_code": "no.such.service"}
+            mosquitto_pub(mosquitto.port, "cgw/v1/term-b/request", orjson.dumps(bad))
+            mosquitto_pub(mosquitto.port, "cgw/v1/term-b/rating", '{"service_request_id":"nope","score":5}')
+            mosquitto_pub(mosquitto.port, "cgw/v1/term-b/rating", '{"service_request_id":"x","score":9}')
+
+            async def three() -> list[dict[str, Any]] | None:
+                return acks if len(acks) >= 3 else None
+
+            got = await eventually(three, 5.0, "three acks")
+        finally:
+            subscriber.loop_stop()
+        assert got[0] == {
+            "status": "rejected",
+            "error": "unknown_service: 'no.such.service' is not in the service catalogue",
+            "request_id": "r-9",
+        }
+        assert got[1]["status"] == "rejected" and "no service request 'nope'" in got[1]["error"]
+        assert got[2]["status"] == "rejected" and got[2]["error"].startswith("schema: score")
+        letters = (await client.get("/api/v1/dead-letters", params={"device_id": "term-b"})).json()["items"]
+        assert {d["reason_code"] for d in letters} == {"unknown_service", "refused", "schema"}

@@ -1,6 +1,7 @@
 """The live stream: Server-Sent Events of alarms, events, presence changes and acknowledgements.
 
-Event names: `alarm` (warning/critical events), `event` (info events), `presence`, `ack`.
+Event names: `alarm` (warning/critical events), `event` (info events), `presence`, `ack`, and
+from the service loop `request` (each lifecycle step), `rating` and `vote`.
 Clients may pass `types=alarm,presence` to receive only some; a comment ping every 15 s keeps
 proxies from closing an idle stream.
 """
@@ -18,7 +19,7 @@ from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
-STREAM_TYPES = ("alarm", "event", "presence", "ack")
+STREAM_TYPES = ("alarm", "event", "presence", "ack", "request", "rating", "vote")
 
 
 @router.get(
@@ -30,7 +31,7 @@ STREAM_TYPES = ("alarm", "event", "presence", "ack")
 async def stream(
     ctx: Annotated[ApiContext, Depends(context)],
     _: Reader,
-    types: Annotated[str | None, Query(description="Comma-separated: alarm,event,presence,ack")] = None,
+    types: Annotated[str | None, Query(description="Comma-separated: " + ",".join(STREAM_TYPES))] = None,
 ) -> EventSourceResponse:
     wanted = set(STREAM_TYPES)
     if types:
