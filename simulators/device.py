@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 import zlib
 from collections import Counter
@@ -89,6 +90,7 @@ class SimulatedDevice:
                 async with start_gate:
                     client = self._client()
                     await client.__aenter__()
+                dropped = False
                 try:
                     await self._birth(client)
                     backoff = 1.0
@@ -99,8 +101,10 @@ class SimulatedDevice:
                 finally:
                     self.connected.clear()
                     try:
-                        await client.__aexit__(None, None, None)
-                    except aiomqtt.MqttError:
+                        # After a drop there is nobody to say goodbye to: do not wait the full
+                        # client timeout for a DISCONNECT that cannot be acknowledged.
+                        await asyncio.wait_for(client.__aexit__(None, None, None), 2 if dropped else None)
+                    except (aiomqtt.MqttError, TimeoutError):
                         pass  # the connection is already gone (dropped on purpose or by the broker)
                 if dropped:
                     await _sleep_or_stop(stop, self._rng.uniform(2, 5))
@@ -139,11 +143,16 @@ class SimulatedDevice:
         return False
 
     def _drop(self, client: aiomqtt.Client) -> None:
-        # Close the socket under paho without sending DISCONNECT: the broker sees a lost
+        # End the TCP connection under paho without sending DISCONNECT: the broker sees a lost
         # connection and publishes the Last Will, as it would for a device losing power.
+        # shutdown(), not close(): the event loop still watches the descriptor, and a closed
+        # number reused by the next connection would be read by the old client's callbacks.
         sock = client._client.socket()
         if sock is not None:
-            sock.close()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
 
     def _reading(self, ts_ms: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         metrics, events = self._signal.step(self._sim_clock())
