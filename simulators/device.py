@@ -148,7 +148,7 @@ class SimulatedDevice:
         # shutdown(), not close(): the event loop still watches the descriptor, and a closed
         # number reused by the next connection would be read by the old client's callbacks.
         sock = client._client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

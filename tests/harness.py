@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 
 from gateway.application import Gateway
 from gateway.settings import Settings, load_settings
@@ -91,3 +92,32 @@ def mosquitto_pub(port: int, topic: str, message: str | bytes, *extra: str) -> N
         check=True,
         timeout=10,
     )
+
+
+@asynccontextmanager
+async def live_stream(
+    client: httpx.AsyncClient, types: str
+) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+    """Subscribe to the SSE stream; yields the list that (event name, data) pairs arrive in."""
+    received: list[tuple[str, dict[str, Any]]] = []
+    connected = asyncio.Event()
+
+    async def listen() -> None:
+        async with client.stream("GET", "/api/v1/stream", params={"types": types}) as response:
+            assert response.status_code == 200, response.status_code
+            name = ""
+            async for line in response.aiter_lines():
+                if line.startswith(": connected"):
+                    connected.set()
+                elif line.startswith("event:"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    received.append((name, orjson.loads(line.split(":", 1)[1])))
+
+    listener = asyncio.create_task(listen())
+    try:
+        await asyncio.wait_for(connected.wait(), 5)
+        yield received
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)

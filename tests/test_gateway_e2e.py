@@ -20,7 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.settings import InfluxSettings
-from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
+from tests.harness import api, eventually, gateway_settings, live_stream, mosquitto_pub, running
 
 pytestmark = pytest.mark.integration
 
@@ -174,32 +174,20 @@ async def _online(client: Any, device_id: str, state: bool) -> bool:
 
 async def test_alarms_reach_the_live_stream_and_can_be_acknowledged(tmp_path: Path, mosquitto: Any) -> None:
     async with running(gateway_settings(tmp_path, mosquitto.url)) as gw, api(gw) as client:
-        received: list[tuple[str, dict[str, Any]]] = []
-        connected = asyncio.Event()
+        async with live_stream(client, "alarm,presence") as received:
+            mosquitto_pub(
+                mosquitto.port, "cgw/v1/btn-7/status", '{"state":"online","kind":"emergency_button"}'
+            )
+            mosquitto_pub(
+                mosquitto.port,
+                "cgw/v1/btn-7/event",
+                '{"type":"emergency_press","message":"pressed at 2-301","severity":"info"}',
+            )
 
-        async def listen() -> None:
-            async with client.stream("GET", "/api/v1/stream", params={"types": "alarm,presence"}) as response:
-                assert response.status_code == 200
-                name = ""
-                async for line in response.aiter_lines():
-                    if line.startswith(": connected"):
-                        connected.set()
-                    elif line.startswith("event:"):
-                        name = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        received.append((name, orjson.loads(line.split(":", 1)[1])))
-                        if name == "alarm":
-                            return
+            async def alarmed() -> bool:
+                return any(name == "alarm" for name, _ in received)
 
-        listener = asyncio.create_task(listen())
-        await asyncio.wait_for(connected.wait(), 5)
-        mosquitto_pub(mosquitto.port, "cgw/v1/btn-7/status", '{"state":"online","kind":"emergency_button"}')
-        mosquitto_pub(
-            mosquitto.port,
-            "cgw/v1/btn-7/event",
-            '{"type":"emergency_press","message":"pressed at 2-301","severity":"info"}',
-        )
-        await asyncio.wait_for(listener, 5)
+            await eventually(alarmed, 5.0, "the alarm on the stream")
         names = [name for name, _ in received]
         assert names[0] == "presence" and names[-1] == "alarm"
         alarm = received[-1][1]

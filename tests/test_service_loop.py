@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.settings import InfluxSettings, PipelineSettings, ServicesSettings
 from simulators.residents import Hotspot, ServiceLog, ServiceSimConfig, ServiceSimulation, SimRequest
-from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
+from tests.harness import api, eventually, gateway_settings, live_stream, mosquitto_pub, running
 
 CATALOGUE = Path(__file__).parent.parent / "gateway" / "services" / "data" / "catalogue.yaml"
 UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -256,56 +256,48 @@ async def test_overdue_and_stalled_work_raises_alarms_on_the_live_stream(
         mosquitto.url,
         services=ServicesSettings(check_interval_s=0.2, stall_after=timedelta(hours=1)),
     )
-    async with running(settings) as gw, api(gw) as client, api(gw, "operator-token") as operator:
-        received: list[dict[str, Any]] = []
-        connected = asyncio.Event()
+    async with (
+        running(settings) as gw,
+        api(gw) as client,
+        api(gw, "operator-token") as operator,
+        live_stream(client, "alarm,request") as stream,
+    ):
+        await _overdue_and_stalled(mosquitto, client, operator, stream)
 
-        async def listen() -> None:
-            async with client.stream("GET", "/api/v1/stream", params={"types": "alarm,request"}) as response:
-                name = ""
-                async for line in response.aiter_lines():
-                    if line.startswith(": connected"):
-                        connected.set()
-                    elif line.startswith("event:"):
-                        name = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        received.append({"event": name, **orjson.loads(line.split(":", 1)[1])})
 
-        listener = asyncio.create_task(listen())
-        await asyncio.wait_for(connected.wait(), 5)
-        two_days_ago = int(time.time() * 1000) - 2 * 86_400_000
-        request = {
-            "request_id": "late-1",
-            "ts": two_days_ago,
-            "service_code": "facility.elevator",
-            "location": {"building": "2"},
-        }
-        mosquitto_pub(mosquitto.port, "cgw/v1/term-a/request", orjson.dumps(request))
+async def _overdue_and_stalled(
+    mosquitto: Any, client: Any, operator: Any, stream: list[tuple[str, dict[str, Any]]]
+) -> None:
+    two_days_ago = int(time.time() * 1000) - 2 * 86_400_000
+    request = {
+        "request_id": "late-1",
+        "ts": two_days_ago,
+        "service_code": "facility.elevator",
+        "location": {"building": "2"},
+    }
+    mosquitto_pub(mosquitto.port, "cgw/v1/term-a/request", orjson.dumps(request))
 
-        async def alarms() -> set[str] | None:
-            types = {e["type"] for e in received if e["event"] == "alarm"}
-            return types if {"request_overdue", "request_stalled"} <= types else None
+    async def alarms() -> set[str] | None:
+        types = {data["type"] for name, data in stream if name == "alarm"}
+        return types if {"request_overdue", "request_stalled"} <= types else None
 
-        await eventually(alarms, 5.0, "overdue and stalled alarms on the stream")
-        filed = next(e for e in received if e["event"] == "request")
-        assert filed["step"] == {
-            "from": None,
-            "to": "submitted",
-            "ts_ms": two_days_ago,
-            "actor": "terminal term-a",
-        }
-        stored = (await client.get("/api/v1/alarms", params={"type": "request_overdue"})).json()["items"]
+    await eventually(alarms, 5.0, "overdue and stalled alarms on the stream")
+    filed = next(data for name, data in stream if name == "request")
+    assert filed["step"] == {
+        "from": None,
+        "to": "submitted",
+        "ts_ms": two_days_ago,
+        "actor": "terminal term-a",
+    }
+    stored = (await client.get("/api/v1/alarms", params={"type": "request_overdue"})).json()["items"]
+    assert stored[0]["data"]["service_request_id"] == filed["id"] and stored[0]["kind"] == "service_request"
+    # Workloads show the provider's active and overdue work once assigned.
+    for step in ({"to": "triaged"}, {"to": "assigned", "provider_id": "elev-maint"}):
         assert (
-            stored[0]["data"]["service_request_id"] == filed["id"] and stored[0]["kind"] == "service_request"
-        )
-        # Workloads show the provider's active and overdue work once assigned.
-        for step in ({"to": "triaged"}, {"to": "assigned", "provider_id": "elev-maint"}):
-            assert (
-                await operator.post(f"/api/v1/requests/{filed['id']}/transitions", json=step)
-            ).status_code == 200
-        providers = {p["id"]: p for p in (await client.get("/api/v1/providers")).json()}
-        assert providers["elev-maint"]["workload"] == {"active": 1, "overdue": 1, "assigned": 1}
-        listener.cancel()
+            await operator.post(f"/api/v1/requests/{filed['id']}/transitions", json=step)
+        ).status_code == 200
+    providers = {p["id"]: p for p in (await client.get("/api/v1/providers")).json()}
+    assert providers["elev-maint"]["workload"] == {"active": 1, "overdue": 1, "assigned": 1}
 
 
 async def test_terminal_refusals_are_acked_and_dead_lettered(tmp_path: Path, mosquitto: Any) -> None:

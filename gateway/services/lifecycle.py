@@ -7,7 +7,7 @@ a message that lists what is allowed from where the request is.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 State = Literal[
     "submitted",
@@ -22,19 +22,7 @@ State = Literal[
     "merged",
     "reopened",
 ]
-STATES: tuple[State, ...] = (
-    "submitted",
-    "triaged",
-    "planned",
-    "assigned",
-    "in_service",
-    "completed",
-    "evaluated",
-    "closed",
-    "rejected",
-    "merged",
-    "reopened",
-)
+STATES: tuple[State, ...] = get_args(State)
 
 # Assigning again from assigned or in_service hands the work to another provider.
 ALLOWED: dict[State, tuple[State, ...]] = {

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 
 from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
+from gateway.api.moments import epoch_ms
 from gateway.api.schemas import DeviceList, DeviceOut, ErrorBody, ProfileOut, Summary, Telemetry
 from gateway.durations import Duration
 from gateway.store.queries import EventFilter
@@ -94,8 +95,8 @@ async def get_telemetry(
     if ctx.registry.get(device_id) is None:
         raise HTTPException(404, f"no device {device_id!r}")
     now_ms = int(time.time() * 1000)
-    end_ms = _ms(end) if end is not None else now_ms + 1
-    start_ms = _ms(start) if start is not None else end_ms - 3_600_000
+    end_ms = epoch_ms(end, default=now_ms + 1)
+    start_ms = epoch_ms(start, default=end_ms - 3_600_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
     step_ms: int | None = None
@@ -137,9 +138,3 @@ async def summary(ctx: Ctx, _: Reader) -> Summary:
 @router.get("/profiles", response_model=list[ProfileOut], summary="Device profiles", responses=AUTH)
 async def profiles(ctx: Ctx, _: Reader) -> list[ProfileOut]:
     return [ProfileOut.model_validate(profile.describe()) for profile in ctx.profiles]
-
-
-def _ms(moment: datetime) -> int:
-    if moment.tzinfo is None:
-        raise HTTPException(422, f"{moment.isoformat()} has no UTC offset (add Z or ±hh:mm)")
-    return int(moment.timestamp() * 1000)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
-from gateway.api.routes.requests import ts_ms
+from gateway.api.moments import epoch_ms
 from gateway.api.schemas import ErrorBody
 from gateway.services.evaluation import By, Period
 
@@ -70,8 +70,8 @@ async def evaluate(
     by: By = "overall",
     period: Period = "all",
 ) -> Evaluation:
-    end_ms = ts_ms(end) or int(time.time() * 1000) + 1
-    start_ms = ts_ms(start) or end_ms - 30 * 86_400_000
+    end_ms = epoch_ms(end, default=int(time.time() * 1000) + 1)
+    start_ms = epoch_ms(start, default=end_ms - 30 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
     if end_ms - start_ms > 3660 * 86_400_000:

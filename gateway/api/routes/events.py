@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from gateway.api.auth import Operator, Reader
 from gateway.api.context import ApiContext, context
+from gateway.api.moments import epoch_ms
 from gateway.api.schemas import AckIn, DeadLetterList, ErrorBody, EventList, EventOut, SeverityName
 from gateway.store.queries import EventFilter
 
@@ -24,14 +25,6 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
 # Event ids are 63-bit (see gateway.models.event_id): anything larger cannot name an event.
 EventId = Annotated[int, Path(ge=0, le=2**63 - 1, description="The event's stable id")]
-
-
-def _ms(moment: datetime | None) -> int | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        raise HTTPException(422, f"{moment.isoformat()} has no UTC offset (add Z or ±hh:mm)")
-    return int(moment.timestamp() * 1000)
 
 
 @router.get("/events", response_model=EventList, summary="Events, newest first", responses=AUTH)
@@ -60,8 +53,8 @@ async def list_events(
         source=source,
         alarm=alarm,
         acked=acked,
-        since_ms=_ms(since),
-        until_ms=_ms(until),
+        since_ms=epoch_ms(since),
+        until_ms=epoch_ms(until),
         limit=limit,
         offset=offset,
     )

@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import ApiContext, context
-from gateway.api.routes.requests import REFUSED, refused, ts_ms
+from gateway.api.moments import epoch_ms
+from gateway.api.routes.requests import REFUSED, refused
 from gateway.api.schemas import ErrorBody
 from gateway.durations import parse_duration
 from gateway.services import needs
@@ -146,7 +147,7 @@ async def hotspots(
     alpha: Annotated[float, Query(gt=0, le=0.5)] = 0.001,
     min_count: Annotated[int, Query(ge=1, le=10_000)] = 3,
 ) -> Hotspots:
-    window_end = ts_ms(end) or int(time.time() * 1000)
+    window_end = epoch_ms(end, default=int(time.time() * 1000))
     window_start = window_end - duration_ms(window, "window")
     baseline_start = window_start - duration_ms(baseline, "baseline")
     items = await ctx.desk.hotspots(window_start, window_end, baseline_start, alpha, min_count)
@@ -169,8 +170,8 @@ async def hotspots(
     responses=BAD,
 )
 async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datetime | None = None) -> Heatmap:
-    end_ms = ts_ms(end) or int(time.time() * 1000)
-    start_ms = ts_ms(start) or end_ms - 7 * 86_400_000
+    end_ms = epoch_ms(end, default=int(time.time() * 1000))
+    start_ms = epoch_ms(start, default=end_ms - 7 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
     signals = await ctx.desk.signals(start_ms, end_ms)
@@ -202,7 +203,7 @@ async def proposals(ctx: Ctx, _: Reader) -> ProposalList:
 )
 async def create_proposal(ctx: Ctx, who: Operator, body: ProposalIn) -> Proposal:
     created = await ctx.desk.create_proposal(
-        body.title, body.description, body.need_ids, ts_ms(body.closes), f"{who.role}:{who.token_id}"
+        body.title, body.description, body.need_ids, epoch_ms(body.closes), f"{who.role}:{who.token_id}"
     )
     return Proposal.model_validate(created)
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import Principal, require_api_key
 from gateway.api.context import ApiContext, context
+from gateway.api.moments import epoch_ms
 from gateway.services import open311
 from gateway.services.intake import IntakeError, open311_request
 from gateway.services.lifecycle import OPEN311_CLOSED, STATES
@@ -205,16 +206,6 @@ async def service_definition(
     return respond(fmt, "service_definition", open311.service_definition(service))
 
 
-def _moment(value: datetime | None, name: str) -> int | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise HTTPException(
-            400, f"{name} must carry a UTC offset (W3C date-time, e.g. 2026-11-25T08:00:00+08:00)"
-        )
-    return int(value.timestamp() * 1000)
-
-
 @router.get(
     "/requests.{fmt}",
     summary="Service requests, filtered as the spec says (newest first, at most 1000)",
@@ -242,8 +233,8 @@ async def list_requests(
         ids = [i.strip() for i in service_request_id.split(",") if i.strip()][:MAX_RESULTS]
         found = await ctx.desk.requests(ids=ids, limit=MAX_RESULTS) if ids else []
     else:
-        start = _moment(start_date, "start_date")
-        end = _moment(end_date, "end_date")
+        start = epoch_ms(start_date, 400)
+        end = epoch_ms(end_date, 400)
         if start is None and end is None:
             end = int(time.time() * 1000) + 1
             start = end - 90 * DAY_MS

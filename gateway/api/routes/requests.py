@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import ApiContext, context
+from gateway.api.moments import epoch_ms
 from gateway.api.schemas import ErrorBody
 from gateway.services.intake import NewRating
 from gateway.services.lifecycle import State
@@ -135,14 +136,6 @@ class ProviderOut(BaseModel):
     workload: dict[str, int] = Field(description="Active requests by stage, plus active and overdue totals")
 
 
-def ts_ms(moment: datetime | None) -> int | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        raise HTTPException(422, f"{moment.isoformat()} has no UTC offset (add Z or ±hh:mm)")
-    return int(moment.timestamp() * 1000)
-
-
 def refused(exc: Exception) -> HTTPException:
     if isinstance(exc, DeskError):
         return HTTPException(exc.status, str(exc))
@@ -167,8 +160,8 @@ async def list_requests(
         codes=[service_code] if service_code else None,
         provider_id=provider_id,
         building=building,
-        start_ms=ts_ms(since),
-        end_ms=ts_ms(until),
+        start_ms=epoch_ms(since),
+        end_ms=epoch_ms(until),
         limit=limit,
         offset=offset,
     )
@@ -205,7 +198,7 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
             body.note,
             body.provider_id,
             body.merged_into,
-            ts_ms(body.ts),
+            epoch_ms(body.ts),
         )
     except (DeskError, TransitionError) as exc:
         raise refused(exc) from None
@@ -219,7 +212,7 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
     responses=REFUSED,
 )
 async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> RatingResult:
-    when = ts_ms(body.ts) or int(time.time() * 1000)
+    when = epoch_ms(body.ts, default=int(time.time() * 1000))
     try:
         view, first = await ctx.desk.rate(
             NewRating(ticket, body.score, body.comment, when, f"{who.role}:{who.token_id}")
@@ -239,7 +232,7 @@ async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> Ratin
 async def assess(ctx: Ctx, _: Operator, body: AssessmentIn) -> AssessmentOut:
     try:
         saved = await ctx.desk.assess(
-            ts_ms=ts_ms(body.ts) or int(time.time() * 1000),
+            ts_ms=epoch_ms(body.ts, default=int(time.time() * 1000)),
             assessor=body.assessor,
             provider_id=body.provider_id,
             score=body.score,
