@@ -54,7 +54,8 @@ async def test_device_from_mosquitto_pub_reaches_api_and_timeseries(
             found = await device(client, "e2e-aq-1")
             return found if found and found["last_values"].get("pm25") == 12.5 else None
 
-        shown = await eventually(in_api, 2.0, "the device in the API")
+        # Latency is measured and printed here, never asserted (bench/ reports figures).
+        shown = await eventually(in_api, 10.0, "the device in the API")
         api_latency = time.monotonic() - started
         assert shown["online"] and shown["kind"] == "air_quality" and shown["building"] == "3"
         assert shown["fw"] == "1.4.2" and shown["last_seq"] == 1
@@ -64,7 +65,7 @@ async def test_device_from_mosquitto_pub_reaches_api_and_timeseries(
                 victoria.export, '{__name__=~"air_quality_.*",device_id="e2e-aq-1"}'
             )
 
-        series = await eventually(in_store, 2.0, "the points in VictoriaMetrics")
+        series = await eventually(in_store, 10.0, "the points in VictoriaMetrics")
         store_latency = time.monotonic() - started
         by_name = {s["metric"]["__name__"]: s for s in series}
         assert by_name["air_quality_pm25"]["values"] == [12.5]
