@@ -12,15 +12,20 @@ of the application's TaskGroup; it reconnects on its own, and returns or is canc
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Protocol
 
 from gateway.models import RawMessage
 
 
 class Ingress(Protocol):
-    """Where drivers put messages. `put` waits while the pipeline is full (back-pressure)."""
+    """Where drivers put messages. `put` waits while the pipeline is full (back-pressure).
 
-    async def put(self, batch: list[RawMessage]) -> None: ...
+    `on_durable` is called (on the event loop) once every message of the batch is durable in the
+    gateway, or refused and dead-lettered: the moment a driver may acknowledge them to its peer.
+    """
+
+    async def put(self, batch: list[RawMessage], on_durable: Callable[[], None] | None = None) -> None: ...
 
 
 class Driver(abc.ABC):

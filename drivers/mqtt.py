@@ -8,6 +8,12 @@ paho-mqtt runs its network loop in its own thread; messages cross to the event l
 deque in batches (one wake-up for many messages, no per-message task). When the pipeline falls
 behind, the paho thread waits, which stops reading the socket: back-pressure reaches the broker,
 which holds the messages, instead of the gateway's memory growing.
+
+Acknowledgements are manual: a QoS 1 message is acknowledged (PUBACK) only once the pipeline says
+it is durable in the gateway (local store and outbox committed) or refused and dead-lettered.
+A message the gateway dies holding is therefore redelivered by the broker, and the idempotent
+writes downstream make the replay land once. An ack never crosses a reconnection: packet ids
+are per connection, and the broker redelivers what the old connection left unacknowledged.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -49,6 +56,8 @@ class MqttDriver(Driver):
         self._batch_size = batch_size
         self._max_pending = max_pending
         self._pending: deque[RawMessage] = deque()
+        self._mids: deque[tuple[int, int, int]] = deque()  # (packet id, qos, connection) per message
+        self._generation = 0  # connection count: acks of an earlier connection are void
         self._room = threading.Event()
         self._room.set()
         self._wake = asyncio.Event()
@@ -75,8 +84,8 @@ class MqttDriver(Driver):
                 await self._wake.wait()
                 self._wake.clear()
                 while self._pending:
-                    batch = self._take(self._batch_size)
-                    await ingress.put(batch)
+                    batch, acks = self._take(self._batch_size)
+                    await ingress.put(batch, acks)
                     if len(self._pending) < self._max_pending // 2:
                         self._room.set()
                 if self._stopping and not client.is_connected():
@@ -116,6 +125,7 @@ class MqttDriver(Driver):
             client_id=self._client_id,
             clean_session=s.clean_start,
             protocol=paho.MQTTv311,
+            manual_ack=True,
         )
         if s.username:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
@@ -136,6 +146,7 @@ class MqttDriver(Driver):
             self.last_error = f"broker {self._settings.url} refused the connection: {reason}"
             log.error("%s (check CGW_MQTT__USERNAME / CGW_MQTT__PASSWORD)", self.last_error)
             return
+        self._generation += 1
         client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
         self.last_error = None
         self._set_connected(True)
@@ -160,6 +171,8 @@ class MqttDriver(Driver):
         except UnicodeDecodeError:
             # Kept (and then refused with a reason) rather than dropped inside paho.
             topic = msg._topic.decode("utf-8", errors="replace")
+        # The packet id goes in first: the event loop reads `_pending` and then `_mids`.
+        self._mids.append((msg.mid, msg.qos, self._generation))
         self._pending.append((topic, bytes(msg.payload), time.time_ns() // 1_000_000))
         if not self._wake_scheduled and self._loop is not None:
             self._wake_scheduled = True
@@ -182,7 +195,20 @@ class MqttDriver(Driver):
         self._wake_scheduled = False
         self._wake.set()
 
-    def _take(self, n: int) -> list[RawMessage]:
-        pending = self._pending
+    def _take(self, n: int) -> tuple[list[RawMessage], Callable[[], None]]:
+        pending, mids = self._pending, self._mids
         count = min(n, len(pending))
-        return [pending.popleft() for _ in range(count)]
+        batch = [pending.popleft() for _ in range(count)]
+        ids = [mids.popleft() for _ in range(count)]
+        client = self._client
+
+        def acknowledge() -> None:
+            if client is None:
+                return
+            current = self._generation
+            for mid, qos, generation in ids:
+                # A message of an earlier connection is redelivered by the broker to this one.
+                if qos and generation == current:
+                    client.ack(mid, qos)
+
+        return batch, acknowledge

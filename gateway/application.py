@@ -24,7 +24,7 @@ from gateway.api.app import create_app
 from gateway.api.context import ApiContext
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
-from gateway.pipeline.route import Router, Sink
+from gateway.pipeline.route import Router
 from gateway.pipeline.run import Pipeline
 from gateway.profiles import load_profiles
 from gateway.registry import DeviceRegistry, load_inventory
@@ -35,6 +35,7 @@ from gateway.settings import Settings
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
 from gateway.store.maintenance import StoreMaintenance
+from gateway.store.outbox import Outbox
 from gateway.store.queries import StoreReader
 from gateway.store.writer import StoreWriter
 from gateway.stream import StreamHub
@@ -74,13 +75,23 @@ class Gateway:
             settings.services.check_interval_s,
         )
         self.hub = StreamHub(self.metrics, settings.api.stream_queue)
-        self.writer = StoreWriter(settings.db_path, self.metrics, settings.pipeline.queue_size)
+        self.outbox = Outbox(settings.outbox.max_bytes, settings.outbox.when_full)
+        self.influx = (
+            InfluxSink(settings.influx, settings.community, self.metrics, settings.db_path, self.outbox)
+            if settings.influx.enabled
+            else None
+        )
+        self.writer = StoreWriter(
+            settings.db_path,
+            self.metrics,
+            settings.pipeline.queue_size,
+            self.outbox,
+            [self.influx.encode] if self.influx is not None else [],
+        )
+        if self.influx is not None:
+            self.writer.on_commit(self.influx.wake)
         self.reader = StoreReader(settings.db_path, int(settings.store.raw_retention.total_seconds() * 1000))
         self.maintenance = StoreMaintenance(self.writer, settings.store)
-        self.influx = (
-            InfluxSink(settings.influx, settings.community, self.metrics) if settings.influx.enabled else None
-        )
-        sinks: list[Sink] = [self.influx] if self.influx is not None else []
         self.mqtt = MqttDriver(
             settings.mqtt, settings.mqtt_client_id, self.metrics, settings.pipeline.batch_size
         )
@@ -99,7 +110,7 @@ class Gateway:
             window,
             settings.mqtt.max_payload_bytes,
         )
-        self.router = Router(self.writer, sinks, self.hub, self.desk, self.mqtt.publish)
+        self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
         self.pipeline = Pipeline(
             self.processor,
             self.router,

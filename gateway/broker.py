@@ -69,6 +69,9 @@ class LocalBroker:
             "persistence true\n"
             f"persistence_location {folder}/\n"
             "max_queued_messages 100000\n"
+            # The gateway acknowledges only once a message is durable (after a commit), so a
+            # window of 20 in flight (the default) would cap its intake: allow a commit's worth.
+            "max_inflight_messages 1000\n"
             "log_dest stderr\n"
             "log_type error\n"
         )

@@ -94,9 +94,6 @@ class InfluxSettings(_Section):
     batch_size: int = Field(5000, ge=1, le=100_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     timeout_s: float = Field(10.0, gt=0, le=300)
-    # Points kept in memory while the store is unreachable; beyond it the oldest telemetry goes
-    # (counted). Issue 4 replaces this with the durable outbox.
-    buffer_points: int = Field(200_000, ge=1000)
 
     @field_validator("url")
     @classmethod
@@ -108,6 +105,13 @@ class InfluxSettings(_Section):
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+
+class OutboxSettings(_Section):
+    """The durable outbox of the outbound sinks (docs/reliability.md)."""
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024, description="bound of the outbox on disk")
+    when_full: Literal["drop_oldest_telemetry", "block"] = "drop_oldest_telemetry"
 
 
 class ApiSettings(_Section):
@@ -191,6 +195,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttSettings = MqttSettings()
     influx: InfluxSettings = InfluxSettings()
+    outbox: OutboxSettings = OutboxSettings()
     api: ApiSettings = ApiSettings()
     store: StoreSettings = StoreSettings()
     pipeline: PipelineSettings = PipelineSettings()

@@ -42,6 +42,16 @@ class GatewayMetrics:
             "cgw_sink_buffered_points", "Points waiting to be written", ["sink"], registry=r
         )
         self.sink_up = Gauge("cgw_sink_up", "1 while the sink's last write succeeded", ["sink"], registry=r)
+        self.outbox_bytes = Gauge("cgw_outbox_bytes", "Size of the durable outbox", registry=r)
+        self.outbox_pending = Gauge(
+            "cgw_outbox_pending_points",
+            "Points in the outbox not yet accepted by a sink",
+            ["sink"],
+            registry=r,
+        )
+        self.outbox_dropped = Counter(
+            "cgw_outbox_dropped_points", "Telemetry points dropped because the outbox was full", registry=r
+        )
         self.driver_connected = Gauge(
             "cgw_driver_connected", "1 while a driver is connected", ["driver"], registry=r
         )

@@ -105,8 +105,8 @@ class Hotspot:
 
     building: str = "3"
     service_code: str = "facility.elevator"
-    day: int = -1  # day index from the start; -1: the last day
-    start_hour: int = 7
+    day: int = -1  # day index from the start; -1: the last 24 hours, whatever the time of day
+    start_hour: int = 7  # on a given day; the last-24-hours hotspot ends two hours before the end
     hours: int = 12
     requests: int = 24
     device_id: str | None = "b03-elev-1"  # reports the fault that starts it
@@ -201,8 +201,12 @@ class ServiceSimulation:
             hour_ms += HOUR_MS
         spot = cfg.hotspot
         if spot is not None:
-            day = spot.day if spot.day >= 0 else cfg.days - 1
-            first = log.start_ms - log.start_ms % DAY_MS + day * DAY_MS + spot.start_hour * HOUR_MS
+            if spot.day >= 0:
+                first = log.start_ms - log.start_ms % DAY_MS + spot.day * DAY_MS + spot.start_hour * HOUR_MS
+            else:
+                # Relative to the end, not to a calendar day: "today's" hotspot is then inside the
+                # gateway's default one-day window at any time of day.
+                first = log.end_ms - (spot.hours + 2) * HOUR_MS
             first = max(log.start_ms, min(first, log.end_ms - spot.hours * HOUR_MS))
             for _ in range(spot.requests):
                 out.append(

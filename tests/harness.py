@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import orjson
+from fastapi.testclient import TestClient
 
 from gateway.application import Gateway
 from gateway.settings import Settings, load_settings
@@ -121,3 +122,26 @@ async def live_stream(
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+
+
+@contextmanager
+def served(gateway: Gateway) -> Iterator[TestClient]:
+    """The API in-process, with the store writer (opened by the caller) running in the client's
+    event loop as in a running gateway: answers that wait until something is durable get it."""
+    with TestClient(gateway.api) as client:
+
+        async def start() -> asyncio.Task[None]:
+            return asyncio.create_task(gateway.writer.run())
+
+        task = client.portal.call(start)
+        try:
+            yield client
+        finally:
+
+            async def stop() -> None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+                await gateway.writer.close()
+
+            client.portal.call(stop)

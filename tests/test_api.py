@@ -23,7 +23,7 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from gateway.application import Gateway
 from gateway.models import DeviceEvent, Reading
 from gateway.pipeline.process import Processed
-from tests.harness import gateway_settings
+from tests.harness import gateway_settings, served
 
 BASE_MS = (int(time.time()) - 3600) * 1000  # within raw retention
 
@@ -66,7 +66,6 @@ def build_gateway(data_dir: Path) -> Gateway:
                 )
             ]
         )
-        await gateway.writer.close()
 
     asyncio.run(prepare())
     return gateway
@@ -81,7 +80,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> Iterator[TestClient]:
-    with TestClient(gateway.api) as test_client:
+    with served(gateway) as test_client:
         yield test_client
 
 

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,19 +16,53 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.models import DeviceEvent, PresenceChange, Reading
+from gateway.pipeline.process import Processed
 from gateway.settings import InfluxSettings
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines
 from gateway.stats import GatewayMetrics
+from gateway.store.outbox import Outbox, Policy
+from gateway.store.writer import StoreWriter
 from tests.harness import eventually
 
 NOW = int(time.time() * 1000)
 
 
-def sink_for(url: str, **overrides: Any) -> tuple[InfluxSink, GatewayMetrics]:
-    metrics = GatewayMetrics()
-    settings = InfluxSettings(url=url, token="t", org="o", bucket="b", flush_interval_s=0.05, **overrides)
-    return InfluxSink(settings, "testville", metrics), metrics
+class Pipe:
+    """The real path to InfluxDB: the store writer commits batches and their outbox rows, the sink
+    drains the outbox. `submit` returns once the batch is durable."""
+
+    def __init__(self, db: Path, url: str, max_bytes: int = 10**9, policy: Policy = "drop_oldest_telemetry",
+                 **overrides: Any) -> None:  # fmt: skip
+        self.metrics = GatewayMetrics()
+        self.outbox = Outbox(max_bytes, policy)
+        settings = InfluxSettings(url=url, token="t", org="o", bucket="b", flush_interval_s=0.05, **overrides)
+        self.sink = InfluxSink(settings, "testville", self.metrics, db, self.outbox)
+        self.writer = StoreWriter(db, self.metrics, 64, self.outbox, [self.sink.encode])
+        self.writer.on_commit(self.sink.wake)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Pipe:
+        await self.writer.open()
+        self._tasks = [asyncio.create_task(self.writer.run()), asyncio.create_task(self.sink.run())]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.sink.close()
+        await self.writer.close()
+
+    async def submit(
+        self,
+        readings: list[Reading],
+        events: list[DeviceEvent] = (),
+        presence: list[PresenceChange] = (),  # type: ignore[assignment]
+    ) -> None:
+        await self.writer.put_durable(
+            Processed(readings=list(readings), events=list(events), presence=list(presence))
+        )
 
 
 def outcome(metrics: GatewayMetrics, name: str) -> float:
@@ -93,10 +128,9 @@ def test_every_line_parses_as_one_point(
 # -- against VictoriaMetrics --------------------------------------------------------------------
 
 
-async def test_points_land_once_with_their_tags_values_and_times(victoria: Any) -> None:
-    sink, metrics = sink_for(victoria.url)
-    runner = asyncio.create_task(sink.run())
-    try:
+async def test_points_land_once_with_their_tags_values_and_times(victoria: Any, tmp_path: Path) -> None:
+    async with Pipe(tmp_path / "s.db", victoria.url) as pipe:
+        sink, metrics = pipe.sink, pipe.metrics
         readings = [
             Reading("lp-aq-1", "air_quality", NOW - 2000 + i, {"pm25": 10.0 + i, "co2_ppm": 400 + i}, i, "3")
             for i in range(5)
@@ -113,8 +147,8 @@ async def test_points_land_once_with_their_tags_values_and_times(victoria: Any) 
             "3",
         )
         presence = PresenceChange("lp-aq-1", "air_quality", NOW - 400, True, "birth", "3")
-        await sink.submit(readings, [event], [presence])
-        await sink.submit(readings, [event], [presence])  # a replay lands once
+        await pipe.submit(readings, [event], [presence])
+        await pipe.submit(readings, [event], [presence])  # a replay lands once
         assert await sink.drain(5)
         series = await asyncio.to_thread(victoria.export, '{__name__=~"air_quality_.*",device_id="lp-aq-1"}')
         by_name = {s["metric"]["__name__"]: s for s in series}
@@ -140,32 +174,32 @@ async def test_points_land_once_with_their_tags_values_and_times(victoria: Any) 
         )
         assert online[0]["values"] == [1] and online[0]["metric"]["reason"] == "birth"
         assert outcome(metrics, "written") == 2 * (6 + 2)
-        assert sink.healthy
-    finally:
-        runner.cancel()
-        await sink.close()
+        assert sink.healthy and pipe.outbox.bytes == 0
 
 
-async def test_an_outage_loses_nothing_and_keeps_order(victoria_private: Any) -> None:
-    sink, metrics = sink_for(victoria_private.url, timeout_s=1)
-    runner = asyncio.create_task(sink.run())
-    try:
-        await sink.submit([Reading("out-1", "generic", NOW - 3000, {"v": 0.0}, 0)], [], [])
-        assert await sink.drain(5)
+async def test_an_outage_loses_nothing_keeps_order_and_survives_a_restart(
+    victoria_private: Any, tmp_path: Path
+) -> None:
+    db = tmp_path / "s.db"
+    async with Pipe(db, victoria_private.url, timeout_s=1) as pipe:
+        await pipe.submit([Reading("out-1", "generic", NOW - 3000, {"v": 0.0}, 0)])
+        assert await pipe.sink.drain(5)
         victoria_private.stop()
-        for i in range(1, 200):
-            await sink.submit([Reading("out-1", "generic", NOW - 3000 + i, {"v": float(i)}, i)], [], [])
-        await eventually(_probe(lambda: not sink.healthy), 10, "the sink to notice the outage")
-        assert "cannot reach InfluxDB" in (sink.last_error or "")
-        assert sink.buffered > 0
+        for i in range(1, 100):
+            await pipe.submit([Reading("out-1", "generic", NOW - 3000 + i, {"v": float(i)}, i)])
+        await eventually(_probe(lambda: not pipe.sink.healthy), 10, "the sink to notice the outage")
+        assert "cannot reach InfluxDB" in (pipe.sink.last_error or "")
+        assert pipe.sink.buffered == 99
+    # The gateway stops (or dies) with the backlog on disk; the next run sends it.
+    async with Pipe(db, victoria_private.url, timeout_s=1) as pipe:
+        assert pipe.sink.buffered == 99
+        for i in range(100, 200):
+            await pipe.submit([Reading("out-1", "generic", NOW - 3000 + i, {"v": float(i)}, i)])
         victoria_private.start()
-        assert await sink.drain(30)
+        assert await pipe.sink.drain(30)
         series = await asyncio.to_thread(victoria_private.export, '{__name__="generic_v",device_id="out-1"}')
         assert series[0]["values"] == [float(i) for i in range(200)]
-        assert sink.healthy and outcome(metrics, "failed") > 0 and outcome(metrics, "dropped") == 0
-    finally:
-        runner.cancel()
-        await sink.close()
+        assert pipe.sink.healthy and outcome(pipe.metrics, "written") == 199  # the first was sent before
 
 
 def _probe(fn: Any) -> Any:
@@ -175,19 +209,42 @@ def _probe(fn: Any) -> Any:
     return probe
 
 
-async def test_a_full_buffer_drops_the_oldest_telemetry_before_any_event() -> None:
-    # Nothing listens at this address: everything stays buffered.
-    sink, metrics = sink_for("http://127.0.0.1:9", buffer_points=1000)
-    event = DeviceEvent("full-1", "generic", NOW, "fault", "critical", "kept", {}, "device")
-    await sink.submit([], [event], [])
-    for i in range(1500):
-        await sink.submit([Reading("full-1", "generic", NOW + i, {"v": float(i)})], [], [])
-    assert sink.buffered == 1000
-    assert outcome(metrics, "dropped") == 501 and outcome(metrics, "dropped_event") == 0
-    batch = sink._take(2000)
-    assert batch[0].startswith("device_event")  # events go first and were kept
-    assert batch[1].endswith(f" {NOW + 501}") and batch[-1].endswith(f" {NOW + 1499}")  # the newest telemetry
-    await sink.close()
+async def test_a_full_outbox_drops_the_oldest_telemetry_and_never_an_event(tmp_path: Path) -> None:
+    # Nothing listens at this address: everything stays in the outbox, bounded at 20 kB.
+    async with Pipe(tmp_path / "s.db", "http://127.0.0.1:9", max_bytes=20_000) as pipe:
+        event = DeviceEvent("full-1", "generic", NOW, "fault", "critical", "kept", {}, "device")
+        await pipe.submit([], [event])
+        for i in range(1500):
+            await pipe.submit([Reading("full-1", "generic", NOW + i, {"v": float(i)})])
+        assert pipe.outbox.bytes <= 20_000
+        dropped = pipe.outbox.dropped_points
+        assert dropped > 1000 and pipe.metrics.outbox_dropped._value.get() == dropped
+        taken = await pipe.sink._call(pipe.sink._take)
+        lines = taken.body.split("\n")
+        assert lines[0].startswith("device_event")  # the event was kept, and goes first
+        assert lines[1].endswith(f" {NOW + dropped}")  # the oldest telemetry went first
+        assert lines[-1].endswith(f" {NOW + 1499}")  # the newest telemetry is there
+        assert len(lines) == 1 + 1500 - dropped
+
+
+async def test_a_full_outbox_under_block_slows_intake_until_the_sink_drains(
+    victoria_private: Any, tmp_path: Path
+) -> None:
+    victoria_private.stop()
+    async with Pipe(
+        tmp_path / "s.db", victoria_private.url, max_bytes=5_000, policy="block", timeout_s=1
+    ) as pipe:
+        sent = 0
+        with pytest.raises(TimeoutError):
+            for sent in range(1000):
+                await asyncio.wait_for(pipe.submit([Reading("blk-1", "generic", NOW + sent, {"v": 1.0})]), 3)
+        assert "outbox is full" in (pipe.writer.last_error or "") and pipe.outbox.dropped_points == 0
+        victoria_private.start()
+        assert await pipe.sink.drain(30)
+        await pipe.writer.drain()  # the waiting batch went in once there was room
+        assert await pipe.sink.drain(30)
+        series = await asyncio.to_thread(victoria_private.export, '{__name__="generic_v",device_id="blk-1"}')
+        assert len(series[0]["values"]) == sent + 1
 
 
 class _Refusing(BaseHTTPRequestHandler):
@@ -211,22 +268,20 @@ class _Refusing(BaseHTTPRequestHandler):
     ("status", "kept", "text"),
     [(401, True, "CGW_INFLUX__TOKEN"), (404, True, "CGW_INFLUX__BUCKET"), (400, False, "")],
 )
-async def test_refusals_are_reported_and_only_bad_data_is_dropped(status: int, kept: bool, text: str) -> None:
+async def test_refusals_are_reported_and_only_bad_data_is_dropped(
+    status: int, kept: bool, text: str, tmp_path: Path
+) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
     server.status = status  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    sink, metrics = sink_for(f"http://127.0.0.1:{server.server_address[1]}")
-    runner = asyncio.create_task(sink.run())
-    try:
-        await sink.submit([Reading("ref-1", "generic", NOW, {"v": 1.0})], [], [])
+    async with Pipe(tmp_path / "s.db", f"http://127.0.0.1:{server.server_address[1]}") as pipe:
+        sink, metrics = pipe.sink, pipe.metrics
+        await pipe.submit([Reading("ref-1", "generic", NOW, {"v": 1.0})])
         if kept:
             await eventually(_probe(lambda: not sink.healthy), 5, "the refusal")
             assert text in (sink.last_error or "") and sink.buffered == 1
         else:
             await eventually(_probe(lambda: outcome(metrics, "rejected") == 1), 5, "the rejected batch")
             assert sink.buffered == 0
-    finally:
-        runner.cancel()
-        await sink.close()
-        server.shutdown()
+    server.shutdown()

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.application import Gateway
-from tests.harness import gateway_settings
+from tests.harness import gateway_settings, served
 
 SERVICE_FIELDS = {"service_code", "service_name", "description", "metadata", "type", "keywords", "group"}
 ATTRIBUTE_FIELDS = {
@@ -59,10 +59,11 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     gateway = Gateway(gateway_settings(tmp_path_factory.mktemp("open311"), "mqtt://127.0.0.1:1"))
 
     async def prepare() -> None:
+        await gateway.writer.open()
         await gateway.desk.open(gateway.router.deliver)
 
     asyncio.run(prepare())
-    with TestClient(gateway.api) as test_client:
+    with served(gateway) as test_client:
         yield test_client
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,9 @@ class Processed:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     devices: list[Device] = field(default_factory=list)  # changed, to persist
     terminal: list[TerminalMessage] = field(default_factory=list)  # for the service desk
+    lines: list[str] = field(default_factory=list)  # service records, as InfluxDB lines
+    # Called once everything above is durable (local store and outbox): acks to the broker.
+    on_durable: list[Callable[[], None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from gateway.models import DeviceEvent, PresenceChange, Reading, event_id
+from gateway.models import DeviceEvent, PresenceChange, event_id
 from gateway.pipeline.process import Processed
 from gateway.services.desk import DeskOutput, ServiceDesk
 from gateway.store.writer import StoreWriter
@@ -24,28 +24,15 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
 
 
-class Sink(Protocol):
-    """An outbound time-series sink (InfluxDB today)."""
-
-    async def submit(
-        self, readings: list[Reading], events: list[DeviceEvent], presence: list[PresenceChange]
-    ) -> None: ...
-
-    async def submit_lines(self, lines: list[str]) -> None:
-        """Already-built lines that must not be dropped (service records)."""
-
-
 class Router:
     def __init__(
         self,
         store: StoreWriter,
-        sinks: list[Sink],
         hub: StreamHub,
         desk: ServiceDesk | None = None,
         publish: Publish | None = None,
     ) -> None:
         self._store = store
-        self._sinks = sinks
         self._hub = hub
         self._desk = desk
         self._publish = publish
@@ -57,26 +44,45 @@ class Router:
             self._hub.publish("presence", presence_payload(change))
         for event in processed.events:
             self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
-        await self._store.put(processed)
-        if processed.readings or processed.events or processed.presence:
-            for sink in self._sinks:
-                await sink.submit(processed.readings, processed.events, processed.presence)
+        output: DeskOutput | None = None
         if self._desk is not None and (processed.terminal or processed.events):
-            await self.deliver(await self._desk.handle(processed.terminal, processed.events))
+            # Durable in the desk before anything is acknowledged to a terminal.
+            output = await self._desk.handle(processed.terminal, processed.events)
+            self._live(output)
+            processed.events.extend(output.events)
+            processed.dead_letters.extend(output.dead_letters)
+            processed.lines.extend(output.lines)
+            processed.on_durable.append(self._forwarded(output))
+        # One commit makes the batch durable in the local store and in every sink's outbox;
+        # the batch's on_durable callbacks (broker acks) run after it.
+        await self._store.put(processed)
+        if output is not None:
+            self._send_acks(output)
 
     async def deliver(self, output: DeskOutput) -> None:
-        """The service desk's output: durable in the desk already, now told to the world."""
+        """The service desk's own output (operators' actions, deadline checks): durable, then told."""
+        self._live(output)
+        batch = Processed(events=output.events, dead_letters=output.dead_letters, lines=output.lines)
+        batch.on_durable.append(self._forwarded(output))
+        await self._store.put_durable(batch)
+        self._send_acks(output)
+
+    def _live(self, output: DeskOutput) -> None:
         for name, data in output.stream:
             self._hub.publish(name, data)
         for event in output.events:
             self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
-        if output.events or output.dead_letters:
-            await self._store.put(Processed(events=output.events, dead_letters=output.dead_letters))
-        for sink in self._sinks:
-            if output.events:
-                await sink.submit([], output.events, [])
-            if output.lines:
-                await sink.submit_lines(output.lines)
+
+    def _forwarded(self, output: DeskOutput) -> Callable[[], None]:
+        desk, upto = self._desk, output.lines_upto
+
+        def done() -> None:
+            if desk is not None and upto:
+                desk.forwarded(upto)
+
+        return done
+
+    def _send_acks(self, output: DeskOutput) -> None:
         for topic, payload in output.acks:
             if self._publish is None:
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from gateway.models import RawMessage
 from gateway.pipeline.process import Processor
@@ -38,12 +39,15 @@ class Pipeline:
         self._router = router
         self._registry = registry
         self._metrics = metrics
-        self._inbox: asyncio.Queue[list[RawMessage]] = asyncio.Queue(maxsize=queue_size)
+        self._inbox: asyncio.Queue[tuple[list[RawMessage], Callable[[], None] | None]] = asyncio.Queue(
+            maxsize=queue_size
+        )
         self._sweep_interval_s = sweep_interval_s
         self._depth = metrics.queue_depth.labels(stage="inbox")
 
-    async def put(self, batch: list[RawMessage]) -> None:
-        await self._inbox.put(batch)
+    async def put(self, batch: list[RawMessage], on_durable: Callable[[], None] | None = None) -> None:
+        """Queue a driver's batch; `on_durable` is called once all of it is durable (or refused)."""
+        await self._inbox.put((batch, on_durable))
         self._depth.set(self._inbox.qsize())
 
     async def run(self) -> None:
@@ -53,12 +57,15 @@ class Pipeline:
         while True:
             timeout = max(0.0, next_sweep - loop.time())
             try:
-                batch = await asyncio.wait_for(self._inbox.get(), timeout)
+                item = await asyncio.wait_for(self._inbox.get(), timeout)
             except TimeoutError:
-                batch = None
-            if batch is not None:
+                item = None
+            if item is not None:
+                batch, on_durable = item
                 try:
                     processed = self._processor.process(batch)
+                    if on_durable is not None:
+                        processed.on_durable.append(on_durable)
                     await self._router.route(processed)
                 finally:
                     self._inbox.task_done()

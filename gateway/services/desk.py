@@ -32,7 +32,6 @@ from gateway.services.intake import (
 )
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.store import DeskError, ServiceStore, Step
-from gateway.sinks.lineprotocol import rating_line, service_step_lines
 from gateway.stats import GatewayMetrics
 from gateway.topics import device_topic
 
@@ -65,14 +64,14 @@ class DeskOutput:
     lines: list[str] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    lines_upto: int = 0  # the desk's kept lines up to this id are in `lines`
 
     def __bool__(self) -> bool:
         return bool(self.acks or self.stream or self.lines or self.events or self.dead_letters)
 
-    def step(self, step: Step, community: str, catalogue: Catalogue) -> None:
-        """Record a lifecycle step for the stream and the time-series store."""
+    def step(self, step: Step) -> None:
+        """A lifecycle step for the live stream (its time-series lines were kept by the store)."""
         self.stream.append(("request", {**step.request, "step": _step_view(step)}))
-        self.lines.extend(service_step_lines(step, community))
 
 
 def _step_view(step: Step) -> dict[str, Any]:
@@ -95,6 +94,7 @@ class ServiceDesk:
         self._metrics = metrics
         self._check_interval_s = check_interval_s
         self._deliver: Callable[[DeskOutput], Awaitable[None]] | None = None
+        self._forwarded_upto = 0  # set when the local store's outbox has the desk's lines
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -103,7 +103,11 @@ class ServiceDesk:
         await self._call(self._store.open)
 
     async def run(self) -> None:
-        """Process control: raise overdue and stalled alarms, every `check_interval_s`."""
+        """Process control: raise overdue and stalled alarms, every `check_interval_s`.
+
+        First it hands on the time-series lines an earlier run kept but did not forward.
+        """
+        await self._emit(DeskOutput())
         while True:
             await asyncio.sleep(self._check_interval_s)
             await self.check_deadlines(now_ms())
@@ -117,8 +121,20 @@ class ServiceDesk:
         return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
     async def _emit(self, out: DeskOutput) -> None:
+        await self._call(self._collect_lines, out)
         if out and self._deliver is not None:
             await self._deliver(out)
+
+    def _collect_lines(self, out: DeskOutput) -> None:
+        """Attach the kept lines not yet handed on; forget those the outbox already has."""
+        if self._forwarded_upto:
+            self._store.forwarded(self._forwarded_upto)
+        out.lines_upto, lines = self._store.unsent_lines()
+        out.lines.extend(lines)
+
+    def forwarded(self, upto: int) -> None:
+        """Called once the local store committed lines up to `upto` into its outbox."""
+        self._forwarded_upto = max(self._forwarded_upto, upto)
 
     # -- from the pipeline ----------------------------------------------------------------------
 
@@ -127,6 +143,7 @@ class ServiceDesk:
         out = DeskOutput()
         if messages or events:
             await self._call(self._handle, messages, events, out)
+            await self._call(self._collect_lines, out)
         return out
 
     def _handle(self, messages: list[TerminalMessage], events: list[DeviceEvent], out: DeskOutput) -> None:
@@ -167,7 +184,7 @@ class ServiceDesk:
             )
         )
         if step is not None:
-            out.step(step, self._community, self.catalogue)
+            out.step(step)
 
     def _rating(self, message: TerminalMessage, out: DeskOutput) -> None:
         rating = terminal_rating(message.device_id, message.obj, message.ts_ms)
@@ -188,9 +205,8 @@ class ServiceDesk:
         out.stream.append(
             ("rating", {"service_request_id": view["id"], "score": rating.score, "ts_ms": rating.ts_ms})
         )
-        out.lines.append(rating_line(view, rating.score, rating.ts_ms, self._community))
         if step is not None:
-            out.step(step, self._community, self.catalogue)
+            out.step(step)
         return True
 
     def _vote(self, message: TerminalMessage, out: DeskOutput) -> None:
@@ -232,7 +248,7 @@ class ServiceDesk:
         self._store.link_signal(key, view["id"])
         self._metrics.service_requests.labels(source="sensor", outcome="accepted").inc()
         if step is not None:
-            out.step(step, self._community, self.catalogue)
+            out.step(step)
 
     # -- process control ------------------------------------------------------------------------
 
@@ -272,7 +288,7 @@ class ServiceDesk:
         ).inc()
         if step is not None:
             out = DeskOutput()
-            out.step(step, self._community, self.catalogue)
+            out.step(step)
             await self._emit(out)
         return view, step is not None
 
@@ -290,7 +306,7 @@ class ServiceDesk:
             self._store.transition, ticket, target, actor, note, provider_id, merged_into, ts_ms, now_ms()
         )
         out = DeskOutput()
-        out.step(step, self._community, self.catalogue)
+        out.step(step)
         await self._emit(out)
         return step.request
 

@@ -20,6 +20,7 @@ from gateway.services import lifecycle
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
 from gateway.services.lifecycle import State, TransitionError
+from gateway.sinks.lineprotocol import rating_line, service_step_lines
 from gateway.store.schema import connect
 
 MIGRATIONS: list[list[str]] = [
@@ -63,6 +64,10 @@ MIGRATIONS: list[list[str]] = [
             choice TEXT NOT NULL, ts_ms INTEGER NOT NULL, device_id TEXT, vote_key TEXT UNIQUE,
             PRIMARY KEY (proposal_id, household))""",
     ],
+    # 2: time-series lines written in the same transaction as the request they describe, until
+    # the local store's outbox has them (at-least-once; the lines are idempotent). AUTOINCREMENT:
+    # ids must never be reused once a prefix of the table has been forwarded and deleted.
+    ["CREATE TABLE outbox_lines (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)"],
 ]
 
 MAX_CLOCK_AHEAD_MS = 60_000
@@ -94,6 +99,7 @@ class ServiceStore:
         self._catalogue = catalogue
         self._community = community
         self._conn: sqlite3.Connection | None = None
+        self._sent_upto = 0  # outbox_lines handed on in this run
 
     def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +196,9 @@ class ServiceStore:
                     ),
                 )
             view = self._get(ticket)
-        return view, Step(view, None, "submitted", ts, actor, f"filed via {new.source}")
+            step = Step(view, None, "submitted", ts, actor, f"filed via {new.source}")
+            self._keep_lines(service_step_lines(step, self._community))
+        return view, step
 
     def transition(
         self,
@@ -259,7 +267,27 @@ class ServiceStore:
                 (ticket, ts, current, target, actor, text, updates.get("provider_id")),
             )
             view = self._get(ticket)
-        return Step(view, current, target, ts, actor, text)
+            step = Step(view, current, target, ts, actor, text)
+            self._keep_lines(service_step_lines(step, self._community))
+        return step
+
+    # -- time-series lines on their way to the outbox ------------------------------------------------
+
+    def _keep_lines(self, lines: list[str]) -> None:
+        self.conn.executemany("INSERT INTO outbox_lines (body) VALUES (?)", [(line,) for line in lines])
+
+    def unsent_lines(self) -> tuple[int, list[str]]:
+        """Lines not yet handed on in this run (after a restart: all not yet forwarded)."""
+        rows = self.conn.execute(
+            "SELECT id, body FROM outbox_lines WHERE id > ? ORDER BY id", (self._sent_upto,)
+        ).fetchall()
+        if rows:
+            self._sent_upto = rows[-1][0]
+        return self._sent_upto, [r[1] for r in rows]
+
+    def forwarded(self, upto: int) -> None:
+        """The local store's outbox has every line up to `upto`: they need not be kept here."""
+        self.conn.execute("DELETE FROM outbox_lines WHERE id <= ?", (upto,))
 
     def get(self, ticket: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM requests WHERE id = ?", (ticket,)).fetchone()
@@ -417,6 +445,9 @@ class ServiceStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 (rating.service_request_id, rating.ts_ms, rating.score, rating.comment, rating.rater),
             )
+            if cursor.rowcount == 1:
+                line = rating_line(request_view(row), rating.score, rating.ts_ms, self._community)
+                self._keep_lines([line])
         if cursor.rowcount == 0:
             return request_view(row), False, None
         step = None

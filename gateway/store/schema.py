@@ -42,6 +42,14 @@ MIGRATIONS: list[list[str]] = [
             presence_ms INTEGER, last_ts_ms INTEGER, last_seq INTEGER,
             last_values TEXT NOT NULL, pinned_kind INTEGER NOT NULL)""",
     ],
+    # 2: the durable outbox of the outbound sinks (gateway/store/outbox.py)
+    [
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, important INTEGER NOT NULL,
+            body TEXT NOT NULL, points INTEGER NOT NULL)""",
+        "CREATE INDEX outbox_sink ON outbox (sink, id)",
+        "CREATE INDEX outbox_droppable ON outbox (important, id)",
+    ],
 ]
 
 

@@ -1,8 +1,10 @@
 """The local store's single writer: batches in through a bounded queue, one SQLite thread out.
 
 Everything the pipeline produces is written here in large transactions (one commit for many
-messages). The queue is bounded, so a slow disk slows the pipeline instead of growing memory.
-Writes are idempotent: a replayed reading or event lands once (primary keys, INSERT OR IGNORE).
+messages), together with the outbound sinks' outbox rows, so one commit makes a message durable
+for the box and for every sink. Only then are the batches' `on_durable` callbacks run (they
+acknowledge the messages to the broker). The queue is bounded, so a slow disk slows the pipeline
+instead of growing memory. Writes are idempotent: a replayed reading or event lands once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from gateway.models import event_id
 from gateway.pipeline.process import Processed
 from gateway.registry import Device
 from gateway.stats import GatewayMetrics
+from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
 from gateway.store.schema import connect, migrate
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,19 @@ MINUTE_MS = 60_000
 class StoreWriter:
     """Owns the write connection; `run()` is its task, `put()` feeds it."""
 
-    def __init__(self, path: Path, metrics: GatewayMetrics, queue_size: int = 64) -> None:
+    def __init__(
+        self,
+        path: Path,
+        metrics: GatewayMetrics,
+        queue_size: int = 64,
+        outbox: Outbox | None = None,
+        encoders: list[Callable[[list[Processed]], list[OutboxRow]]] | None = None,
+    ) -> None:
         self._path = path
         self._metrics = metrics
+        self._outbox = outbox
+        self._encoders = encoders or []
+        self._listeners: list[Callable[[], None]] = []
         self._queue: asyncio.Queue[Processed] = asyncio.Queue(maxsize=queue_size)
         # One thread, so the one connection is only ever used from it.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-store")
@@ -54,6 +67,8 @@ class StoreWriter:
     def _open(self) -> list[Device]:
         self._conn = connect(self._path)
         migrate(self._conn)
+        if self._outbox is not None:
+            self._outbox.load(self._conn)
         return [_device_from_row(row) for row in self._conn.execute(_SELECT_DEVICES)]
 
     async def put(self, processed: Processed) -> None:
@@ -68,9 +83,30 @@ class StoreWriter:
             while not self._queue.empty() and len(batches) < 64:
                 batches.append(self._queue.get_nowait())
             await self._write_with_retry(batches)
+            for batch in batches:
+                for done in batch.on_durable:
+                    done()
+            for listener in self._listeners:
+                listener()
             for _ in batches:
                 self._queue.task_done()
             self._metrics.queue_depth.labels(stage="store").set(self._queue.qsize())
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) after each commit: the sinks wake up with it."""
+        self._listeners.append(listener)
+
+    async def put_durable(self, processed: Processed) -> None:
+        """Queue a batch and wait until it is committed (for callers who answer a client)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def committed() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        processed.on_durable.append(committed)
+        await self.put(processed)
+        await done
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written."""
@@ -112,13 +148,15 @@ class StoreWriter:
                 self._metrics.store_write_seconds.observe(time.perf_counter() - started)
                 self.last_error = None
                 return
-            except sqlite3.Error as exc:
-                # Disk full or locked: keep the batch and try again; the bounded queue upstream
-                # turns this into back-pressure instead of loss.
-                self.last_error = f"local store write failed: {exc}"
-                log.error("%s; retrying in %.1f s", self.last_error, delay)
+            except (sqlite3.Error, OutboxFull) as exc:
+                # Disk full, locked, or an outbox that may not drop what it holds: keep the batch
+                # and try again; the bounded queue upstream turns this into back-pressure.
+                full = isinstance(exc, OutboxFull)
+                self.last_error = str(exc) if full else f"local store write failed: {exc}"
+                (log.warning if full else log.error)("%s; retrying in %.1f s", self.last_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                # An outbox waiting for a sink is checked often: the sink may drain at any moment.
+                delay = min(delay * 2, 1.0 if full else 10.0)
 
     def _write(self, batches: list[Processed]) -> None:
         conn = self.connection
@@ -179,6 +217,11 @@ class StoreWriter:
                 letters,
             )
             conn.executemany(_UPSERT_DEVICE, [_device_row(d) for d in devices.values()])
+            dropped = 0
+            if self._outbox is not None:
+                rows = [row for encode in self._encoders for row in encode(batches)]
+                if rows:
+                    dropped = self._outbox.append(conn, rows)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -186,6 +229,11 @@ class StoreWriter:
         self._metrics.store_writes.labels(table="telemetry").inc(len(telemetry))
         self._metrics.store_writes.labels(table="events").inc(len(events))
         self._metrics.store_writes.labels(table="dead_letters").inc(len(letters))
+        if dropped:
+            self._metrics.outbox_dropped.inc(dropped)
+            log.warning("outbox full: dropped the %d oldest telemetry points", dropped)
+        if self._outbox is not None:
+            self._metrics.outbox_bytes.set(self._outbox.bytes)
 
     async def save_devices(self, devices: list[Device]) -> None:
         """Persist device snapshots (last values, presence) outside the pipeline's batches."""

@@ -1,0 +1,149 @@
+"""The durable outbox: what each outbound sink still has to send, on disk, bounded, in order.
+
+Rows are appended by the store writer in the same transaction as the local store's own rows, so
+a message is durable for the sinks exactly when it is durable locally (and only then is it
+acknowledged to the broker). Each sink drains its rows in id order from its own connection and
+deletes what the far side accepted. One row holds many points (one writer transaction's worth),
+so the outbox costs a few rows per commit, not one per point.
+
+When the outbox reaches `outbox.max_bytes`, the policy decides: `drop_oldest_telemetry` deletes
+the oldest telemetry rows (counted), `block` makes the writer wait. Important rows (events,
+presence changes, service records) are never dropped: with only those left, the writer waits,
+the pipeline waits, and the broker holds the messages.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+Policy = Literal["drop_oldest_telemetry", "block"]
+
+
+class OutboxFull(Exception):
+    """Nothing may be dropped to make room: the writer must wait for the sinks to drain."""
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    sink: str
+    important: bool
+    body: str
+    points: int
+
+
+@dataclass(slots=True)
+class Taken:
+    last_id: int
+    body: str
+    points: int
+    rows: int
+
+
+class Outbox:
+    """Shared by the writer (appends, on its thread) and the sinks (take and acknowledge)."""
+
+    def __init__(self, max_bytes: int, policy: Policy) -> None:
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._points: dict[str, int] = {}
+        self.dropped_points = 0
+
+    # -- writer side (inside the writer's transaction) -----------------------------------------
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        """Size and per-sink backlog of what an earlier run left behind."""
+        with self._lock:
+            self._bytes = conn.execute("SELECT COALESCE(SUM(length(body)), 0) FROM outbox").fetchone()[0]
+            self._points = dict(conn.execute("SELECT sink, SUM(points) FROM outbox GROUP BY sink").fetchall())
+
+    def append(self, conn: sqlite3.Connection, rows: list[OutboxRow]) -> int:
+        """Insert rows, making room first; returns telemetry points dropped to make room."""
+        size = sum(len(r.body) for r in rows)
+        dropped = 0
+        with self._lock:
+            over = self._bytes + size - self.max_bytes
+        if over > 0:
+            if self.policy == "block":
+                raise OutboxFull(f"the outbox is full ({self.max_bytes} bytes) and the policy is block")
+            dropped = self._drop_oldest_telemetry(conn, over)
+        conn.executemany(
+            "INSERT INTO outbox (sink, important, body, points) VALUES (?, ?, ?, ?)",
+            [(r.sink, int(r.important), r.body, r.points) for r in rows],
+        )
+        with self._lock:
+            self._bytes += size
+            for r in rows:
+                self._points[r.sink] = self._points.get(r.sink, 0) + r.points
+        return dropped
+
+    def _drop_oldest_telemetry(self, conn: sqlite3.Connection, need: int) -> int:
+        freed = dropped = 0
+        victims: list[int] = []
+        per_sink: dict[str, int] = {}
+        for row_id, sink, length, points in conn.execute(
+            "SELECT id, sink, length(body), points FROM outbox WHERE important = 0 ORDER BY id"
+        ):
+            if freed >= need:
+                break
+            victims.append(row_id)
+            freed += length
+            dropped += points
+            per_sink[sink] = per_sink.get(sink, 0) + points
+        if freed < need:
+            raise OutboxFull(
+                f"the outbox is full ({self.max_bytes} bytes) of records that are never dropped; "
+                "waiting for the sinks to drain"
+            )
+        conn.executemany("DELETE FROM outbox WHERE id = ?", [(v,) for v in victims])
+        with self._lock:
+            self._bytes -= freed
+            for sink, points in per_sink.items():
+                self._points[sink] = self._points.get(sink, 0) - points
+            self.dropped_points += dropped
+        return dropped
+
+    # -- sink side (each sink's own connection) --------------------------------------------------
+
+    def take(self, conn: sqlite3.Connection, sink: str, max_points: int) -> Taken | None:
+        """The oldest rows of `sink`, up to `max_points` (at least one row), joined in order."""
+        bodies: list[str] = []
+        points = 0
+        last_id = 0
+        for row_id, body, n in conn.execute(
+            "SELECT id, body, points FROM outbox WHERE sink = ? ORDER BY id", (sink,)
+        ):
+            if bodies and points + n > max_points:
+                break
+            bodies.append(body)
+            points += n
+            last_id = row_id
+        if not bodies:
+            return None
+        return Taken(last_id, "\n".join(bodies), points, len(bodies))
+
+    def acknowledge(self, conn: sqlite3.Connection, sink: str, taken: Taken) -> None:
+        """The far side has what `taken` held: delete it (rows dropped meanwhile are gone already)."""
+        cursor = conn.execute(
+            "DELETE FROM outbox WHERE sink = ? AND id <= ? RETURNING length(body), points",
+            (sink, taken.last_id),
+        )
+        removed = cursor.fetchall()
+        with self._lock:
+            self._bytes -= sum(r[0] for r in removed)
+            self._points[sink] = self._points.get(sink, 0) - sum(r[1] for r in removed)
+
+    # -- figures ---------------------------------------------------------------------------------
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def pending(self, sink: str) -> int:
+        with self._lock:
+            return self._points.get(sink, 0)
