@@ -8,6 +8,7 @@ pure-Python amqtt broker keeps the demo working on a machine without it.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import shutil
 import socket
@@ -66,6 +67,9 @@ class LocalBroker:
         conf.write_text(
             f"listener {self._port} {self._host}\n"
             "allow_anonymous true\n"
+            # As root, Mosquitto would switch to the `mosquitto` user and could not write its
+            # persistence file into our data folder: stay whoever runs the demo.
+            f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {folder}/\n"
             "max_queued_messages 100000\n"

@@ -6,10 +6,13 @@ server, waits until it answers, and can be stopped, killed and restarted with it
 
 from __future__ import annotations
 
+import getpass
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,7 +97,9 @@ class MosquittoProcess(_Process):
     def _command(self) -> list[str]:
         conf = self.folder / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            # Run as root, Mosquitto would switch to the `mosquitto` user and could not write its
+            # persistence file here; `user` keeps it as whoever runs the tests.
+            f"listener {self.port} 127.0.0.1\nuser {getpass.getuser()}\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.folder}/\nmax_queued_messages 1000000\n"
             "max_inflight_messages 0\nlog_type error\nlog_type warning\n"
         )
@@ -147,3 +152,36 @@ class VictoriaMetricsProcess(_Process):
         response = httpx.post(f"{self.url}/api/v1/export", data={"match[]": match}, timeout=10)
         response.raise_for_status()
         return [orjson.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+class GatewayProcess(_Process):
+    """`cgw run` as an installer runs it, configured by environment variables; `kill()` is SIGKILL."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        super().__init__(folder)
+        self.env = {
+            **os.environ,
+            **env,
+            "CGW_DATA_DIR": str(folder / "data"),
+            "CGW_API__PORT": str(self.port),
+        }
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "gateway.cli", "run"]
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / "server.log").open("ab")
+        self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        _wait_port(self.port, self._process, timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.folder / "data" / "cgw.sqlite3"
+
+    def log_text(self) -> str:
+        return (self.folder / "server.log").read_text(errors="replace")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 5.0  # a write attempt every 5 s costs nothing, and the backlog starts soon after
 
 
 class InfluxSink:
@@ -121,11 +121,11 @@ class InfluxSink:
                     pass
                 self._wake.clear()
                 continue
+            self._buffered.set(self.buffered)
+            self._pending.set(self.buffered)
             if await self._write(taken):
                 await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
                 backoff = 0.5
-                self._buffered.set(self.buffered)
-                self._pending.set(self.buffered)
             else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

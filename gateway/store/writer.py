@@ -218,6 +218,7 @@ class StoreWriter:
             )
             conn.executemany(_UPSERT_DEVICE, [_device_row(d) for d in devices.values()])
             dropped = 0
+            rows: list[OutboxRow] = []
             if self._outbox is not None:
                 rows = [row for encode in self._encoders for row in encode(batches)]
                 if rows:
@@ -234,6 +235,8 @@ class StoreWriter:
             log.warning("outbox full: dropped the %d oldest telemetry points", dropped)
         if self._outbox is not None:
             self._metrics.outbox_bytes.set(self._outbox.bytes)
+            for sink in {row.sink for row in rows}:
+                self._metrics.outbox_pending.labels(sink=sink).set(self._outbox.pending(sink))
 
     async def save_devices(self, devices: list[Device]) -> None:
         """Persist device snapshots (last values, presence) outside the pipeline's batches."""

@@ -1,0 +1,315 @@
+"""Fault injection with real processes: `cgw run`, Mosquitto and VictoriaMetrics.
+
+Each test publishes numbered telemetry (and service requests from a terminal) with QoS 1 from a
+persistent session, breaks one part mid-stream, and then checks that every number is present
+exactly once in the local store and in the time-series store, and every request exactly once
+in the service desk and as a `submitted` point. docs/reliability.md names these tests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess
+
+pytestmark = pytest.mark.integration
+
+DEVICES = 10
+REQUEST_EVERY = 40  # one service request per this many telemetry messages
+VIEWER = "fault-viewer"
+
+
+class Publisher:
+    """Devices and a service terminal, publishing with QoS 1 from one persistent session.
+
+    paho keeps what the broker has not acknowledged and sends it again after a reconnect, as a
+    real device library does; so a broker restart loses nothing on this side either.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="fault-devices", clean_session=False)
+        self.client.max_inflight_messages_set(200)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.1, 1)
+        self._acked: set[int] = set()
+        self.client.on_publish = lambda _c, _u, mid, _rc, _p: self._acked.add(mid)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.sent = 0
+        self.requests: list[str] = []
+        self.base_ms = int(time.time() * 1000) - 3_600_000  # ts = base + number: one point per number
+        self._infos: list[paho.MQTTMessageInfo] = []
+
+    def publish(self, count: int, rate: float = 1000.0) -> None:
+        """`count` telemetry messages at about `rate` per second."""
+        started, interval = time.monotonic(), 1.0 / rate
+        for i in range(count):
+            n = self.sent
+            body = {"ts": self.base_ms + n, "seq": n, "metrics": {"v": n}}
+            self._send(f"cgw/v1/fault-{n % DEVICES}/telemetry", body)
+            if n % REQUEST_EVERY == 0:
+                request_id = f"req-{n}"
+                self.requests.append(request_id)
+                request = {
+                    "request_id": request_id,
+                    "service_code": "elderly.home_visit",
+                    "description": request_id,
+                    "location": {"building": "1", "unit": "1-101"},
+                }
+                self._send("cgw/v1/fault-term/request", request)
+            self.sent += 1
+            ahead = started + (i + 1) * interval - time.monotonic()
+            if ahead > 0.002:
+                time.sleep(ahead)
+
+    def publish_for(self, seconds: float, rate: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.publish(max(1, int(rate // 10)), rate)
+
+    def _send(self, topic: str, body: dict[str, Any]) -> None:
+        self._infos.append(self.client.publish(topic, orjson.dumps(body), qos=1))
+
+    def wait_acknowledged(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Not `is_published()`: it raises for a message published while disconnected,
+            # which paho still holds and sends after the reconnect (what this test relies on).
+            if all(info.mid in self._acked for info in self._infos):
+                return
+            time.sleep(0.05)
+        raise AssertionError("the broker did not acknowledge every publish")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def start_gateway(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetricsProcess,
+                  community: str, **env: str) -> GatewayProcess:  # fmt: skip
+    gateway = GatewayProcess(
+        folder,
+        {
+            "CGW_COMMUNITY": community,
+            "CGW_MQTT__URL": broker.url,
+            "CGW_INFLUX__URL": victoria.url,
+            "CGW_INFLUX__TOKEN": "t",
+            "CGW_INFLUX__FLUSH_INTERVAL_S": "0.1",
+            "CGW_AUTH__TOKENS": orjson.dumps({VIEWER: "viewer"}).decode(),
+            "CGW_LOG_LEVEL": "info",
+            **env,
+        },
+    )
+    gateway.start()
+    wait_for(lambda: _connected(gateway), 30, "the gateway to connect to the broker")
+    return gateway
+
+
+def _connected(gateway: GatewayProcess) -> bool:
+    try:
+        checks = httpx.get(f"{gateway.url}/readyz", timeout=2).json()["checks"]
+    except (httpx.HTTPError, ValueError):
+        return False
+    return bool(checks["broker"]["ok"])
+
+
+def wait_for(probe: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}: last {last!r}")
+
+
+@pytest.fixture
+def publisher(mosquitto: MosquittoProcess) -> Iterator[Publisher]:
+    pub = Publisher(mosquitto.port)
+    try:
+        yield pub
+    finally:
+        pub.close()
+
+
+# -- what "exactly once" means here ----------------------------------------------------------------
+
+
+def local_numbers(gateway: GatewayProcess) -> list[int]:
+    with sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True, timeout=10) as conn:
+        rows = conn.execute("SELECT value FROM telemetry WHERE device_id LIKE 'fault-%' AND metric = 'v'")
+        return sorted(int(v) for (v,) in rows)
+
+
+def stored_numbers(victoria: VictoriaMetricsProcess, community: str) -> list[int]:
+    series = victoria.export(f'{{__name__="generic_v",community="{community}"}}')
+    return sorted(int(v) for s in series for v in s["values"])
+
+
+def submitted_points(victoria: VictoriaMetricsProcess, community: str) -> list[str]:
+    match = f'{{__name__="service_request_count",community="{community}",state="submitted"}}'
+    series = victoria.export(match)
+    return sorted(s["metric"]["service_request_id"] for s in series for _ in s["values"])
+
+
+def assert_exactly_once(
+    gateway: GatewayProcess, victoria: VictoriaMetricsProcess, community: str, pub: Publisher
+) -> None:
+    pub.wait_acknowledged()
+    expected = list(range(pub.sent))
+    wait_for(lambda: len(local_numbers(gateway)) >= pub.sent, 60, "the local store")
+    assert local_numbers(gateway) == expected
+    wait_for(lambda: len(stored_numbers(victoria, community)) >= pub.sent, 90, "the time-series store")
+    assert stored_numbers(victoria, community) == expected
+    requests = httpx.get(
+        f"{gateway.url}/api/v1/requests",
+        params={"limit": 1000},
+        headers={"Authorization": f"Bearer {VIEWER}"},
+        timeout=10,
+    ).json()["items"]
+    assert sorted(r["description"] for r in requests) == sorted(pub.requests)
+    tickets = sorted(r["id"] for r in requests)
+    wait_for(lambda: len(submitted_points(victoria, community)) >= len(tickets), 30, "submitted points")
+    assert submitted_points(victoria, community) == tickets
+
+
+# -- the faults ---------------------------------------------------------------------------------------
+
+
+def test_broker_restart_mid_stream_loses_and_doubles_nothing(
+    tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsProcess, publisher: Publisher
+) -> None:
+    gateway = start_gateway(tmp_path / "gw", mosquitto, victoria, "fault-broker")
+    try:
+        publisher.publish(2000)
+        mosquitto.restart()  # persistence keeps the gateway's session and its queued messages
+        publisher.publish(2000)
+        assert_exactly_once(gateway, victoria, "fault-broker", publisher)
+    finally:
+        gateway.stop()
+
+
+def test_gateway_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
+    tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsProcess, publisher: Publisher
+) -> None:
+    folder = tmp_path / "gw"
+    gateway = start_gateway(folder, mosquitto, victoria, "fault-kill")
+    try:
+        done = threading.Event()
+        feeder = threading.Thread(target=lambda: (publisher.publish(6000, rate=2000), done.set()))
+        feeder.start()
+        wait_for(lambda: len(local_numbers(gateway)) > 1000, 30, "the first thousand")
+        gateway.kill()  # SIGKILL mid-stream: whatever it held unacknowledged is redelivered
+        time.sleep(1)  # devices go on publishing while it is down; the broker keeps it
+        gateway = start_gateway(folder, mosquitto, victoria, "fault-kill")
+        feeder.join()
+        assert done.is_set()
+        assert_exactly_once(gateway, victoria, "fault-kill", publisher)
+    finally:
+        gateway.stop()
+
+
+def test_time_series_store_down_for_a_minute_under_load(
+    tmp_path: Path,
+    mosquitto: MosquittoProcess,
+    victoria_private: VictoriaMetricsProcess,
+    publisher: Publisher,
+) -> None:
+    gateway = start_gateway(tmp_path / "gw", mosquitto, victoria_private, "fault-tsdb")
+    try:
+        publisher.publish(500)
+        victoria_private.stop()
+        publisher.publish_for(60, rate=300)  # a minute of load with nowhere to write to
+        backlog = wait_for(lambda: _metric(gateway, "cgw_outbox_pending_points"), 10, "a backlog")
+        assert backlog > 0
+        victoria_private.start()
+        assert_exactly_once(gateway, victoria_private, "fault-tsdb", publisher)
+        print(f"\n  backlog after a minute down: {backlog:.0f} points; drained in order")
+    finally:
+        gateway.stop()
+
+
+def test_a_full_outbox_with_the_block_policy_slows_intake_and_loses_nothing(
+    tmp_path: Path,
+    mosquitto: MosquittoProcess,
+    victoria_private: VictoriaMetricsProcess,
+    publisher: Publisher,
+) -> None:
+    gateway = start_gateway(
+        tmp_path / "gw",
+        mosquitto,
+        victoria_private,
+        "fault-full",
+        CGW_OUTBOX__MAX_BYTES=str(1024 * 1024),
+        CGW_OUTBOX__WHEN_FULL="block",
+    )
+    try:
+        victoria_private.stop()
+        publisher.publish(20_000, rate=5000)  # about 1.7 MB of lines: more than the outbox holds
+        publisher.wait_acknowledged()  # the broker has all of it...
+        wait_for(lambda: "the outbox is full" in gateway.log_text(), 30, "the outbox to fill")
+        held = len(local_numbers(gateway))
+        assert held < publisher.sent  # ...and holds back what the gateway cannot yet take
+        assert _metric(gateway, "cgw_outbox_bytes") <= 1024 * 1024
+        victoria_private.start()
+        assert_exactly_once(gateway, victoria_private, "fault-full", publisher)
+    finally:
+        gateway.stop()
+
+
+def test_a_full_outbox_drops_only_the_oldest_telemetry_and_counts_it(
+    tmp_path: Path,
+    mosquitto: MosquittoProcess,
+    victoria_private: VictoriaMetricsProcess,
+    publisher: Publisher,
+) -> None:
+    gateway = start_gateway(
+        tmp_path / "gw", mosquitto, victoria_private, "fault-drop", CGW_OUTBOX__MAX_BYTES=str(1024 * 1024)
+    )
+    try:
+        victoria_private.stop()
+        publisher.publish(20_000, rate=5000)
+        publisher.wait_acknowledged()
+        # The local store keeps everything; only the outbox (what InfluxDB is still owed) is bounded.
+        wait_for(lambda: len(local_numbers(gateway)) == publisher.sent, 60, "the local store")
+        dropped = int(_metric(gateway, "cgw_outbox_dropped_points_total"))
+        assert dropped > 0
+        victoria_private.start()
+        want = publisher.sent - dropped
+        wait_for(lambda: len(stored_numbers(victoria_private, "fault-drop")) >= want, 60, "the rest")
+        # Exactly the oldest telemetry is missing, nothing else.
+        assert stored_numbers(victoria_private, "fault-drop") == list(range(dropped, publisher.sent))
+        tickets = wait_for(
+            lambda: (
+                len(submitted_points(victoria_private, "fault-drop")) >= len(publisher.requests)
+                and submitted_points(victoria_private, "fault-drop")
+            ),
+            30,
+            "every service request",
+        )
+        assert len(tickets) == len(set(tickets)) == len(publisher.requests)
+    finally:
+        gateway.stop()
+
+
+def _metric(gateway: GatewayProcess, name: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {VIEWER}"}, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            rest = line[len(name) :]
+            if rest[:1] in (" ", "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
