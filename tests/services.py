@@ -99,7 +99,8 @@ class MosquittoProcess(_Process):
         conf.write_text(
             # Run as root, Mosquitto would switch to the `mosquitto` user and could not write its
             # persistence file here; `user` keeps it as whoever runs the tests.
-            f"listener {self.port} 127.0.0.1\nuser {getpass.getuser()}\nallow_anonymous true\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\nuser {getpass.getuser()}\n"
+            "allow_anonymous true\npersistence true\n"
             f"persistence_location {self.folder}/\nmax_queued_messages 1000000\n"
             "max_inflight_messages 0\nlog_type error\nlog_type warning\n"
         )
