@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -136,6 +137,7 @@ class MqttDriver(Driver):
         client.max_queued_messages_set(10_000)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         return client
 
@@ -157,11 +159,21 @@ class MqttDriver(Driver):
             flags.session_present,
         )
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho keeps the reason to itself (it retries quietly): find it out, so /readyz and the
+        # log say what to fix.
+        message = f"cannot connect to {self._settings.url}: {why_unreachable(self._settings)}"
+        if message != self.last_error:
+            log.error("%s; retrying", message)
+        self.last_error = message
+
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        was_connected = self._connected
         self._set_connected(False)
-        if not self._stopping:
+        # After a refused CONNECT the broker closes the socket too: keep the refusal as the reason.
+        if not self._stopping and was_connected:
             self.last_error = f"lost the broker {self._settings.url}: {reason}"
             log.warning("%s; reconnecting", self.last_error)
 
@@ -212,3 +224,23 @@ class MqttDriver(Driver):
                     client.ack(mid, qos)
 
         return batch, acknowledge
+
+
+def why_unreachable(s: MqttSettings, timeout_s: float = 2.0) -> str:
+    """Why a connection to the broker fails, found by trying TCP (and TLS) directly."""
+    try:
+        with socket.create_connection((s.host, s.port), timeout_s) as sock:
+            if s.tls:
+                context = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
+                if s.tls_insecure:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                with context.wrap_socket(sock, server_hostname=s.host):
+                    pass
+    except ssl.SSLCertVerificationError as exc:
+        return f"the broker's TLS certificate is not trusted ({exc.verify_message}): check CGW_MQTT__TLS_CA"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason}): is the port a TLS listener? check CGW_MQTT__URL"
+    except OSError as exc:
+        return f"{exc.strerror or exc}: is the broker running? check CGW_MQTT__URL"
+    return "the broker accepted the connection and then closed it"

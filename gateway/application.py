@@ -22,6 +22,7 @@ from drivers.modbus import ModbusDriver
 from drivers.mqtt import MqttDriver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
+from gateway.limits import KeyedRateLimit
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
 from gateway.pipeline.route import Router
@@ -109,6 +110,7 @@ class Gateway:
             self.metrics,
             window,
             settings.mqtt.max_payload_bytes,
+            KeyedRateLimit(settings.pipeline.device_rate_limit),
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
         self.pipeline = Pipeline(
@@ -128,6 +130,7 @@ class Gateway:
                 hub=self.hub,
                 metrics=self.metrics,
                 token_digests=settings.auth.digests(),
+                write_limit=KeyedRateLimit(settings.auth.write_rate_limit),
                 readiness=self.readiness,
                 alarms_active=self.alarms.active,
                 desk=self.desk,

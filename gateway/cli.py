@@ -348,6 +348,78 @@ def doctor(config: ConfigOption = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command("mqtt-auth")
+def mqtt_auth(
+    config: ConfigOption = None,
+    inventory: Annotated[
+        Path | None, typer.Option(help="The installer's inventory (default: the `inventory` setting).")
+    ] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where to write passwd, acl, credentials.csv.")
+    ] = Path("mosquitto-auth"),
+) -> None:
+    """Per-device MQTT passwords and an ACL for Mosquitto, from the inventory."""
+    settings = _settings(config)
+    path = inventory or settings.inventory
+    if path is None:
+        console.print("[red]error:[/red] no inventory: pass --inventory FILE or set CGW_INVENTORY")
+        raise typer.Exit(2)
+    from gateway.credentials import GATEWAY_USER, write_files
+    from gateway.profiles import load_profiles
+    from gateway.registry import InventoryError, load_inventory
+
+    try:
+        devices = load_inventory(path, load_profiles(settings.profiles_dir))
+    except InventoryError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    written = write_files(out_dir, [d.device_id for d in devices])
+    out.print(
+        f"{written.accounts} accounts ({written.new} new) in {out_dir}/: passwd, acl, credentials.csv\n"
+        f"Mosquitto: password_file {out_dir.resolve()}/passwd, acl_file {out_dir.resolve()}/acl, "
+        "allow_anonymous false\n"
+        f"Gateway: CGW_MQTT__USERNAME={GATEWAY_USER} and CGW_MQTT__PASSWORD from credentials.csv "
+        "(keep that file secret; each device logs in with its id and its password)",
+        highlight=False,
+    )
+
+
+@app.command()
+def token(
+    role: Annotated[str, typer.Option(help="viewer, terminal, operator or installer.")],
+    expires: Annotated[
+        str | None, typer.Option(help="A duration (90d, 12h) or a moment (2027-06-30T00:00:00+08:00).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Who holds it, for your records.")] = None,
+) -> None:
+    """Make an API token: prints it once, and the hashed entry for the settings file."""
+    import hashlib
+    import secrets
+    from datetime import UTC, datetime, timedelta
+
+    from pydantic import ValidationError
+
+    from gateway.durations import parse_duration
+    from gateway.settings import TokenGrant
+
+    moment: object = None
+    if expires:
+        length = parse_duration(expires)  # a timedelta for "90d"; otherwise read as a moment below
+        moment = datetime.now(UTC) + length if isinstance(length, timedelta) else expires
+    try:
+        grant = TokenGrant.model_validate({"role": role, "expires": moment, "name": name})
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        console.print(f"[red]error:[/red] {problem['loc'][0]}: {problem['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+    secret = secrets.token_urlsafe(24)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    entry = grant.model_dump(mode="json", exclude_none=True)
+    fields = ", ".join(f"{k}: {v!r}" if k != "role" else f"{k}: {v}" for k, v in entry.items())
+    out.print(f"token (shown once; give it to its holder): {secret}", highlight=False)
+    out.print(f'settings file:\nauth:\n  token_hashes:\n    "{digest}": {{{fields}}}', highlight=False)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

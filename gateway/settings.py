@@ -12,11 +12,13 @@ import os
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,8 +34,11 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as _SourceError
 
 from gateway.durations import Duration
+from gateway.limits import check_spec
 
 Role = Literal["viewer", "terminal", "operator", "installer"]
+# e.g. "100/second;3000/minute" (gateway/limits.py); empty: no limit
+RateLimit = Annotated[str, AfterValidator(check_spec)]
 ENV_PREFIX = "CGW_"
 ENV_NESTED = "__"
 
@@ -134,18 +139,43 @@ class PipelineSettings(_Section):
     max_future: Duration = timedelta(minutes=10)
     max_past: Duration = timedelta(days=7)
     presence_sweep_s: float = Field(5.0, gt=0)
+    # Messages per device over which the rest are refused (`rate_limited`); empty: no limit.
+    device_rate_limit: RateLimit = "100/second;3000/minute"
+
+
+class TokenGrant(_Section):
+    """What a token may do, and until when (`cgw token` writes these)."""
+
+    role: Role
+    expires: AwareDatetime | None = None  # e.g. 2027-06-30T00:00:00+08:00; none: until removed
+    name: str | None = None  # who holds it, for the installer's own records
 
 
 class AuthSettings(_Section):
     # Plain tokens (e.g. from CGW_AUTH__TOKENS='{"tok":"operator"}') and sha256 hex digests
-    # (for the YAML file). Both are held only as digests after start-up.
-    tokens: dict[str, Role] = Field(default_factory=dict)
-    token_hashes: dict[str, Role] = Field(default_factory=dict)
+    # (for the YAML file), each with a role or a grant. All are held only as digests after start-up.
+    tokens: dict[str, Role | TokenGrant] = Field(default_factory=dict)
+    token_hashes: dict[str, Role | TokenGrant] = Field(default_factory=dict)
+    # API writes per token over which the rest are refused (429); empty: no limit.
+    write_rate_limit: RateLimit = "20/second;600/minute"
 
-    def digests(self) -> dict[str, Role]:
-        out = {k.lower(): v for k, v in self.token_hashes.items()}
-        for token, role in self.tokens.items():
-            out[hashlib.sha256(token.encode()).hexdigest()] = role
+    @field_validator("token_hashes")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, Role | TokenGrant]) -> dict[str, Role | TokenGrant]:
+        for digest in value:
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ValueError(
+                    f"{digest[:12]!r}... is not a SHA-256 hex digest (64 hex digits; see `cgw token`)"
+                )
+        return value
+
+    def digests(self) -> dict[str, TokenGrant]:
+        def grant(value: Role | TokenGrant) -> TokenGrant:
+            return value if isinstance(value, TokenGrant) else TokenGrant(role=value)
+
+        out = {k.lower(): grant(v) for k, v in self.token_hashes.items()}
+        for token, value in self.tokens.items():
+            out[hashlib.sha256(token.encode()).hexdigest()] = grant(value)
         return out
 
 

@@ -92,17 +92,27 @@ class _Process:
 
 
 class MosquittoProcess(_Process):
-    """Mosquitto with persistence, so persistent sessions survive a broker restart."""
+    """Mosquitto with persistence, so persistent sessions survive a broker restart.
+
+    `listener_extra` goes right under the listener (TLS files); `extra` at the end (auth files,
+    which also set `allow_anonymous false`).
+    """
+
+    def __init__(self, folder: Path, listener_extra: str = "", extra: str = "") -> None:
+        super().__init__(folder)
+        self.listener_extra = listener_extra
+        self.extra = extra
 
     def _command(self) -> list[str]:
         conf = self.folder / "mosquitto.conf"
+        anonymous = "" if "allow_anonymous" in self.extra else "allow_anonymous true\n"
         conf.write_text(
+            f"listener {self.port} 127.0.0.1\n{self.listener_extra}"
             # Run as root, Mosquitto would switch to the `mosquitto` user and could not write its
             # persistence file here; `user` keeps it as whoever runs the tests.
-            f"listener {self.port} 127.0.0.1\nuser {getpass.getuser()}\n"
-            "allow_anonymous true\npersistence true\n"
+            f"user {getpass.getuser()}\n{anonymous}persistence true\n"
             f"persistence_location {self.folder}/\nmax_queued_messages 1000000\n"
-            "max_inflight_messages 0\nlog_type error\nlog_type warning\n"
+            f"max_inflight_messages 0\nlog_type error\nlog_type warning\n{self.extra}"
         )
         return [_binary("mosquitto"), "-c", str(conf)]
 

@@ -108,6 +108,7 @@ def start_gateway(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetr
             "CGW_INFLUX__FLUSH_INTERVAL_S": "0.1",
             "CGW_AUTH__TOKENS": orjson.dumps({VIEWER: "viewer"}).decode(),
             "CGW_LOG_LEVEL": "info",
+            "CGW_PIPELINE__DEVICE_RATE_LIMIT": "100000/second",  # this load is wanted
             **env,
         },
     )

@@ -3,13 +3,17 @@
 CONTRACT.md section 4: "Writes need a bearer token (`Authorization: Bearer …`; Open311 POSTs may
 pass it as `api_key`) whose role allows them (roles at least: `terminal`, `operator`,
 `installer`, `viewer`)... Reads by `viewer` and above; `/healthz` needs none."
-Tokens are held only as SHA-256 digests and compared in constant time.
+Tokens are held only as SHA-256 digests and compared in constant time; a grant may expire; each
+token's writes are rate-limited (`auth.write_rate_limit`), so a leaked terminal token cannot
+flood the service desk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -18,7 +22,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.api.context import ApiContext, context
-from gateway.settings import Role
+from gateway.limits import KeyedRateLimit
+from gateway.settings import Role, TokenGrant
+
+log = logging.getLogger(__name__)
 
 ALL_ROLES: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer")
 _bearer = HTTPBearer(auto_error=False, description="A token set by the installer (CGW_AUTH__TOKENS)")
@@ -30,35 +37,64 @@ class Principal:
     token_id: str  # first 8 hex digits of the digest: enough to tell tokens apart in audit logs
 
 
-def authenticate(token: str, digests: dict[str, Role]) -> Principal | None:
+def authenticate(token: str, grants: dict[str, TokenGrant]) -> tuple[str, TokenGrant] | None:
+    """The token's digest and grant, if it is one of ours (expired or not)."""
     digest = hashlib.sha256(token.encode()).hexdigest()
-    found: Role | None = None
+    found: TokenGrant | None = None
     # Compare against every digest, so the time taken does not depend on which one matched.
-    for known, role in digests.items():
+    for known, grant in grants.items():
         if hmac.compare_digest(known, digest):
-            found = role
-    return None if found is None else Principal(found, digest[:8])
+            found = grant
+    return None if found is None else (digest, found)
 
 
-def check_token(token: str | None, digests: dict[str, Role], allowed: tuple[Role, ...]) -> Principal:
-    """The principal for `token`, or the HTTP error that refuses it (401 or 403)."""
+def check_token(
+    token: str | None,
+    grants: dict[str, TokenGrant],
+    allowed: tuple[Role, ...],
+    write_limit: KeyedRateLimit | None = None,
+) -> Principal:
+    """The principal for `token`, or the HTTP error that refuses it (401, 403 or 429).
+
+    `write_limit` is given for writes: each token has its own budget.
+    """
     if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing bearer token: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = authenticate(token, digests)
-    if principal is None:
+    found = authenticate(token, grants)
+    if found is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    digest, grant = found
+    principal = Principal(grant.role, digest[:8])
+    if grant.expires is not None and grant.expires.timestamp() <= time.time():
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"token expired at {grant.expires.isoformat()}: ask the installer for a new one",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     if principal.role not in allowed:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             f"role {principal.role!r} may not do this (needs one of: {', '.join(allowed)})",
         )
+    if write_limit is not None and not write_limit.allow(principal.token_id):
+        if write_limit.should_log(principal.token_id, int(time.time() * 1000)):
+            log.warning("token %s is writing faster than auth.write_rate_limit allows", principal.token_id)
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            "too many writes with this token: slow down (auth.write_rate_limit)",
+            headers={"Retry-After": "1"},
+        )
     return principal
+
+
+def _write_limit(request: Request, ctx: ApiContext) -> KeyedRateLimit | None:
+    return None if request.method in ("GET", "HEAD", "OPTIONS") else ctx.write_limit
 
 
 def require(*roles: Role) -> Callable[..., Principal]:
@@ -71,7 +107,7 @@ def require(*roles: Role) -> Callable[..., Principal]:
         ctx: Annotated[ApiContext, Depends(context)],
     ) -> Principal:
         token = credentials.credentials if credentials is not None else None
-        return check_token(token, ctx.token_digests, allowed)
+        return check_token(token, ctx.token_digests, allowed, _write_limit(request, ctx))
 
     return check
 
@@ -92,7 +128,7 @@ def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
         if token is None and form_post:
             value = (await request.form()).get("api_key")
             token = value if isinstance(value, str) else None
-        return check_token(token, ctx.token_digests, allowed)
+        return check_token(token, ctx.token_digests, allowed, _write_limit(request, ctx))
 
     return check
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from fastapi import Request
 
+from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
 from gateway.services.desk import ServiceDesk
-from gateway.settings import Role
+from gateway.settings import TokenGrant
 from gateway.stats import GatewayMetrics
 from gateway.store.queries import StoreReader
 from gateway.stream import StreamHub
@@ -25,7 +26,8 @@ class ApiContext:
     reader: StoreReader
     hub: StreamHub
     metrics: GatewayMetrics
-    token_digests: dict[str, Role]
+    token_digests: dict[str, TokenGrant]
+    write_limit: KeyedRateLimit  # per token
     readiness: Callable[[], dict[str, Any]]
     alarms_active: Callable[[str], list[str]]
     desk: ServiceDesk

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from gateway.limits import KeyedRateLimit
 from gateway.models import DeadLetter, DeviceEvent, PresenceChange, RawMessage, Reading
 from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
 from gateway.presence import PresenceTracker, presence_event
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_BATCH_ITEMS = 1000
 MAX_MESSAGE_CHARS = 1024
+FLOOD_KEEP_BYTES = 256  # of each rate-limited payload, in its dead letter
 SEVERITIES = ("info", "warning", "critical")
 
 
@@ -69,6 +71,7 @@ class Processor:
         metrics: GatewayMetrics,
         window: TimeWindow,
         max_payload_bytes: int,
+        rate_limit: KeyedRateLimit | None = None,
     ) -> None:
         self._profiles = profiles
         self._registry = registry
@@ -77,6 +80,7 @@ class Processor:
         self._metrics = metrics
         self._window = window
         self._max_bytes = max_payload_bytes
+        self._rate_limit = rate_limit or KeyedRateLimit("")
         self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
     def process(self, batch: list[RawMessage]) -> Processed:
@@ -87,6 +91,9 @@ class Processor:
             try:
                 device_id, channel = parse(topic)
                 self._received[channel].inc()
+                if not self._rate_limit.allow(device_id):
+                    self._flooded(out, topic, device_id, channel, payload, received_ms)
+                    continue
                 obj = decode_object(payload, self._max_bytes)
                 if channel in TERMINAL_CHANNELS:
                     self._terminal(device_id, channel, obj, topic, payload, received_ms, out)
@@ -239,6 +246,18 @@ class Processor:
         out.dead_letters.append(letter)
         self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
         log.warning("rejected message on %s: %s", topic[:200], reason)
+
+    def _flooded(
+        self, out: Processed, topic: str, device_id: str, channel: str, payload: bytes, received_ms: int
+    ) -> None:
+        """Over the device's rate limit: refused like any bad message, but logged once a minute
+        and kept short (a flood must not fill the disk with copies of itself)."""
+        reason = "rate_limited: the device sends faster than pipeline.device_rate_limit allows"
+        letter = DeadLetter(received_ms, topic, device_id, reason, payload[:FLOOD_KEEP_BYTES], channel)
+        out.dead_letters.append(letter)
+        self._metrics.messages_rejected.labels(reason="rate_limited").inc()
+        if self._rate_limit.should_log(device_id, received_ms):
+            log.warning("device %s is flooding: refusing what exceeds its rate limit", device_id)
 
     def _finish(self, out: Processed) -> None:
         """Update last values, run the alarm rules, and collect devices to persist."""

@@ -1,0 +1,237 @@
+"""Hostile input: every channel's decoder fuzzed, floods from one device, and the same over a real
+broker. No crash, no hang; each refusal counted and dead-lettered with its reason.
+
+(The payload decoder, timestamps, topics and the settings loader are fuzzed in test_decode.py and
+test_settings.py; the API by schemathesis in test_api.py.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.limits import KeyedRateLimit
+from gateway.models import RawMessage
+from gateway.pipeline.decode import TimeWindow
+from gateway.pipeline.process import Processor
+from gateway.profiles import load_profiles
+from gateway.registry import DeviceRegistry
+from gateway.rules import AlarmEngine
+from gateway.services.catalogue import load_catalogue
+from gateway.services.intake import (
+    IntakeError,
+    open311_request,
+    terminal_rating,
+    terminal_request,
+    terminal_vote,
+)
+from gateway.settings import PipelineSettings
+from gateway.stats import GatewayMetrics
+from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
+
+PROFILES = load_profiles()
+CATALOGUE = load_catalogue()
+NOW = int(time.time() * 1000)
+WINDOW = TimeWindow(max_future_ms=600_000, max_past_ms=7 * 86_400_000)
+CHANNELS = ("status", "telemetry", "event", "request", "rating", "vote")
+
+
+def processor(policy: str = "open", rate: str = "") -> tuple[Processor, GatewayMetrics]:
+    metrics = GatewayMetrics()
+    registry = DeviceRegistry(PROFILES, policy)  # type: ignore[arg-type]
+    proc = Processor(
+        PROFILES, registry, AlarmEngine(PROFILES), metrics, WINDOW, 64 * 1024, KeyedRateLimit(rate)
+    )
+    return proc, metrics
+
+
+def rejected(metrics: GatewayMetrics) -> float:
+    return sum(
+        s.value for m in metrics.messages_rejected.collect() for s in m.samples if s.name.endswith("_total")
+    )
+
+
+# Anything JSON can say, with the awkward corners weighted in: huge and negative numbers, floats
+# at the edges, deep nesting, strings with control characters and surrogates escaped.
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=12), inner, max_size=4), max_leaves=20)  # fmt: skip
+field_names = st.sampled_from(
+    ["ts", "seq", "metrics", "batch", "state", "kind", "location", "type", "severity", "message",
+     "data", "request_id", "service_code", "description", "attributes", "service_request_id",
+     "score", "comment", "proposal_id", "choice", "building", "unit", "fw", "battery", "rssi"]
+)  # fmt: skip
+contract_shaped = st.dictionaries(field_names | st.text(max_size=8), json_values, max_size=8)
+device_ids = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+topics = (
+    st.builds(lambda d, c: f"cgw/v1/{d}/{c}", device_ids, st.sampled_from(CHANNELS))
+    | st.builds(lambda d, c: f"cgw/v1/{d}/{c}", st.text(max_size=70), st.text(max_size=12))
+    | st.sampled_from(["cgw/v1/+/telemetry", "cgw/v1/#", "cgw/v1//status", "cgw/v1/a/b/event", "", "/"])
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(topics, contract_shaped | st.binary(max_size=300)), min_size=1, max_size=8))
+def test_any_batch_on_any_channel_is_taken_or_refused_alone(
+    batch: list[tuple[str, dict[str, Any] | bytes]],
+) -> None:
+    proc, metrics = processor()
+    raw: list[RawMessage] = [
+        (topic, body if isinstance(body, bytes) else orjson.dumps(body), NOW) for topic, body in batch
+    ]
+    out = proc.process(raw)  # never raises, whatever the batch holds
+    assert len(out.dead_letters) == rejected(metrics)  # every refusal counted
+    for letter in out.dead_letters:
+        assert letter.reason_code and letter.reason
+    # Nothing vanishes: alone, each message becomes a record or a dead letter (or is a Last Will
+    # of a device never seen, which says nothing).
+    for message in raw:
+        alone, _ = processor()
+        result = alone.process([message])
+        assert result or b'"offline"' in message[1], message
+
+
+@settings(max_examples=300, deadline=None)
+@given(contract_shaped, st.integers(min_value=NOW - 10 * 86_400_000, max_value=NOW + 86_400_000))
+def test_terminal_messages_are_taken_or_refused_with_a_reason(obj: dict[str, Any], ts: int) -> None:
+    for intake in (
+        lambda: terminal_request(CATALOGUE, "term-1", obj, ts, "3"),
+        lambda: terminal_rating("term-1", obj, ts),
+        lambda: terminal_vote("term-1", obj, ts),
+        lambda: open311_request(CATALOGUE, obj, ts),
+    ):
+        try:
+            intake()
+        except IntakeError as exc:
+            assert ":" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("cgw/v1/d1/telemetry", b'{"metrics":{"v":NaN}}', "bad_json"),
+        ("cgw/v1/d1/telemetry", b'{"metrics":{"v":Infinity}}', "bad_json"),
+        ("cgw/v1/d1/telemetry", b'{"metrics":{"v":1e999}}', "bad_json"),
+        ("cgw/v1/d1/telemetry", b'{"metrics":"12"}', "schema"),
+        ("cgw/v1/d1/telemetry", b'{"metrics":{"v":"12"}}', "schema"),
+        ("cgw/v1/d1/telemetry", b'{"seq":"1","metrics":{"v":1}}', "schema"),
+        ("cgw/v1/d1/telemetry", b'{"ts":99999999999999999,"metrics":{"v":1}}', "bad_timestamp"),
+        ("cgw/v1/d1/telemetry", b'{"ts":"1970-01-01T00:00:00Z","metrics":{"v":1}}', "bad_timestamp"),
+        ("cgw/v1/d1/telemetry", b'{"ts":"2999-01-01T00:00:00Z","metrics":{"v":1}}', "bad_timestamp"),
+        ("cgw/v1/d1/telemetry", b'{"metrics":{"v":1}}\xff', "bad_json"),
+        ("cgw/v1/d1/telemetry", b"[" * 100_000, "oversize"),
+        ("cgw/v1/d1/telemetry", b'{"a":' * 2000 + b"1" + b"}" * 2000, "bad_json"),
+        ("cgw/v1/+/telemetry", b'{"metrics":{"v":1}}', "bad_topic"),
+        ("cgw/v1/#", b'{"metrics":{"v":1}}', "bad_topic"),
+        ("cgw/v1//telemetry", b'{"metrics":{"v":1}}', "bad_topic"),
+        ("cgw/v1/a/../telemetry", b'{"metrics":{"v":1}}', "bad_topic"),
+        ("cgw/v1/d1/cmd", b"{}", "bad_topic"),
+        ("cgw/v1/d1/event", b'{"type":"x","severity":"apocalyptic"}', "schema"),
+        ("cgw/v1/d1/status", b'{"state":"maybe"}', "schema"),
+    ],
+)
+def test_each_kind_of_hostile_message_is_refused_with_its_reason(
+    topic: str, payload: bytes, reason: str
+) -> None:
+    proc, metrics = processor()
+    good = ("cgw/v1/d2/telemetry", b'{"metrics":{"v":1}}', NOW)
+    out = proc.process([(topic, payload, NOW), good])
+    assert [d.reason_code for d in out.dead_letters] == [reason]
+    assert [r.device_id for r in out.readings] == ["d2"]  # the rest of the batch goes on
+    assert rejected(metrics) == 1
+
+
+def test_a_flood_from_one_device_is_refused_beyond_its_rate_and_the_others_go_on() -> None:
+    proc, metrics = processor(rate="50/second")
+    flood = [("cgw/v1/flood-1/telemetry", b'{"metrics":{"v":1}}' + b" " * 500, NOW + i) for i in range(1000)]
+    calm = [("cgw/v1/calm-1/telemetry", b'{"metrics":{"v":2}}', NOW + i) for i in range(20)]
+    out = proc.process(flood + calm)
+    limited = [d for d in out.dead_letters if d.reason_code == "rate_limited"]
+    assert len(limited) >= 900  # one window may have turned over during the batch: 50 more
+    assert all(d.device_id == "flood-1" and len(d.payload) <= 256 for d in limited)
+    assert sum(1 for r in out.readings if r.device_id == "calm-1") == 20
+    assert metrics.messages_rejected.labels(reason="rate_limited")._value.get() == len(limited)
+
+
+def test_a_bad_rate_limit_setting_is_one_clear_line() -> None:
+    with pytest.raises(ValueError, match="is not a rate limit"):
+        PipelineSettings(device_rate_limit="lots")
+
+
+# -- the same over a real broker ---------------------------------------------------------------------
+
+
+async def test_hostile_traffic_over_a_real_broker_is_refused_and_the_gateway_keeps_working(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    settings_ = gateway_settings(
+        tmp_path,
+        mosquitto.url,
+        pipeline=PipelineSettings(device_rate_limit="50/second", presence_sweep_s=0.5),
+    )
+    async with running(settings_) as gw, api(gw) as client:
+        # A flood: 2,000 messages from one device as fast as paho sends them.
+        flooder = paho.Client(CallbackAPIVersion.VERSION2, client_id="flooder")
+        flooder.connect("127.0.0.1", mosquitto.port)
+        flooder.loop_start()
+        infos = [
+            flooder.publish("cgw/v1/h-flood/telemetry", b'{"metrics":{"v":1}}', qos=1) for _ in range(2000)
+        ]
+        for info in infos:
+            info.wait_for_publish(10)
+        flooder.loop_stop()
+        flooder.disconnect()
+        hostile = [
+            ("cgw/v1/h1/telemetry", b'{"metrics":{"v":NaN}}'),
+            ("cgw/v1/h1/telemetry", b"\xff\xfe\x00garbage"),
+            ("cgw/v1/h1/telemetry", b'{"a":' * 3000 + b"1" + b"}" * 3000),
+            ("cgw/v1/h1/telemetry", b'{"x":"' + b"y" * 70_000 + b'"}'),
+            ("cgw/v1/h1/event", b'{"type":"t","severity":"apocalyptic"}'),
+            ("cgw/v1/h1/telemetry", b'{"ts":"2999-01-01T00:00:00Z","metrics":{"v":1}}'),
+            ("cgw/v1/h1/status", b'{"state":"maybe"}'),
+        ]
+        for topic, payload in hostile:
+            mosquitto_pub(mosquitto.port, topic, payload)
+        # A well-behaved device right after is still heard.
+        mosquitto_pub(mosquitto.port, "cgw/v1/h-good/telemetry", '{"metrics":{"v":7}}')
+
+        async def good_device() -> Any:
+            response = await client.get("/api/v1/devices/h-good")
+            return response.status_code == 200 and response.json()["last_values"] == {"v": 7.0}
+
+        await eventually(good_device, 15, "the good device")
+
+        async def letters() -> Any:
+            body = (await client.get("/api/v1/dead-letters", params={"limit": 100})).json()
+            reasons = [item["reason_code"] for item in body["items"]]
+            return reasons if "schema" in reasons else None
+
+        reasons = await eventually(letters, 15, "the dead letters")
+        for code in ("bad_json", "oversize", "schema", "bad_timestamp"):
+            assert code in reasons, code
+        metrics = (await client.get("/metrics")).text
+        limited = next(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('cgw_messages_rejected_total{reason="rate_limited"}')
+        )
+        assert limited >= 2000 - 2 * 50  # all but a window or two of the flood
+        flooded = (
+            await client.get("/api/v1/dead-letters", params={"device_id": "h-flood", "limit": 5})
+        ).json()
+        assert {item["reason_code"] for item in flooded["items"]} == {"rate_limited"}
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
