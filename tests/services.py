@@ -35,7 +35,7 @@ def _binary(name: str) -> str:
     return found
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -59,7 +59,7 @@ class _Process:
 
     def _wait_ready(self) -> None:
         assert self._process is not None
-        _wait_port(self.port, self._process)
+        wait_port(self.port, self._process)
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ class GatewayProcess(_Process):
         self.folder.mkdir(parents=True, exist_ok=True)
         log = (self.folder / "server.log").open("ab")
         self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        _wait_port(self.port, self._process, timeout=30)
+        wait_port(self.port, self._process, timeout=30)
 
     @property
     def url(self) -> str:

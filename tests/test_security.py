@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import getpass
 import logging
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ from gateway.application import Gateway
 from gateway.credentials import GATEWAY_USER, hash_password
 from gateway.settings import AuthSettings, MqttSettings, Settings, TokenGrant
 from tests.harness import api, eventually, gateway_settings, running
-from tests.services import MosquittoProcess
+from tests.services import MosquittoProcess, free_port, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -271,3 +272,28 @@ def test_a_bad_token_digest_in_the_settings_is_one_clear_line() -> None:
     with pytest.raises(ValueError, match="not a SHA-256 hex digest"):
         AuthSettings(token_hashes={"abc": "viewer"})
     assert MqttSettings().password is None
+
+
+def test_the_deploy_mosquitto_configuration_works_with_the_generated_files(locked_broker: Any) -> None:
+    _, passwords, _, folder = locked_broker
+    conf = (Path(__file__).parents[1] / "deploy/mosquitto/cgw.conf").read_text()
+    port = free_port()
+    data = folder / "var"
+    data.mkdir()
+    conf = (
+        conf.replace("/var/lib/mosquitto/", f"{data}/")
+        .replace("/etc/mosquitto/cgw-auth", str(folder))
+        .replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1\nuser {getpass.getuser()}")
+    )
+    path = folder / "deploy.conf"
+    path.write_text(conf)
+    process = subprocess.Popen(["mosquitto", "-c", str(path)], stderr=subprocess.PIPE)
+    try:
+        wait_port(port, process)  # type: ignore[arg-type]
+        assert pub(port, "cgw/v1/dev-a/telemetry", "{}").returncode != 0  # anonymous refused
+        assert (
+            pub(port, "cgw/v1/dev-a/telemetry", "{}", "-u", "dev-a", "-P", passwords["dev-a"]).returncode == 0
+        )
+    finally:
+        process.kill()
+        process.wait()

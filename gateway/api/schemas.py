@@ -13,6 +13,19 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong, in one sentence")
 
 
+# OpenAPI responses shared by the routes: refusals by the token check (gateway/api/auth.py).
+AUTH: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, unknown or expired token"},
+    403: {"model": ErrorBody, "description": "The token's role may not do this"},
+}
+TOO_MANY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "Too many writes with this token; Retry-After says when to retry",
+    }
+}
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

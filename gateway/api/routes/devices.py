@@ -16,14 +16,21 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
-from gateway.api.schemas import DeviceList, DeviceOut, ErrorBody, ProfileOut, Summary, Telemetry
+from gateway.api.schemas import (
+    AUTH,
+    DeviceList,
+    DeviceOut,
+    ErrorBody,
+    ProfileOut,
+    Summary,
+    Telemetry,
+)
 from gateway.durations import Duration
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 Ctx = Annotated[ApiContext, Depends(context)]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
-AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 
 # Without a step, ranges up to this long return raw points; longer ones are bucketed.
 RAW_RANGE = timedelta(hours=2)

@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from gateway.api.auth import Operator, Reader
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
-from gateway.api.schemas import AckIn, DeadLetterList, ErrorBody, EventList, EventOut, SeverityName
+from gateway.api.schemas import (
+    AUTH,
+    TOO_MANY,
+    AckIn,
+    DeadLetterList,
+    ErrorBody,
+    EventList,
+    EventOut,
+    SeverityName,
+)
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 Ctx = Annotated[ApiContext, Depends(context)]
-AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
 # Event ids are 63-bit (see gateway.models.event_id): anything larger cannot name an event.
@@ -107,7 +115,7 @@ async def get_event(ctx: Ctx, _: Reader, event_id: EventId) -> EventOut:
     response_model=EventOut,
     summary="Acknowledge an alarm (operator, installer)",
     description="Idempotent: acknowledging twice keeps the first acknowledgement.",
-    responses={404: {"model": ErrorBody}, **AUTH},
+    responses={404: {"model": ErrorBody}, **AUTH, **TOO_MANY},
 )
 async def acknowledge(ctx: Ctx, who: Operator, event_id: EventId, body: AckIn | None = None) -> EventOut:
     note = body.note if body is not None else ""

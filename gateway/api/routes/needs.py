@@ -18,7 +18,7 @@ from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.routes.requests import REFUSED, refused
-from gateway.api.schemas import ErrorBody
+from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody
 from gateway.durations import parse_duration
 from gateway.services import needs
 from gateway.services.intake import IntakeError, NewVote, household_key
@@ -26,7 +26,6 @@ from gateway.services.store import DeskError
 
 router = APIRouter(prefix="/api/v1", tags=["needs and plans"])
 Ctx = Annotated[ApiContext, Depends(context)]
-AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 BAD: dict[int | str, dict[str, Any]] = {**AUTH, 422: {"model": ErrorBody}}
 DurationText = Annotated[str, Query(max_length=32, description='e.g. "24h", "7d", "90m"')]
 ProposalId = Annotated[str, Path(max_length=64)]
@@ -199,7 +198,7 @@ async def proposals(ctx: Ctx, _: Reader) -> ProposalList:
     response_model=Proposal,
     status_code=201,
     summary="Propose a plan item drawn from the needs list, for residents to vote on",
-    responses=BAD,
+    responses={**BAD, **TOO_MANY},
 )
 async def create_proposal(ctx: Ctx, who: Operator, body: ProposalIn) -> Proposal:
     created = await ctx.desk.create_proposal(

@@ -329,7 +329,7 @@ _POST_SCHEMA = {
 @router.post(
     "/requests.{fmt}",
     summary="File a service request (form fields as in the spec, or JSON)",
-    responses={**_ok(list[PostedOut]), **_errors(400, 401, 403, 404)},
+    responses={**_ok(list[PostedOut]), **_errors(400, 401, 403, 404, 429)},
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -14,16 +14,16 @@ from pydantic import BaseModel, Field
 from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
-from gateway.api.schemas import ErrorBody
+from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody
 from gateway.services.intake import NewRating
 from gateway.services.lifecycle import State
 from gateway.services.store import DeskError, TransitionError
 
 router = APIRouter(prefix="/api/v1", tags=["service requests"])
 Ctx = Annotated[ApiContext, Depends(context)]
-AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
-REFUSED: dict[int | str, dict[str, Any]] = {
+REFUSED: dict[int | str, dict[str, Any]] = {  # the writes' refusals
     **AUTH,
+    **TOO_MANY,
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
