@@ -257,9 +257,7 @@ def test_a_full_outbox_with_the_block_policy_slows_intake_and_loses_nothing(
         CGW_OUTBOX__WHEN_FULL="block",
     )
     try:
-        victoria_private.stop()
-        publisher.publish(20_000, rate=5000)  # about 1.7 MB of lines: more than the outbox holds
-        publisher.wait_acknowledged()  # the broker has all of it...
+        overfill(victoria_private, publisher)  # the broker has all of it...
         wait_for(lambda: "the outbox is full" in gateway.log_text(), 30, "the outbox to fill")
         held = len(local_numbers(gateway))
         assert held < publisher.sent  # ...and holds back what the gateway cannot yet take
@@ -280,9 +278,7 @@ def test_a_full_outbox_drops_only_the_oldest_telemetry_and_counts_it(
         tmp_path / "gw", mosquitto, victoria_private, "fault-drop", CGW_OUTBOX__MAX_BYTES=str(1024 * 1024)
     )
     try:
-        victoria_private.stop()
-        publisher.publish(20_000, rate=5000)
-        publisher.wait_acknowledged()
+        overfill(victoria_private, publisher)
         # The local store keeps everything; only the outbox (what InfluxDB is still owed) is bounded.
         wait_for(lambda: len(local_numbers(gateway)) == publisher.sent, 60, "the local store")
         dropped = int(_metric(gateway, "cgw_outbox_dropped_points_total"))
@@ -303,6 +299,13 @@ def test_a_full_outbox_drops_only_the_oldest_telemetry_and_counts_it(
         assert len(tickets) == len(set(tickets)) == len(publisher.requests)
     finally:
         gateway.stop()
+
+
+def overfill(victoria: VictoriaMetricsProcess, publisher: Publisher) -> None:
+    """With the time-series store down, about 1.7 MB of lines: more than a 1 MiB outbox holds."""
+    victoria.stop()
+    publisher.publish(20_000, rate=5000)
+    publisher.wait_acknowledged()
 
 
 def _metric(gateway: GatewayProcess, name: str) -> float:
