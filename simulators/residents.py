@@ -421,7 +421,7 @@ class ServiceSimulation:
                         body["provider_id"] = r.provider_id
                     if state == "merged":
                         body["merged_into"] = r.provider_id
-                    response = await http.post(f"/api/v1/requests/{r.ticket}/transitions", json=body)
+                    response = await _post(http, f"/api/v1/requests/{r.ticket}/transitions", json=body)
                     if response.status_code != 200:
                         raise RuntimeError(f"{r.ticket} → {state}: {response.status_code} {response.text}")
                 if r.steps and r.steps[0][1] == "merged":
@@ -464,7 +464,7 @@ class ServiceSimulation:
                 "assessor": "District supervision office",
                 "ts": _iso(self.log.end_ms - self.rng.randrange(self.config.days * DAY_MS // 2)),
             }
-            response = await http.post("/api/v1/assessments", json=body)
+            response = await _post(http, "/api/v1/assessments", json=body)
             response.raise_for_status()
             self.log.assessments.append({**body, "ts_ms": response.json()["ts_ms"]})
 
@@ -473,7 +473,8 @@ class ServiceSimulation:
         if not listed:
             return
         top = listed[0]
-        created = await http.post(
+        created = await _post(
+            http,
             "/api/v1/proposals",
             json={
                 "title": f"Fix {top['need_id']} for good",
@@ -542,3 +543,12 @@ def households_by_request(log: ServiceLog) -> dict[str, list[SimRequest]]:
     for r in log.requests:
         grouped[f"{r.building}/{r.unit}"].append(r)
     return grouped
+
+
+async def _post(http: httpx.AsyncClient, url: str, **kwargs: Any) -> httpx.Response:
+    """POST as a well-behaved client: over the token's write-rate limit (429), wait as told."""
+    while True:
+        response = await http.post(url, **kwargs)
+        if response.status_code != 429:
+            return response
+        await asyncio.sleep(float(response.headers.get("Retry-After", "1")))

@@ -37,7 +37,9 @@ def gateway_settings(data_dir: Path, mqtt_url: str, **overrides: Any) -> Setting
         "CGW_INFLUX__FLUSH_INTERVAL_S": "0.1",
     }
     settings = load_settings(env=env)
-    auth = settings.auth.model_copy(update={"tokens": dict(TOKENS)})
+    # No write limit: simulated weeks post months of operators' work in seconds (test_security.py
+    # proves the limit).
+    auth = settings.auth.model_copy(update={"tokens": dict(TOKENS), "write_rate_limit": ""})
     return settings.model_copy(update={"auth": auth, **overrides})
 
 
