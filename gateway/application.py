@@ -22,7 +22,7 @@ from drivers.modbus import ModbusDriver
 from drivers.mqtt import MqttDriver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
-from gateway.limits import KeyedRateLimit
+from gateway.limits import KeyedRateLimit, MessageTimeRateLimit
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
 from gateway.pipeline.route import Router
@@ -110,7 +110,7 @@ class Gateway:
             self.metrics,
             window,
             settings.mqtt.max_payload_bytes,
-            KeyedRateLimit(settings.pipeline.device_rate_limit),
+            MessageTimeRateLimit(settings.pipeline.device_rate_limit),
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
         self.pipeline = Pipeline(

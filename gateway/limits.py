@@ -1,8 +1,13 @@
-"""Rate limits per key: per device for MQTT messages, per token for API writes.
+"""Rate limits per key: per token for API writes, per device for MQTT messages.
 
 A limit is the installer's text (e.g. "100/second" or "100/second;3000/minute"), parsed by the
 `limits` library. One key over its limit is refused; the other keys go on. A flood is logged once
 a minute per key, not once per message, so it cannot flood the log as well.
+
+API writes are counted by wall clock (`KeyedRateLimit`, the library's own limiter). Device
+messages are counted by *message time* (`MessageTimeRateLimit`): after an outage the broker
+delivers a device's backlog in one burst, and that burst is not a flood; what a device claims to
+have sent within one second of its own time is.
 """
 
 from __future__ import annotations
@@ -31,6 +36,34 @@ class KeyedRateLimit:
             self._logged.clear()
         self._logged[key] = now_ms
         return True
+
+
+class MessageTimeRateLimit:
+    """Fixed windows of message time per device: at most `amount` messages whose time falls in
+    one window. Only each device's current window is kept (a device's messages come in order)."""
+
+    def __init__(self, spec: str) -> None:
+        self._windows = [(item.amount, item.get_expiry() * 1000) for item in parse_many(spec)] if spec else []
+        self._current: dict[str, list[tuple[int, int]]] = {}  # device -> (window start, count) per limit
+        self._notes = KeyedRateLimit("")
+
+    def allow(self, key: str, ts_ms: int) -> bool:
+        if not self._windows:
+            return True
+        current = self._current.get(key)
+        if current is None:
+            if len(self._current) > 100_000:  # many ids (open registration): start afresh
+                self._current.clear()
+            current = self._current[key] = [(-1, 0)] * len(self._windows)
+        starts = [ts_ms - ts_ms % length for _, length in self._windows]
+        counts = [n if start == begun else 0 for (begun, n), start in zip(current, starts, strict=True)]
+        if any(n >= amount for n, (amount, _) in zip(counts, self._windows, strict=True)):
+            return False
+        current[:] = [(start, n + 1) for start, n in zip(starts, counts, strict=True)]
+        return True
+
+    def should_log(self, key: str, now_ms: int) -> bool:
+        return self._notes.should_log(key, now_ms)
 
 
 def check_spec(value: str) -> str:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.limits import KeyedRateLimit
+from gateway.limits import MessageTimeRateLimit
 from gateway.models import RawMessage
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
@@ -48,7 +48,7 @@ def processor(policy: str = "open", rate: str = "") -> tuple[Processor, GatewayM
     metrics = GatewayMetrics()
     registry = DeviceRegistry(PROFILES, policy)  # type: ignore[arg-type]
     proc = Processor(
-        PROFILES, registry, AlarmEngine(PROFILES), metrics, WINDOW, 64 * 1024, KeyedRateLimit(rate)
+        PROFILES, registry, AlarmEngine(PROFILES), metrics, WINDOW, 64 * 1024, MessageTimeRateLimit(rate)
     )
     return proc, metrics
 
@@ -165,6 +165,27 @@ def test_a_flood_from_one_device_is_refused_beyond_its_rate_and_the_others_go_on
     assert all(d.device_id == "flood-1" and len(d.payload) <= 256 for d in limited)
     assert sum(1 for r in out.readings if r.device_id == "calm-1") == 20
     assert metrics.messages_rejected.labels(reason="rate_limited")._value.get() == len(limited)
+
+
+def test_a_backlog_delivered_in_one_burst_is_not_a_flood() -> None:
+    # Half an hour of one reading a second, held by the broker during an outage, arriving at once:
+    # the limit counts by the devices' own time, so none of it is refused.
+    proc, _ = processor(rate="50/second;1000/minute")
+    backlog = [
+        (
+            "cgw/v1/patient-1/telemetry",
+            orjson.dumps({"ts": NOW - 1_800_000 + i * 1000, "metrics": {"v": i}}),
+            NOW,
+        )
+        for i in range(1800)
+    ]
+    out = proc.process(backlog)
+    assert not out.dead_letters and len(out.readings) == 1800
+    # ...while the same device claiming 60 readings within one second is refused beyond 50.
+    burst = [
+        ("cgw/v1/patient-1/telemetry", orjson.dumps({"ts": NOW, "metrics": {"v": i}}), NOW) for i in range(60)
+    ]
+    assert [d.reason_code for d in proc.process(burst).dead_letters] == ["rate_limited"] * 10
 
 
 def test_a_bad_rate_limit_setting_is_one_clear_line() -> None:

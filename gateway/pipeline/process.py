@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from gateway.limits import KeyedRateLimit
+from gateway.limits import MessageTimeRateLimit
 from gateway.models import DeadLetter, DeviceEvent, PresenceChange, RawMessage, Reading
 from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
 from gateway.presence import PresenceTracker, presence_event
@@ -71,7 +71,7 @@ class Processor:
         metrics: GatewayMetrics,
         window: TimeWindow,
         max_payload_bytes: int,
-        rate_limit: KeyedRateLimit | None = None,
+        rate_limit: MessageTimeRateLimit | None = None,
     ) -> None:
         self._profiles = profiles
         self._registry = registry
@@ -80,7 +80,7 @@ class Processor:
         self._metrics = metrics
         self._window = window
         self._max_bytes = max_payload_bytes
-        self._rate_limit = rate_limit or KeyedRateLimit("")
+        self._rate_limit = rate_limit or MessageTimeRateLimit("")
         self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
     def process(self, batch: list[RawMessage]) -> Processed:
@@ -91,10 +91,10 @@ class Processor:
             try:
                 device_id, channel = parse(topic)
                 self._received[channel].inc()
-                if not self._rate_limit.allow(device_id):
+                obj = decode_object(payload, self._max_bytes)
+                if not self._rate_limit.allow(device_id, _message_time(obj, received_ms)):
                     self._flooded(out, topic, device_id, channel, payload, received_ms)
                     continue
-                obj = decode_object(payload, self._max_bytes)
                 if channel in TERMINAL_CHANNELS:
                     self._terminal(device_id, channel, obj, topic, payload, received_ms, out)
                 else:
@@ -274,6 +274,25 @@ class Processor:
             self._metrics.events.labels(severity=event.severity).inc()
         out.devices = self._registry.take_dirty()
 
+
+def _message_time(obj: dict[str, Any], received_ms: int) -> int:
+    """When the device says it sent this (its `ts`, or its batch's first), for the rate limit;
+    the receive time when it says nothing usable (the message itself is judged later)."""
+    ts = obj.get("ts")
+    if (
+        ts is None
+        and isinstance(obj.get("batch"), list)
+        and obj["batch"]
+        and isinstance(obj["batch"][0], dict)
+    ):
+        ts = obj["batch"][0].get("ts")
+    try:
+        return parse_timestamp(ts, received_ms, _ANY_TIME)
+    except Rejected:
+        return received_ms
+
+
+_ANY_TIME = TimeWindow(max_future_ms=2**62, max_past_ms=2**62)
 
 _CHANNELS = {
     "status": Processor._status,
