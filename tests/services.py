@@ -67,6 +67,11 @@ class _Process:
         self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not running"
+        return self._process.pid
+
     def stop(self) -> None:
         """Graceful stop (SIGTERM); data on disk is kept for a restart."""
         self._end(signal.SIGTERM)
