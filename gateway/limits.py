@@ -44,22 +44,29 @@ class MessageTimeRateLimit:
 
     def __init__(self, spec: str) -> None:
         self._windows = [(item.amount, item.get_expiry() * 1000) for item in parse_many(spec)] if spec else []
-        self._current: dict[str, list[tuple[int, int]]] = {}  # device -> (window start, count) per limit
+        self._current: dict[str, list[int]] = {}  # device -> [window start, count] per limit, flat
         self._notes = KeyedRateLimit("")
 
     def allow(self, key: str, ts_ms: int) -> bool:
-        if not self._windows:
+        # On the hot path (every message): plain loops over a flat list, no per-call objects.
+        windows = self._windows
+        if not windows:
             return True
-        current = self._current.get(key)
-        if current is None:
+        state = self._current.get(key)
+        if state is None:
             if len(self._current) > 100_000:  # many ids (open registration): start afresh
                 self._current.clear()
-            current = self._current[key] = [(-1, 0)] * len(self._windows)
-        starts = [ts_ms - ts_ms % length for _, length in self._windows]
-        counts = [n if start == begun else 0 for (begun, n), start in zip(current, starts, strict=True)]
-        if any(n >= amount for n, (amount, _) in zip(counts, self._windows, strict=True)):
-            return False
-        current[:] = [(start, n + 1) for start, n in zip(starts, counts, strict=True)]
+            state = self._current[key] = [-1, 0] * len(windows)
+        for i, (amount, length) in enumerate(windows):
+            if state[2 * i] == ts_ms - ts_ms % length and state[2 * i + 1] >= amount:
+                return False
+        for i, (_, length) in enumerate(windows):
+            start = ts_ms - ts_ms % length
+            if state[2 * i] == start:
+                state[2 * i + 1] += 1
+            else:
+                state[2 * i] = start
+                state[2 * i + 1] = 1
         return True
 
     def should_log(self, key: str, now_ms: int) -> bool:
