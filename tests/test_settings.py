@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,3 +126,32 @@ def test_any_environment_either_loads_or_fails_with_one_line(env: dict[str, str]
         load_settings(env=env)
     except SettingsError as exc:
         assert "\n" not in str(exc) and str(exc).startswith("setting CGW_")
+
+
+_yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=8,
+)
+_sections = st.sampled_from(
+    ["community", "mqtt", "influx", "api", "store", "pipeline", "auth", "outbox", "services", "registration"]
+)
+_keys = st.sampled_from(
+    ["url", "port", "token", "tokens", "token_hashes", "write_rate_limit", "device_rate_limit",
+     "max_bytes", "when_full", "raw_retention", "batch_size", "keepalive_s", "expires", "role"]
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(_sections, st.dictionaries(_keys, _yaml_values, max_size=3) | _yaml_values, max_size=4)
+    | _yaml_values
+)
+def test_any_settings_file_either_loads_or_fails_with_one_line(document: object) -> None:
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "cgw.yaml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True))
+    try:
+        load_settings(path, env={})
+    except SettingsError as exc:
+        assert "\n" not in str(exc) and str(exc)
