@@ -420,6 +420,59 @@ def token(
     out.print(f'settings file:\nauth:\n  token_hashes:\n    "{digest}": {{{fields}}}', highlight=False)
 
 
+@app.command("backup")
+def backup_command(
+    config: ConfigOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to put the backup folder in.")] = Path("."),
+) -> None:
+    """Copy the local stores (safe while the gateway runs) into a checked backup folder."""
+    settings = _settings(config)
+    from gateway.store.backup import BackupError, backup
+
+    try:
+        made = backup(settings.data_dir, out_dir, settings.community)
+    except (BackupError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in made.files.items())
+    out.print(f"backup in {made.folder} ({sizes})", highlight=False)
+
+
+@app.command("restore")
+def restore_command(
+    folder: Annotated[Path, typer.Argument(help="A folder made by `cgw backup`.")],
+    config: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Replace stores that exist without asking.")] = False,
+) -> None:
+    """Replace the local stores by a backup's (stop the gateway first)."""
+    settings = _settings(config)
+    import httpx
+
+    from gateway.store.backup import BackupError, check, restore
+
+    host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::") else settings.api.host
+    try:
+        httpx.get(f"http://{host}:{settings.api.port}/healthz", timeout=1)
+        console.print(
+            f"[red]error:[/red] a gateway answers on {host}:{settings.api.port}: stop it first "
+            "(systemctl stop cgw)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    except httpx.HTTPError:
+        pass  # nothing listens: safe to replace the files
+    try:
+        check(folder)
+        present = [p.name for p in (settings.db_path, settings.services_db_path) if p.exists()]
+        if present and not yes:
+            typer.confirm(f"replace {', '.join(present)} in {settings.data_dir}?", abort=True)
+        restored = restore(folder, settings.data_dir)
+    except BackupError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"restored {', '.join(restored)} into {settings.data_dir}", highlight=False)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
