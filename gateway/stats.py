@@ -49,6 +49,12 @@ class GatewayMetrics:
             ["sink"],
             registry=r,
         )
+        self.outbox_age = Gauge(
+            "cgw_outbox_oldest_seconds",
+            "Age of the oldest row a sink has not delivered yet (0 when it is up to date)",
+            ["sink"],
+            registry=r,
+        )
         self.outbox_dropped = Counter(
             "cgw_outbox_dropped_points", "Telemetry points dropped because the outbox was full", registry=r
         )

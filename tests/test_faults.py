@@ -235,8 +235,13 @@ def test_time_series_store_down_for_a_minute_under_load(
         publisher.publish_for(60, rate=300)  # a minute of load with nowhere to write to
         backlog = wait_for(lambda: _metric(gateway, "cgw_outbox_pending_points"), 10, "a backlog")
         assert backlog > 0
+        # The backlog's age is watched: a minute old, give or take the sink's 5 s between tries.
+        assert _metric(gateway, "cgw_outbox_oldest_seconds") >= 50
         victoria_private.start()
         assert_exactly_once(gateway, victoria_private, "fault-tsdb", publisher)
+        wait_for(
+            lambda: _metric(gateway, "cgw_outbox_oldest_seconds") == 0, 15, "the backlog's age back to 0"
+        )
         print(f"\n  backlog after a minute down: {backlog:.0f} points; drained in order")
     finally:
         gateway.stop()

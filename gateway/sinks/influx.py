@@ -70,6 +70,7 @@ class InfluxSink:
         self._seconds = m.sink_write_seconds.labels(sink=self.name)
         self._buffered = m.sink_buffered.labels(sink=self.name)
         self._pending = m.outbox_pending.labels(sink=self.name)
+        self._age = m.outbox_age.labels(sink=self.name)
         self._up = m.sink_up.labels(sink=self.name)
         self._up.set(1)
 
@@ -115,6 +116,7 @@ class InfluxSink:
             if taken is None:
                 self._buffered.set(0)
                 self._pending.set(0)
+                self._age.set(0)
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._settings.flush_interval_s)
                 except TimeoutError:
@@ -123,6 +125,8 @@ class InfluxSink:
                 continue
             self._buffered.set(self.buffered)
             self._pending.set(self.buffered)
+            if taken.oldest_ms is not None:
+                self._age.set(max(0.0, time.time() - taken.oldest_ms / 1000))
             if await self._write(taken):
                 await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
                 backoff = 0.5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,7 @@ class Taken:
     body: str
     points: int
     rows: int
+    oldest_ms: int | None  # when the oldest of these rows was written (None: before migration 3)
 
 
 class Outbox:
@@ -71,9 +73,10 @@ class Outbox:
             if self.policy == "block":
                 raise OutboxFull(f"the outbox is full ({self.max_bytes} bytes) and the policy is block")
             dropped = self._drop_oldest_telemetry(conn, over)
+        now_ms = int(time.time() * 1000)
         conn.executemany(
-            "INSERT INTO outbox (sink, important, body, points) VALUES (?, ?, ?, ?)",
-            [(r.sink, int(r.important), r.body, r.points) for r in rows],
+            "INSERT INTO outbox (sink, important, body, points, created_ms) VALUES (?, ?, ?, ?, ?)",
+            [(r.sink, int(r.important), r.body, r.points, now_ms) for r in rows],
         )
         with self._lock:
             self._bytes += size
@@ -114,17 +117,20 @@ class Outbox:
         bodies: list[str] = []
         points = 0
         last_id = 0
-        for row_id, body, n in conn.execute(
-            "SELECT id, body, points FROM outbox WHERE sink = ? ORDER BY id", (sink,)
+        oldest_ms: int | None = None
+        for row_id, body, n, created_ms in conn.execute(
+            "SELECT id, body, points, created_ms FROM outbox WHERE sink = ? ORDER BY id", (sink,)
         ):
             if bodies and points + n > max_points:
                 break
+            if not bodies:
+                oldest_ms = created_ms
             bodies.append(body)
             points += n
             last_id = row_id
         if not bodies:
             return None
-        return Taken(last_id, "\n".join(bodies), points, len(bodies))
+        return Taken(last_id, "\n".join(bodies), points, len(bodies), oldest_ms)
 
     def acknowledge(self, conn: sqlite3.Connection, sink: str, taken: Taken) -> None:
         """The far side has what `taken` held: delete it (rows dropped meanwhile are gone already)."""

@@ -50,6 +50,8 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX outbox_sink ON outbox (sink, id)",
         "CREATE INDEX outbox_droppable ON outbox (important, id)",
     ],
+    # 3: when each outbox row was written, so the age of a sink's backlog can be watched
+    ["ALTER TABLE outbox ADD COLUMN created_ms INTEGER"],
 ]
 
 
