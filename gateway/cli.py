@@ -49,12 +49,25 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
+def _logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                datefmt="%Y-%m-%dT%H:%M:%S%z",
+            )
+        )
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S"
+            )
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     for noisy in ("amqtt", "transitions", "pymodbus"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -81,7 +94,7 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 def run(config: ConfigOption = None) -> None:
     """Run the gateway with the configured broker, local store, sinks and API."""
     settings = _settings(config)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     from gateway.application import Gateway
     from gateway.profiles import ProfileError
     from gateway.registry import InventoryError
@@ -135,7 +148,7 @@ def demo(
 ) -> None:
     """Start a complete simulated community on this machine, with no outside services."""
     base = _settings(config)
-    _logging("warning" if base.log_level == "info" else base.log_level)
+    _logging("warning" if base.log_level == "info" else base.log_level, base.log_format)
     from gateway.demo import DemoInfo, DemoOptions, run_demo
     from simulators.run import parse_faults
 

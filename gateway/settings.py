@@ -223,6 +223,8 @@ class Settings(BaseSettings):
     inventory: Path | None = None  # installer's YAML inventory; wins over birth messages
     profiles_dir: Path | None = None  # extra or overriding device profiles
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text for people at a terminal; json (one object per line) for journald, Loki, Elasticsearch
+    log_format: Literal["text", "json"] = "text"
     mqtt: MqttSettings = MqttSettings()
     influx: InfluxSettings = InfluxSettings()
     outbox: OutboxSettings = OutboxSettings()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +161,19 @@ def test_any_settings_file_either_loads_or_fails_with_one_line(document: object)
         load_settings(path, env={})
     except SettingsError as exc:
         assert "\n" not in str(exc) and str(exc)
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    env = {**os.environ, "CGW_LOG_FORMAT": "json", "CGW_MQTT__URL": "mqtt://127.0.0.1:1",
+           "CGW_DATA_DIR": str(tmp_path), "CGW_API__PORT": "0"}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(4)  # it starts, fails to reach the broker, says so
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"] == "drivers.mqtt" and "cannot connect" in r["message"] for r in records)
