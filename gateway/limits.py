@@ -17,16 +17,11 @@ from limits import parse_many, storage, strategies
 LOG_EVERY_MS = 60_000
 
 
-class KeyedRateLimit:
-    def __init__(self, spec: str) -> None:
-        """`spec`: one or more limits separated by ';'; empty: no limit."""
-        self._items = parse_many(spec) if spec else []
-        self._limiter = strategies.FixedWindowRateLimiter(storage.MemoryStorage())
-        self._logged: dict[str, int] = {}  # key -> when its flood was last logged
+class FloodNotes:
+    """When each flooding key was last logged: `should_log` says yes once a minute per key."""
 
-    def allow(self, key: str) -> bool:
-        # `all` stops at the first limit exceeded: the others are not charged for a refusal.
-        return all(self._limiter.hit(item, key) for item in self._items)
+    def __init__(self) -> None:
+        self._logged: dict[str, int] = {}  # key -> when its flood was last logged
 
     def should_log(self, key: str, now_ms: int) -> bool:
         last = self._logged.get(key)
@@ -38,14 +33,26 @@ class KeyedRateLimit:
         return True
 
 
-class MessageTimeRateLimit:
+class KeyedRateLimit(FloodNotes):
+    def __init__(self, spec: str) -> None:
+        """`spec`: one or more limits separated by ';'; empty: no limit."""
+        super().__init__()
+        self._items = parse_many(spec) if spec else []
+        self._limiter = strategies.FixedWindowRateLimiter(storage.MemoryStorage())
+
+    def allow(self, key: str) -> bool:
+        # `all` stops at the first limit exceeded: the others are not charged for a refusal.
+        return all(self._limiter.hit(item, key) for item in self._items)
+
+
+class MessageTimeRateLimit(FloodNotes):
     """Fixed windows of message time per device: at most `amount` messages whose time falls in
     one window. Only each device's current window is kept (a device's messages come in order)."""
 
     def __init__(self, spec: str) -> None:
+        super().__init__()
         self._windows = [(item.amount, item.get_expiry() * 1000) for item in parse_many(spec)] if spec else []
         self._current: dict[str, list[int]] = {}  # device -> [window start, count] per limit, flat
-        self._notes = KeyedRateLimit("")
 
     def allow(self, key: str, ts_ms: int) -> bool:
         # On the hot path (every message): plain loops over a flat list, no per-call objects.
@@ -68,9 +75,6 @@ class MessageTimeRateLimit:
                 state[2 * i] = start
                 state[2 * i + 1] = 1
         return True
-
-    def should_log(self, key: str, now_ms: int) -> bool:
-        return self._notes.should_log(key, now_ms)
 
 
 def check_spec(value: str) -> str:

@@ -241,11 +241,14 @@ class Processor:
         reason: str,
         payload: bytes,
         received_ms: int,
+        *,
+        logged: bool = True,
     ) -> None:
         letter = DeadLetter(received_ms, topic, device_id, reason, payload, channel)
         out.dead_letters.append(letter)
         self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
-        log.warning("rejected message on %s: %s", topic[:200], reason)
+        if logged:
+            log.warning("rejected message on %s: %s", topic[:200], reason)
 
     def _flooded(
         self, out: Processed, topic: str, device_id: str, channel: str, payload: bytes, received_ms: int
@@ -253,9 +256,8 @@ class Processor:
         """Over the device's rate limit: refused like any bad message, but logged once a minute
         and kept short (a flood must not fill the disk with copies of itself)."""
         reason = "rate_limited: the device sends faster than pipeline.device_rate_limit allows"
-        letter = DeadLetter(received_ms, topic, device_id, reason, payload[:FLOOD_KEEP_BYTES], channel)
-        out.dead_letters.append(letter)
-        self._metrics.messages_rejected.labels(reason="rate_limited").inc()
+        short = payload[:FLOOD_KEEP_BYTES]
+        self._reject(out, topic, device_id, channel, reason, short, received_ms, logged=False)
         if self._rate_limit.should_log(device_id, received_ms):
             log.warning("device %s is flooding: refusing what exceeds its rate limit", device_id)
 
