@@ -41,13 +41,7 @@ def start(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetricsProce
 
 def metrics(gateway: GatewayProcess) -> dict[str, float]:
     """The gateway's Prometheus figures, keyed by name and labels as printed."""
-    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return gateway.metrics(TOKEN)
 
 
 def local_rows(gateway: GatewayProcess, like: str = "bench-%") -> int:

@@ -201,3 +201,14 @@ class GatewayProcess(_Process):
 
     def log_text(self) -> str:
         return (self.folder / "server.log").read_text(errors="replace")
+
+    def metrics(self, token: str) -> dict[str, float]:
+        """Its Prometheus figures, keyed by name and labels as printed (`name{label="v"}`)."""
+        headers = {"Authorization": f"Bearer {token}"}
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=5).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
