@@ -261,7 +261,13 @@ class Settings(BaseSettings):
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
-    return ENV_PREFIX + ENV_NESTED.join(str(part).upper() for part in loc)
+    return ENV_PREFIX + ENV_NESTED.join(_shown(part).upper() for part in loc)
+
+
+def _shown(part: int | str) -> str:
+    """A key as an error line can show it: one line, whatever the file's key holds."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -310,7 +316,7 @@ def load_settings(
         loc = tuple(errors[0]["loc"])
         msg = str(errors[0]["msg"]).removeprefix("Value error, ")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        name = ".".join(map(str, loc))
+        name = ".".join(map(_shown, loc))
         raise SettingsError(f"setting {_env_name(loc)} ({name}): {msg}{more}") from exc
     except _SourceError as exc:
         # A structured value (dict/list) in the environment that is not valid JSON.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.settings import SettingsError, load_settings
@@ -153,6 +153,7 @@ _keys = st.sampled_from(
     st.dictionaries(_sections, st.dictionaries(_keys, _yaml_values, max_size=3) | _yaml_values, max_size=4)
     | _yaml_values
 )
+@example({"\n": None})  # a key with a line break once made a two-line error
 def test_any_settings_file_either_loads_or_fails_with_one_line(document: object) -> None:
     folder = Path(tempfile.mkdtemp())
     path = folder / "cgw.yaml"
