@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from gateway.services import evaluation, lifecycle, needs
 from gateway.services.catalogue import CatalogueError, load_catalogue
 from gateway.services.intake import IntakeError, terminal_request, terminal_vote
+from gateway.services.store import MIGRATIONS, ServiceStore
+from gateway.sinks.lineprotocol import service_record_lines
 
 CATALOGUE = load_catalogue()
 
@@ -228,3 +231,29 @@ def test_evaluation_periods_follow_utc_calendar() -> None:
     monday = evaluation.period_start(1_700_000_000_000, "week", 0)
     assert (monday // 86_400_000 + 3) % 7 == 0  # 1970-01-01 was a Thursday
     assert evaluation.nearest_rank([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == 9
+
+
+def test_upgrade_carries_unsent_lines_over_as_records(tmp_path: Path) -> None:
+    """Services migration 3: lines an older version kept, and had not forwarded, still go out."""
+    path = tmp_path / "services.sqlite3"
+    old = sqlite3.connect(path)
+    for statements in MIGRATIONS[:2]:
+        for statement in statements:
+            old.execute(statement)
+    old.executemany(
+        "INSERT INTO outbox_lines (body) VALUES (?)", [("rating,community=c score=4i 1",), ("b x=1 2",)]
+    )
+    old.execute("PRAGMA user_version=2")
+    old.commit()
+    old.close()
+
+    store = ServiceStore(path, CATALOGUE, "c")
+    store.open()
+    try:
+        upto, records = store.unsent_records()
+        lines = [line for r in records for line in service_record_lines(r, "c")]
+        assert lines == ["rating,community=c score=4i 1", "b x=1 2"]
+        store.forwarded(upto)
+        assert store.conn.execute("SELECT COUNT(*) FROM outbox_records").fetchone()[0] == 0
+    finally:
+        store.close()

@@ -45,7 +45,7 @@ class Processed:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     devices: list[Device] = field(default_factory=list)  # changed, to persist
     terminal: list[TerminalMessage] = field(default_factory=list)  # for the service desk
-    lines: list[str] = field(default_factory=list)  # service records, as InfluxDB lines
+    records: list[dict[str, Any]] = field(default_factory=list)  # service records (desk)
     # Called once everything above is durable (local store and outbox): acks to the broker.
     on_durable: list[Callable[[], None]] = field(default_factory=list)
 

@@ -51,7 +51,7 @@ class Router:
             self._live(output)
             processed.events.extend(output.events)
             processed.dead_letters.extend(output.dead_letters)
-            processed.lines.extend(output.lines)
+            processed.records.extend(output.records)
             processed.on_durable.append(self._forwarded(output))
         # One commit makes the batch durable in the local store and in every sink's outbox;
         # the batch's on_durable callbacks (broker acks) run after it.
@@ -62,7 +62,7 @@ class Router:
     async def deliver(self, output: DeskOutput) -> None:
         """The service desk's own output (operators' actions, deadline checks): durable, then told."""
         self._live(output)
-        batch = Processed(events=output.events, dead_letters=output.dead_letters, lines=output.lines)
+        batch = Processed(events=output.events, dead_letters=output.dead_letters, records=output.records)
         batch.on_durable.append(self._forwarded(output))
         await self._store.put_durable(batch)
         self._send_acks(output)
@@ -74,7 +74,7 @@ class Router:
             self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
 
     def _forwarded(self, output: DeskOutput) -> Callable[[], None]:
-        desk, upto = self._desk, output.lines_upto
+        desk, upto = self._desk, output.records_upto
 
         def done() -> None:
             if desk is not None and upto:

@@ -3,7 +3,7 @@
 One component with an explicit lifecycle (`open`, `run`, `close`). Every operation runs on the
 desk's own thread against `ServiceStore`, one at a time, so a terminal's request and an
 operator's action never race. What an operation produces for the outside (acks to terminals,
-live-stream items, time-series lines, alarms) is returned as a `DeskOutput`, and handed to the
+live-stream items, service records for the sinks, alarms) is returned as a `DeskOutput`, and handed to the
 `deliver` callback the application wires to the stream, the local store and the sinks.
 """
 
@@ -61,16 +61,16 @@ class DeskOutput:
 
     acks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (topic, payload)
     stream: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # service records for the sinks
     events: list[DeviceEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    lines_upto: int = 0  # the desk's kept lines up to this id are in `lines`
+    records_upto: int = 0  # the desk's kept records up to this id are in `records`
 
     def __bool__(self) -> bool:
-        return bool(self.acks or self.stream or self.lines or self.events or self.dead_letters)
+        return bool(self.acks or self.stream or self.records or self.events or self.dead_letters)
 
     def step(self, step: Step) -> None:
-        """A lifecycle step for the live stream (its time-series lines were kept by the store)."""
+        """A lifecycle step for the live stream (its record for the sinks was kept by the store)."""
         self.stream.append(("request", {**step.request, "step": _step_view(step)}))
 
 
@@ -94,7 +94,7 @@ class ServiceDesk:
         self._metrics = metrics
         self._check_interval_s = check_interval_s
         self._deliver: Callable[[DeskOutput], Awaitable[None]] | None = None
-        self._forwarded_upto = 0  # set when the local store's outbox has the desk's lines
+        self._forwarded_upto = 0  # set when the local store's outbox has the desk's records
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -105,7 +105,7 @@ class ServiceDesk:
     async def run(self) -> None:
         """Process control: raise overdue and stalled alarms, every `check_interval_s`.
 
-        First it hands on the time-series lines an earlier run kept but did not forward.
+        First it hands on the service records an earlier run kept but did not forward.
         """
         await self._emit(DeskOutput())
         while True:
@@ -121,19 +121,19 @@ class ServiceDesk:
         return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
     async def _emit(self, out: DeskOutput) -> None:
-        await self._call(self._collect_lines, out)
+        await self._call(self._collect_records, out)
         if out and self._deliver is not None:
             await self._deliver(out)
 
-    def _collect_lines(self, out: DeskOutput) -> None:
-        """Attach the kept lines not yet handed on; forget those the outbox already has."""
+    def _collect_records(self, out: DeskOutput) -> None:
+        """Attach the kept records not yet handed on; forget those the outbox already has."""
         if self._forwarded_upto:
             self._store.forwarded(self._forwarded_upto)
-        out.lines_upto, lines = self._store.unsent_lines()
-        out.lines.extend(lines)
+        out.records_upto, records = self._store.unsent_records()
+        out.records.extend(records)
 
     def forwarded(self, upto: int) -> None:
-        """Called once the local store committed lines up to `upto` into its outbox."""
+        """Called once the local store committed records up to `upto` into its outbox."""
         self._forwarded_upto = max(self._forwarded_upto, upto)
 
     # -- from the pipeline ----------------------------------------------------------------------
@@ -143,7 +143,7 @@ class ServiceDesk:
         out = DeskOutput()
         if messages or events:
             await self._call(self._handle, messages, events, out)
-            await self._call(self._collect_lines, out)
+            await self._call(self._collect_records, out)
         return out
 
     def _handle(self, messages: list[TerminalMessage], events: list[DeviceEvent], out: DeskOutput) -> None:

@@ -20,7 +20,6 @@ from gateway.services import lifecycle
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
 from gateway.services.lifecycle import State, TransitionError
-from gateway.sinks.lineprotocol import rating_line, service_step_lines
 from gateway.store.schema import connect
 
 MIGRATIONS: list[list[str]] = [
@@ -68,6 +67,15 @@ MIGRATIONS: list[list[str]] = [
     # the local store's outbox has them (at-least-once; the lines are idempotent). AUTOINCREMENT:
     # ids must never be reused once a prefix of the table has been forwarded and deleted.
     ["CREATE TABLE outbox_lines (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)"],
+    # 3: the desk keeps service *records* (JSON: a lifecycle step or a rating) instead of
+    # InfluxDB lines, so each sink encodes them its own way (line protocol, the district uplink).
+    # Lines an older version kept and did not forward yet are carried over, in order.
+    [
+        "CREATE TABLE outbox_records (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)",
+        "INSERT INTO outbox_records (body)"
+        " SELECT json_object('kind', 'line', 'line', body) FROM outbox_lines ORDER BY id",
+        "DROP TABLE outbox_lines",
+    ],
 ]
 
 MAX_CLOCK_AHEAD_MS = 60_000
@@ -99,7 +107,7 @@ class ServiceStore:
         self._catalogue = catalogue
         self._community = community
         self._conn: sqlite3.Connection | None = None
-        self._sent_upto = 0  # outbox_lines handed on in this run
+        self._sent_upto = 0  # outbox_records handed on in this run
 
     def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +205,7 @@ class ServiceStore:
                 )
             view = self._get(ticket)
             step = Step(view, None, "submitted", ts, actor, f"filed via {new.source}")
-            self._keep_lines(service_step_lines(step, self._community))
+            self._keep([step_record(step)])
         return view, step
 
     def transition(
@@ -268,26 +276,28 @@ class ServiceStore:
             )
             view = self._get(ticket)
             step = Step(view, current, target, ts, actor, text)
-            self._keep_lines(service_step_lines(step, self._community))
+            self._keep([step_record(step)])
         return step
 
-    # -- time-series lines on their way to the outbox ------------------------------------------------
+    # -- service records on their way to the outbox -------------------------------------------------
 
-    def _keep_lines(self, lines: list[str]) -> None:
-        self.conn.executemany("INSERT INTO outbox_lines (body) VALUES (?)", [(line,) for line in lines])
+    def _keep(self, records: list[dict[str, Any]]) -> None:
+        self.conn.executemany(
+            "INSERT INTO outbox_records (body) VALUES (?)", [(orjson.dumps(r).decode(),) for r in records]
+        )
 
-    def unsent_lines(self) -> tuple[int, list[str]]:
-        """Lines not yet handed on in this run (after a restart: all not yet forwarded)."""
+    def unsent_records(self) -> tuple[int, list[dict[str, Any]]]:
+        """Records not yet handed on in this run (after a restart: all not yet forwarded)."""
         rows = self.conn.execute(
-            "SELECT id, body FROM outbox_lines WHERE id > ? ORDER BY id", (self._sent_upto,)
+            "SELECT id, body FROM outbox_records WHERE id > ? ORDER BY id", (self._sent_upto,)
         ).fetchall()
         if rows:
             self._sent_upto = rows[-1][0]
-        return self._sent_upto, [r[1] for r in rows]
+        return self._sent_upto, [orjson.loads(r[1]) for r in rows]
 
     def forwarded(self, upto: int) -> None:
-        """The local store's outbox has every line up to `upto`: they need not be kept here."""
-        self.conn.execute("DELETE FROM outbox_lines WHERE id <= ?", (upto,))
+        """The local store's outbox has every record up to `upto`: they need not be kept here."""
+        self.conn.execute("DELETE FROM outbox_records WHERE id <= ?", (upto,))
 
     def get(self, ticket: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM requests WHERE id = ?", (ticket,)).fetchone()
@@ -446,8 +456,7 @@ class ServiceStore:
                 (rating.service_request_id, rating.ts_ms, rating.score, rating.comment, rating.rater),
             )
             if cursor.rowcount == 1:
-                line = rating_line(request_view(row), rating.score, rating.ts_ms, self._community)
-                self._keep_lines([line])
+                self._keep([rating_record(request_view(row), rating)])
         if cursor.rowcount == 0:
             return request_view(row), False, None
         step = None
@@ -656,6 +665,23 @@ def request_view(row: sqlite3.Row) -> dict[str, Any]:
         "completed_ms": row["completed_ms"],
         "overdue": row["overdue_alarm_ms"] is not None,
     }
+
+
+def step_record(step: Step) -> dict[str, Any]:
+    """A lifecycle step as the desk keeps it for the sinks (gateway/sinks/records.py reads it)."""
+    return {
+        "kind": "step",
+        "request": step.request,
+        "from": step.from_state,
+        "to": step.to_state,
+        "ts_ms": step.ts_ms,
+        "actor": step.actor,
+        "note": step.note,
+    }
+
+
+def rating_record(request: dict[str, Any], rating: NewRating) -> dict[str, Any]:
+    return {"kind": "rating", "request": request, "score": rating.score, "ts_ms": rating.ts_ms}
 
 
 def _default_note(target: State, provider_id: str | None, merged_into: str | None) -> str:

@@ -9,14 +9,11 @@ Metric fields are always floats (`1.0`, never `1i`) so a field never changes typ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from gateway.models import DeviceEvent, PresenceChange, Reading
-
-if TYPE_CHECKING:
-    from gateway.services.store import Step
 
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\\": "\\\\"})
 _TAG = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\\": "\\\\"})
@@ -75,13 +72,26 @@ def _string(value: str) -> str:
     return f'"{value.translate(_STRING)}"'
 
 
-def service_step_lines(step: Step, community: str) -> list[str]:
+def service_record_lines(record: dict[str, Any], community: str) -> list[str]:
+    """The lines of one service record the desk kept (`step_record`, `rating_record`)."""
+    kind = record["kind"]
+    if kind == "step":
+        return service_step_lines(record, community)
+    if kind == "rating":
+        return [rating_line(record["request"], record["score"], record["ts_ms"], community)]
+    if kind == "line":  # kept by a version before services migration 3
+        return [record["line"]]
+    raise ValueError(f"unknown service record kind {kind!r}")
+
+
+def service_step_lines(step: dict[str, Any], community: str) -> list[str]:
     """One `service_request` point per lifecycle step; a completion also adds `service_usage`.
 
     The ticket is a tag so that two requests changing state in the same millisecond stay two
     points (requests are few enough that this does not strain the series index).
     """
-    r = step.request
+    r = step["request"]
+    ts_ms: int = step["ts_ms"]
     tags = _tags(
         (
             ("building", r["building"]),
@@ -91,15 +101,15 @@ def service_step_lines(step: Step, community: str) -> list[str]:
             ("service_group", r["service_group"]),
             ("service_request_id", r["id"]),
             ("source", r["source"]),
-            ("state", step.to_state),
+            ("state", step["to"]),
         )
     )
     fields = (
-        f"from_state={_string(step.from_state or '')},actor={_string(step.actor)},"
-        f"overdue={'true' if step.ts_ms > r['expected_ms'] else 'false'},count=1i"
+        f"from_state={_string(step['from'] or '')},actor={_string(step['actor'])},"
+        f"overdue={'true' if ts_ms > r['expected_ms'] else 'false'},count=1i"
     )
-    lines = [f"service_request{tags} {fields} {step.ts_ms}"]
-    if step.to_state == "completed":
+    lines = [f"service_request{tags} {fields} {ts_ms}"]
+    if step["to"] == "completed":
         usage_tags = _tags(
             (
                 ("building", r["building"]),
@@ -110,10 +120,10 @@ def service_step_lines(step: Step, community: str) -> list[str]:
                 ("service_request_id", r["id"]),
             )
         )
-        hours = (step.ts_ms - r["requested_ms"]) / 3_600_000
-        on_time = "true" if step.ts_ms <= r["expected_ms"] else "false"
+        hours = (ts_ms - r["requested_ms"]) / 3_600_000
+        on_time = "true" if ts_ms <= r["expected_ms"] else "false"
         lines.append(
-            f"service_usage{usage_tags} hours_to_complete={hours!r},on_time={on_time},count=1i {step.ts_ms}"
+            f"service_usage{usage_tags} hours_to_complete={hours!r},on_time={on_time},count=1i {ts_ms}"
         )
     return lines
 

@@ -1,0 +1,170 @@
+"""What every outbound sink does with its durable outbox: take in order, send, delete, retry.
+
+The store writer appends a sink's rows in the same transaction as the local store (the sink's
+`encode`). A sink's `run()` takes the oldest rows, hands them to `_send` and deletes them once the
+far side has them; while the far side is unreachable they stay on disk, and after an outage the
+backlog drains in order. Subclasses (InfluxDB, the district uplink) only say how to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gateway.stats import GatewayMetrics
+from gateway.store.outbox import Outbox, OutboxRow, Taken
+from gateway.store.schema import connect
+
+if TYPE_CHECKING:
+    from gateway.pipeline.process import Processed
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_BACKOFF_S = 5.0  # an attempt every 5 s costs nothing, and the backlog starts soon after
+
+
+class OutboxDrain(ABC):
+    """`encode()` for the writer; `run()` as a task; `drain()` and `close()` on shutdown."""
+
+    name: str
+    target: str  # where the sink sends to, for logs and /readyz
+
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        db_path: Path,
+        outbox: Outbox,
+        batch_points: int,
+        idle_s: float,
+    ) -> None:
+        self._db_path = db_path
+        self._outbox = outbox
+        self._batch_points = batch_points
+        self._idle_s = idle_s
+        # One thread owns the outbox connection and does the blocking sends, in order.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cgw-{self.name}")
+        self._conn: sqlite3.Connection | None = None
+        self._wake = asyncio.Event()
+        self._healthy = True
+        self.last_error: str | None = None
+        m = metrics
+        self._written = m.sink_points.labels(sink=self.name, outcome="written")
+        self._failed = m.sink_points.labels(sink=self.name, outcome="failed")
+        self._rejected = m.sink_points.labels(sink=self.name, outcome="rejected")
+        self._seconds = m.sink_write_seconds.labels(sink=self.name)
+        self._buffered = m.sink_buffered.labels(sink=self.name)
+        self._pending = m.outbox_pending.labels(sink=self.name)
+        self._age = m.outbox_age.labels(sink=self.name)
+        self._up = m.sink_up.labels(sink=self.name)
+        self._up.set(1)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def buffered(self) -> int:
+        """Points in the outbox that the far side has not accepted yet."""
+        return self._outbox.pending(self.name)
+
+    @abstractmethod
+    def encode(self, batches: list[Processed]) -> list[OutboxRow]:
+        """The outbox rows of committed batches (runs on the writer's thread, in its transaction)."""
+
+    @abstractmethod
+    async def _send(self, taken: Taken) -> bool:
+        """Send what `taken` holds; True when done with (sent, or refused for good), else retry."""
+
+    @abstractmethod
+    async def _close_client(self) -> None:
+        """Close the far side's client (on the sink's thread when it blocks)."""
+
+    def wake(self) -> None:
+        """New rows were committed."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            taken = await self._call(self._take)
+            if taken is None:
+                self._buffered.set(0)
+                self._pending.set(0)
+                self._age.set(0)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._idle_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                continue
+            self._buffered.set(self.buffered)
+            self._pending.set(self.buffered)
+            if taken.oldest_ms is not None:
+                self._age.set(max(0.0, time.time() - taken.oldest_ms / 1000))
+            started = time.perf_counter()
+            if await self._send(taken):
+                self._seconds.observe(time.perf_counter() - started)
+                await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
+                backoff = 0.5
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until the outbox of this sink is empty (or `timeout_s` passes); True when empty.
+
+        What is left stays on disk and is sent after the next start.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.buffered and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        return not self.buffered
+
+    async def close(self) -> None:
+        await self._close_client()
+
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._call(close)
+        self._thread.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self._db_path)
+        return self._conn
+
+    def _take(self) -> Taken | None:
+        return self._outbox.take(self._connection(), self.name, self._batch_points)
+
+    # -- outcomes, for the subclasses ------------------------------------------------------------
+
+    def _sent(self, points: int) -> None:
+        self._written.inc(points)
+        if not self._healthy:
+            log.info("%s is reachable again; sending the backlog", self.target)
+        self._healthy = True
+        self.last_error = None
+        self._up.set(1)
+
+    def _fail(self, message: str, points: int) -> None:
+        if self._healthy or message != self.last_error:
+            log.warning("%s; keeping %d points in the outbox and retrying", message, self.buffered)
+        self._healthy = False
+        self.last_error = message
+        self._failed.inc(points)
+        self._up.set(0)
