@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.base import Driver, Ingress
 from gateway.models import RawMessage
-from gateway.settings import MqttSettings
+from gateway.settings import BrokerSettings, MqttSettings
 from gateway.stats import GatewayMetrics
 from gateway.topics import SUBSCRIPTIONS
 
@@ -120,20 +120,7 @@ class MqttDriver(Driver):
     # -- paho side (network thread) ------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        s = self._settings
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            clean_session=s.clean_start,
-            protocol=paho.MQTTv311,
-            manual_ack=True,
-        )
-        if s.username:
-            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
-        if s.tls:
-            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None, cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(s.tls_insecure)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client = broker_client(self._settings, self._client_id, clean_session=self._settings.clean_start)
         client.max_queued_messages_set(10_000)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -226,8 +213,31 @@ class MqttDriver(Driver):
         return batch, acknowledge
 
 
-def why_unreachable(s: MqttSettings, timeout_s: float = 2.0) -> str:
-    """Why a connection to the broker fails, found by trying TCP (and TLS) directly."""
+def broker_client(
+    s: BrokerSettings, client_id: str, *, clean_session: bool, manual_ack: bool = True
+) -> paho.Client:
+    """A paho client set up from broker settings: MQTT 3.1.1, login, TLS, reconnect backoff."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean_session,
+        protocol=paho.MQTTv311,
+        manual_ack=manual_ack,
+    )
+    if s.username:
+        client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+    if s.tls:
+        client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None, cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(s.tls_insecure)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    return client
+
+
+def why_unreachable(s: BrokerSettings, timeout_s: float = 2.0, env: str = "CGW_MQTT") -> str:
+    """Why a connection to the broker fails, found by trying TCP (and TLS) directly.
+
+    `env` names the settings' environment prefix, so the advice names the right variable.
+    """
     try:
         with socket.create_connection((s.host, s.port), timeout_s) as sock:
             if s.tls:
@@ -238,9 +248,9 @@ def why_unreachable(s: MqttSettings, timeout_s: float = 2.0) -> str:
                 with context.wrap_socket(sock, server_hostname=s.host):
                     pass
     except ssl.SSLCertVerificationError as exc:
-        return f"the broker's TLS certificate is not trusted ({exc.verify_message}): check CGW_MQTT__TLS_CA"
+        return f"the broker's TLS certificate is not trusted ({exc.verify_message}): check {env}__TLS_CA"
     except ssl.SSLError as exc:
-        return f"TLS handshake failed ({exc.reason}): is the port a TLS listener? check CGW_MQTT__URL"
+        return f"TLS handshake failed ({exc.reason}): is the port a TLS listener? check {env}__URL"
     except OSError as exc:
-        return f"{exc.strerror or exc}: is the broker running? check CGW_MQTT__URL"
+        return f"{exc.strerror or exc}: is the broker running? check {env}__URL"
     return "the broker accepted the connection and then closed it"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import socket
@@ -33,6 +34,7 @@ from gateway.rules import AlarmEngine
 from gateway.services.catalogue import load_catalogue
 from gateway.services.desk import ServiceDesk
 from gateway.settings import Settings
+from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
 from gateway.store.maintenance import StoreMaintenance
@@ -40,6 +42,8 @@ from gateway.store.outbox import Outbox
 from gateway.store.queries import StoreReader
 from gateway.store.writer import StoreWriter
 from gateway.stream import StreamHub
+from gateway.uplink.commands import DistrictCommands, summaries
+from gateway.uplink.sink import UplinkSink
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +86,28 @@ class Gateway:
             if settings.influx.enabled
             else None
         )
+        self.uplink = (
+            UplinkSink(
+                settings.uplink,
+                settings.uplink_client_id,
+                settings.community,
+                self.metrics,
+                settings.db_path,
+                self.outbox,
+            )
+            if settings.uplink.enabled
+            else None
+        )
+        self.sinks: list[OutboxDrain] = [s for s in (self.influx, self.uplink) if s is not None]
         self.writer = StoreWriter(
             settings.db_path,
             self.metrics,
             settings.pipeline.queue_size,
             self.outbox,
-            [self.influx.encode] if self.influx is not None else [],
+            [sink.encode for sink in self.sinks],
         )
-        if self.influx is not None:
-            self.writer.on_commit(self.influx.wake)
+        for sink in self.sinks:
+            self.writer.on_commit(sink.wake)
         self.reader = StoreReader(settings.db_path, int(settings.store.raw_retention.total_seconds() * 1000))
         self.maintenance = StoreMaintenance(self.writer, settings.store)
         self.mqtt = MqttDriver(
@@ -113,6 +130,11 @@ class Gateway:
             MessageTimeRateLimit(settings.pipeline.device_rate_limit),
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
+        if self.uplink is not None:
+            commands = DistrictCommands(
+                settings.community, self.desk, self.registry, self.mqtt.publish, self.uplink.send_snapshots
+            )
+            self.uplink.serve(functools.partial(summaries, self.desk), commands.handle)
         self.pipeline = Pipeline(
             self.processor,
             self.router,
@@ -174,6 +196,12 @@ class Gateway:
                 "ok": self.influx.healthy,
                 "detail": self.influx.last_error or f"writing to {self.settings.influx.url}",
             }
+        if self.uplink is not None:
+            # Not ready is not down: the outbox keeps what the district has not taken yet.
+            checks["uplink"] = {
+                "ok": self.uplink.connected and self.uplink.healthy,
+                "detail": self.uplink.last_error or f"connected to {self.settings.uplink.url}",
+            }
         return checks
 
     def stop(self) -> None:
@@ -196,8 +224,7 @@ class Gateway:
                     tg.create_task(self.pipeline.run(), name="pipeline"),
                     tg.create_task(self.desk.run(), name="service-desk"),
                 ]
-                if self.influx is not None:
-                    background.append(tg.create_task(self.influx.run(), name="influx-sink"))
+                background.extend(tg.create_task(sink.run(), name=f"{sink.name}-sink") for sink in self.sinks)
                 inputs = [
                     tg.create_task(driver.run(self.pipeline), name=f"driver-{driver.name}")
                     for driver in self.drivers
@@ -230,8 +257,8 @@ class Gateway:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await self.pipeline.drain()
                 await self.writer.drain()
-                if self.influx is not None:
-                    await self.influx.drain(DRAIN_TIMEOUT_S)
+                for sink in self.sinks:
+                    await sink.drain(DRAIN_TIMEOUT_S)
         except TimeoutError:
             log.warning("drain did not finish within %.0f s; stopping anyway", DRAIN_TIMEOUT_S)
         await self.maintenance.run_once()
@@ -242,8 +269,8 @@ class Gateway:
             task.cancel()
 
     async def _close(self) -> None:
-        if self.influx is not None:
-            await self.influx.close()
+        for sink in self.sinks:
+            await sink.close()
         await self.desk.close()
         await self.writer.close()
         self.reader.close()

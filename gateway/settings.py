@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -51,21 +52,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class MqttSettings(_Section):
+class BrokerSettings(_Section):
+    """How to reach an MQTT broker: the community's own (`mqtt`) or the district's (`uplink`)."""
+
+    url_optional: ClassVar[bool] = False
+
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: SecretStr | None = None
-    client_id: str = ""  # empty: "cgw-{community}"
+    client_id: str = ""  # empty: a name derived from the community
     keepalive_s: int = Field(30, ge=5, le=3600)
-    # Persistent session: what devices publish while the gateway restarts waits at the broker.
-    clean_start: bool = False
     tls_ca: Path | None = None
     tls_insecure: bool = False
-    max_payload_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
+        if not value and cls.url_optional:
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ValueError(f"must start with mqtt:// or mqtts://, got {value!r}")
@@ -89,6 +93,41 @@ class MqttSettings(_Section):
     @property
     def tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts"
+
+
+class MqttSettings(BrokerSettings):
+    # Persistent session: what devices publish while the gateway restarts waits at the broker.
+    clean_start: bool = False
+    max_payload_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
+
+
+class UplinkSettings(BrokerSettings):
+    """The district platform's broker (docs/uplink.md); an empty url: no uplink."""
+
+    url_optional: ClassVar[bool] = True
+
+    url: str = ""
+    qos: Literal[1, 2] = 1
+    # Telemetry sent up: a device kind ("energy_meter") or one metric of it ("air_quality.pm25").
+    telemetry: list[str] = Field(default_factory=list)
+    summary_interval_s: float = Field(300.0, ge=5, le=86_400, description="needs list and evaluation")
+    batch_points: int = Field(2000, ge=1, le=100_000)
+    max_message_bytes: int = Field(256 * 1024, ge=4096, le=16 * 1024 * 1024)
+    commands: bool = True  # act on the district's commands (cgw/v1/down/{community}/cmd)
+
+    @field_validator("telemetry")
+    @classmethod
+    def _check_selectors(cls, value: list[str]) -> list[str]:
+        for selector in value:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})?", selector):
+                raise ValueError(
+                    f"{selector!r} is neither a device kind nor kind.metric (e.g. air_quality.pm25)"
+                )
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
 
 
 class InfluxSettings(_Section):
@@ -227,6 +266,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     mqtt: MqttSettings = MqttSettings()
     influx: InfluxSettings = InfluxSettings()
+    uplink: UplinkSettings = UplinkSettings()
     outbox: OutboxSettings = OutboxSettings()
     api: ApiSettings = ApiSettings()
     store: StoreSettings = StoreSettings()
@@ -250,6 +290,10 @@ class Settings(BaseSettings):
     @property
     def mqtt_client_id(self) -> str:
         return self.mqtt.client_id or f"cgw-{self.community}"
+
+    @property
+    def uplink_client_id(self) -> str:
+        return self.uplink.client_id or f"cgw-up-{self.community}"
 
     @property
     def db_path(self) -> Path:

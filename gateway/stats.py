@@ -77,6 +77,12 @@ class GatewayMetrics:
         self.service_alarms = Counter(
             "cgw_service_alarms", "Overdue and stalled service requests raised", ["type"], registry=r
         )
+        self.uplink_commands = Counter(
+            "cgw_uplink_commands",
+            "District commands received over the uplink, by action and outcome",
+            ["action", "outcome"],
+            registry=r,
+        )
         self.stream_dropped = Counter(
             "cgw_stream_dropped", "Live-stream events dropped for slow subscribers", registry=r
         )

@@ -212,3 +212,14 @@ class GatewayProcess(_Process):
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
         return out
+
+
+def wait_for(probe: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}: last {last!r}")

@@ -75,6 +75,9 @@ def test_cli_override_wins_over_environment() -> None:
         ({"CGW_INFLUX__URL": "influx:8086"}, "CGW_INFLUX__URL"),
         ({"CGW_COMMUNITY": "has space"}, "CGW_COMMUNITY"),
         ({"CGW_AUTH__TOKENS": '{"t":"superuser"}'}, "CGW_AUTH__TOKENS"),
+        ({"CGW_UPLINK__URL": "tcp://district:1883"}, "CGW_UPLINK__URL"),
+        ({"CGW_UPLINK__TELEMETRY": '["air quality"]'}, "CGW_UPLINK__TELEMETRY"),
+        ({"CGW_UPLINK__QOS": "0"}, "CGW_UPLINK__QOS"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_setting(env: dict[str, str], expected: str) -> None:

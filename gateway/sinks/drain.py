@@ -71,6 +71,11 @@ class OutboxDrain(ABC):
         return self._healthy
 
     @property
+    def reachable(self) -> bool:
+        """Worth waiting for at shutdown (the uplink also needs its connection)."""
+        return self._healthy
+
+    @property
     def buffered(self) -> int:
         """Points in the outbox that the far side has not accepted yet."""
         return self._outbox.pending(self.name)
@@ -121,8 +126,11 @@ class OutboxDrain(ABC):
     async def drain(self, timeout_s: float) -> bool:
         """Wait until the outbox of this sink is empty (or `timeout_s` passes); True when empty.
 
-        What is left stays on disk and is sent after the next start.
+        What is left stays on disk and is sent after the next start; a sink that cannot reach its
+        far side is not waited for.
         """
+        if not self.reachable:
+            return not self.buffered
         deadline = time.monotonic() + timeout_s
         while self.buffered and time.monotonic() < deadline:
             self._wake.set()

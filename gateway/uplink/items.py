@@ -1,0 +1,150 @@
+"""What the district sees: committed batches turned into uplink items, one JSON object each.
+
+Each item belongs to a stream (`requests`, `ratings`, `alarms`, `telemetry`, `needs`,
+`evaluation`), which becomes the last level of its topic, `cgw/v1/up/{community}/{stream}`
+(docs/uplink.md). Every item has a `key` that is the same each time the item is sent, so the
+district can drop the copies at-least-once delivery may make after a fault.
+
+Personal data stays in the community: a request goes up with its building and floor, never the
+unit, household, address, coordinates, photo or contact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.models import DeviceEvent, Reading, event_id
+from gateway.store.outbox import OutboxRow
+
+if TYPE_CHECKING:
+    from gateway.pipeline.process import Processed
+
+STREAMS = ("requests", "ratings", "alarms", "telemetry", "needs", "evaluation")
+# Snapshots: the district wants the latest on connecting, so they are published retained.
+SNAPSHOTS = frozenset({"needs", "evaluation"})
+# Request fields that name a home or a person.
+PRIVATE = frozenset({"unit", "household", "address", "lat", "long", "media_url", "contact", "attributes"})
+
+
+class TelemetryChoice:
+    """The `uplink.telemetry` selectors: whole kinds, or single metrics of a kind."""
+
+    def __init__(self, selectors: Iterable[str]) -> None:
+        self._kinds: set[str] = set()
+        self._metrics: dict[str, set[str]] = {}
+        for selector in selectors:
+            kind, _, metric = selector.partition(".")
+            if metric:
+                self._metrics.setdefault(kind, set()).add(metric)
+            else:
+                self._kinds.add(kind)
+
+    def __bool__(self) -> bool:
+        return bool(self._kinds or self._metrics)
+
+    def pick(self, reading: Reading) -> dict[str, float]:
+        if reading.kind in self._kinds:
+            return reading.metrics
+        wanted = self._metrics.get(reading.kind)
+        if not wanted:
+            return {}
+        return {k: v for k, v in reading.metrics.items() if k in wanted}
+
+
+def encode(batches: list[Processed], choice: TelemetryChoice, sink: str) -> list[OutboxRow]:
+    """Outbox rows for the uplink: one row of what is never dropped, one row of telemetry."""
+    important: list[str] = []
+    telemetry: list[str] = []
+    for batch in batches:
+        important.extend(_line("alarms", alarm_item(e)) for e in batch.events if e.alarm)
+        for record in batch.records:
+            item = record_item(record)
+            if item is not None:
+                important.append(_line(*item))
+        if choice:
+            for reading in batch.readings:
+                metrics = choice.pick(reading)
+                if metrics:
+                    telemetry.append(_line("telemetry", telemetry_item(reading, metrics)))
+    rows = []
+    if important:
+        rows.append(OutboxRow(sink, True, "\n".join(important), len(important)))
+    if telemetry:
+        rows.append(OutboxRow(sink, False, "\n".join(telemetry), len(telemetry)))
+    return rows
+
+
+def snapshot_row(stream: str, item: dict[str, Any], sink: str) -> OutboxRow:
+    return OutboxRow(sink, True, _line(stream, item), 1)
+
+
+def _line(stream: str, item: dict[str, Any]) -> str:
+    # A tab cannot occur in a stream name, and orjson escapes it inside the JSON.
+    return f"{stream}\t{orjson.dumps(item).decode()}"
+
+
+def parse(body: str) -> Iterator[tuple[str, bytes]]:
+    """(stream, item JSON) for each line of taken outbox rows."""
+    for line in body.split("\n"):
+        stream, _, item = line.partition("\t")
+        yield stream, item.encode()
+
+
+def alarm_item(event: DeviceEvent) -> dict[str, Any]:
+    return {
+        "key": event_id(event),
+        "ts_ms": event.ts_ms,
+        "device_id": event.device_id,
+        "kind": event.kind,
+        "building": event.building,
+        "type": event.type,
+        "severity": event.severity,
+        "message": event.message,
+        "source": event.source,
+    }
+
+
+def telemetry_item(reading: Reading, metrics: dict[str, float]) -> dict[str, Any]:
+    return {
+        "key": f"{reading.device_id}:{reading.ts_ms}",
+        "ts_ms": reading.ts_ms,
+        "device_id": reading.device_id,
+        "kind": reading.kind,
+        "building": reading.building,
+        "metrics": metrics,
+    }
+
+
+def public_request(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in request.items() if k not in PRIVATE}
+
+
+def record_item(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The desk's service record as an uplink item (None: an older version's bare line)."""
+    kind = record["kind"]
+    if kind == "step":
+        request = public_request(record["request"])
+        key = f"{request['id']}:{record['to']}:{record['ts_ms']}"
+        step = {
+            "from": record["from"],
+            "to": record["to"],
+            "ts_ms": record["ts_ms"],
+            "actor": record["actor"],
+        }
+        return "requests", {"key": key, **request, "step": step}
+    if kind == "rating":
+        request = record["request"]
+        return "ratings", {
+            "key": f"{request['id']}:rating",
+            "service_request_id": request["id"],
+            "service_code": request["service_code"],
+            "service_group": request["service_group"],
+            "provider_id": request["provider_id"],
+            "building": request["building"],
+            "score": record["score"],
+            "ts_ms": record["ts_ms"],
+        }
+    return None

@@ -1,0 +1,304 @@
+"""The uplink to the district platform: the durable outbox drained to the district's MQTT broker.
+
+Up: `cgw/v1/up/{community}/{stream}` (gateway/uplink/items.py), QoS 1 by default. The store writer
+puts the uplink's rows into the outbox in the same transaction as the local store, so what the
+community's broker was told is kept is also kept for the district. A batch of rows is deleted
+only once the district's broker has acknowledged every message made of it (PUBACK, or PUBCOMP at
+QoS 2); until then it is sent again, so the district sees everything at least once, and drops
+copies by each item's `key`.
+
+Down: the district publishes commands on `cgw/v1/down/{community}/cmd`; the answers go to
+`cgw/v1/up/{community}/reply` (gateway/uplink/commands.py). The gateway's own presence is
+`cgw/v1/up/{community}/status`, retained, with an `offline` Last Will.
+
+The uplink has its own session (clean session off), so commands sent while the box is offline
+arrive when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import paho.mqtt.client as paho
+
+from drivers.mqtt import broker_client, why_unreachable
+from gateway import __version__
+from gateway.settings import UplinkSettings
+from gateway.sinks.drain import OutboxDrain
+from gateway.stats import GatewayMetrics
+from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Taken
+from gateway.uplink import items
+from gateway.uplink.items import SNAPSHOTS, TelemetryChoice
+
+if TYPE_CHECKING:
+    from gateway.pipeline.process import Processed
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 15.0  # for the district's broker to acknowledge one batch
+COMMAND_QUEUE = 100
+
+Summarize = Callable[[], Awaitable[list[tuple[str, dict[str, Any]]]]]
+Command = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+def up_topic(community: str, stream: str) -> str:
+    return f"cgw/v1/up/{community}/{stream}"
+
+
+def down_topic(community: str) -> str:
+    return f"cgw/v1/down/{community}/cmd"
+
+
+class UplinkSink(OutboxDrain):
+    """`encode()` for the writer; `run()` drains, publishes summaries and answers commands."""
+
+    name = "uplink"
+
+    def __init__(
+        self,
+        settings: UplinkSettings,
+        client_id: str,
+        community: str,
+        metrics: GatewayMetrics,
+        db_path: Path,
+        outbox: Outbox,
+    ) -> None:
+        super().__init__(metrics, db_path, outbox, settings.batch_points, idle_s=1.0)
+        self._settings = settings
+        self._client_id = client_id
+        self._community = community
+        self.target = f"the district broker {settings.url}"
+        self._choice = TelemetryChoice(settings.telemetry)
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=COMMAND_QUEUE)
+        self._connected = False
+        self._stopping = False
+        self._command_counter = metrics.uplink_commands
+        self._link = metrics.driver_connected.labels(driver="uplink")
+        self._summarize: Summarize | None = None
+        self._command: Command | None = None
+
+    def serve(self, summarize: Summarize, command: Command) -> None:
+        """What the uplink sends as snapshots, and who answers the district's commands."""
+        self._summarize = summarize
+        self._command = command
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def reachable(self) -> bool:
+        return self._connected and self.healthy
+
+    # -- the writer's side -----------------------------------------------------------------------
+
+    def encode(self, batches: list[Processed]) -> list[OutboxRow]:
+        return items.encode(batches, self._choice, self.name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = self._make_client()
+        self._client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive_s)
+        self._client.loop_start()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(super().run(), name="uplink-drain")
+            tg.create_task(self._snapshots(), name="uplink-snapshots")
+            tg.create_task(self._answer(), name="uplink-commands")
+
+    async def _close_client(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        self._stopping = True
+
+        def close() -> None:
+            if client.is_connected():
+                # Said outright: a clean disconnect does not fire the Last Will.
+                client.publish(
+                    self._status_topic, self._status("offline"), qos=1, retain=True
+                ).wait_for_publish(2.0)
+            client.disconnect()
+            client.loop_stop()
+
+        await asyncio.to_thread(close)
+        self._set_connected(False)
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    async def _send(self, taken: Taken) -> bool:
+        client = self._client
+        if client is None or not self._connected:
+            self._fail(self.last_error or f"not connected to {self.target}", taken.points)
+            return False
+        try:
+            await self._call(self._publish_all, client, taken.body)
+        except (RuntimeError, ValueError, TimeoutError) as exc:
+            self._fail(f"{self.target} did not take the batch: {exc}", taken.points)
+            return False
+        self._sent(taken.points)
+        return True
+
+    def _publish_all(self, client: paho.Client, body: str) -> None:
+        """Publish every message of a batch, then wait until the broker has acknowledged each."""
+        pending = [
+            client.publish(topic, payload, qos=self._settings.qos, retain=retain)
+            for topic, payload, retain in self._messages(body)
+        ]
+        deadline = time.monotonic() + SEND_TIMEOUT_S
+        for info in pending:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TimeoutError(f"no acknowledgement within {SEND_TIMEOUT_S:.0f} s")
+
+    def _messages(self, body: str) -> list[tuple[str, bytes, bool]]:
+        """Items grouped by stream, in order, cut into messages of at most `max_message_bytes`."""
+        by_stream: dict[str, list[bytes]] = {}
+        for stream, item in items.parse(body):
+            by_stream.setdefault(stream, []).append(item)
+        head = b'{"community":' + orjson.dumps(self._community) + b',"items":['
+        limit = self._settings.max_message_bytes - len(head) - 2
+        out: list[tuple[str, bytes, bool]] = []
+        for stream, stream_items in by_stream.items():
+            topic = up_topic(self._community, stream)
+            retain = stream in SNAPSHOTS
+            chunk: list[bytes] = []
+            size = 0
+            for item in stream_items:
+                # A snapshot is one message of its own: the retained message is the latest one.
+                if chunk and (retain or size + len(item) + 1 > limit):
+                    out.append((topic, head + b",".join(chunk) + b"]}", retain))
+                    chunk, size = [], 0
+                chunk.append(item)
+                size += len(item) + 1
+            if chunk:
+                out.append((topic, head + b",".join(chunk) + b"]}", retain))
+        return out
+
+    # -- snapshots: the needs list and the evaluation ---------------------------------------------
+
+    async def _snapshots(self) -> None:
+        while True:
+            await self.send_snapshots()
+            await asyncio.sleep(self._settings.summary_interval_s)
+
+    async def send_snapshots(self) -> int:
+        """Put the current snapshots into the outbox; returns how many."""
+        if self._summarize is None:
+            return 0
+        try:
+            snapshots = await self._summarize()
+        except Exception:
+            log.exception("could not make the uplink's snapshots; trying again at the next interval")
+            return 0
+        rows = [items.snapshot_row(stream, item, self.name) for stream, item in snapshots]
+        try:
+            await self._call(self._append, rows)
+        except OutboxFull as exc:
+            # A snapshot is made again at the next interval: nothing is lost by skipping one.
+            log.warning("uplink snapshots skipped: %s", exc)
+            return 0
+        self.wake()
+        return len(rows)
+
+    def _append(self, rows: list[OutboxRow]) -> None:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._outbox.append(conn, rows)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- commands from the district ---------------------------------------------------------------
+
+    async def _answer(self) -> None:
+        while True:
+            payload = await self._commands.get()
+            if self._command is None:
+                continue
+            reply = await self._command(payload)
+            self._command_counter.labels(
+                action=str(reply.get("action", "unknown")), outcome="ok" if reply.get("ok") else "error"
+            ).inc()
+            if self._client is not None:
+                self._client.publish(up_topic(self._community, "reply"), orjson.dumps(reply), qos=1)
+
+    # -- paho side (network thread) -----------------------------------------------------------------
+
+    @property
+    def _status_topic(self) -> str:
+        return up_topic(self._community, "status")
+
+    def _status(self, state: str) -> bytes:
+        return orjson.dumps({"state": state, "ts_ms": int(time.time() * 1000), "version": __version__})
+
+    def _make_client(self) -> paho.Client:
+        client = broker_client(self._settings, self._client_id, clean_session=False, manual_ack=False)
+        client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = f"{self.target} refused the connection: {reason}"
+            log.error("%s (check CGW_UPLINK__USERNAME / CGW_UPLINK__PASSWORD)", self.last_error)
+            return
+        if self._settings.commands:
+            client.subscribe(down_topic(self._community), qos=1)
+        client.publish(self._status_topic, self._status("online"), qos=1, retain=True)
+        self._set_connected(True)
+        self.wake_threadsafe()
+        log.info("uplink connected to %s as %s", self._settings.url, self._client_id)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        message = f"cannot connect to {self.target}: {why_unreachable(self._settings, env='CGW_UPLINK')}"
+        if message != self.last_error:
+            log.error("%s; retrying", message)
+        self.last_error = message
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if self._connected and not self._stopping:
+            self.last_error = f"lost {self.target}: {reason}"
+            log.warning("%s; reconnecting", self.last_error)
+        self._set_connected(False)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue_command, bytes(msg.payload))
+
+    def _queue_command(self, payload: bytes) -> None:
+        try:
+            self._commands.put_nowait(payload)
+        except asyncio.QueueFull:
+            self._command_counter.labels(action="unknown", outcome="dropped").inc()
+            log.warning(
+                "uplink: %d commands waiting; dropped one (the district may send it again)", COMMAND_QUEUE
+            )
+
+    def wake_threadsafe(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.wake)
+
+    def _set_connected(self, value: bool) -> None:
+        self._connected = value
+        self._link.set(1 if value else 0)

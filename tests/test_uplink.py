@@ -1,0 +1,281 @@
+"""The uplink to the district, with real processes: three gateways, four Mosquittos.
+
+Three communities, each with its own Mosquitto and `cgw run`, forward to one district Mosquitto.
+The district's own subscriber must see each community's requests, chosen
+telemetry, needs list and evaluation under `cgw/v1/up/{community}/...`: all of it, once, and
+nothing of one community under another's name, also across an outage of the district broker.
+Commands come back down and are answered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.devices import Publisher
+from tests.services import GatewayProcess, MosquittoProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+COMMUNITIES = ("north", "south", "east")
+OPERATOR = "uplink-operator"
+PER_PHASE = 400  # telemetry messages per community in each phase (and one request per 40)
+
+
+class District:
+    """The district platform's subscriber: a persistent QoS 1 session on `cgw/v1/up/#`."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[tuple[str, dict[str, Any], bool]] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="district", clean_session=False)
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.on_connect = lambda c, *_: c.subscribe("cgw/v1/up/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, orjson.loads(msg.payload), msg.retain))
+
+    def items(self, community: str, stream: str) -> list[dict[str, Any]]:
+        topic = f"cgw/v1/up/{community}/{stream}"
+        with self._lock:
+            return [item for t, body, _ in self.messages if t == topic for item in body.get("items", [])]
+
+    def last(self, community: str, stream: str) -> dict[str, Any] | None:
+        topic = f"cgw/v1/up/{community}/{stream}"
+        with self._lock:
+            bodies = [body for t, body, _ in self.messages if t == topic]
+        return bodies[-1] if bodies else None
+
+    def replies(self, community: str) -> dict[str, dict[str, Any]]:
+        topic = f"cgw/v1/up/{community}/reply"
+        with self._lock:
+            return {body["id"]: body for t, body, _ in self.messages if t == topic and body.get("id")}
+
+    def command(self, community: str, command: dict[str, Any]) -> dict[str, Any]:
+        self.client.publish(f"cgw/v1/down/{community}/cmd", orjson.dumps(command), qos=1)
+        ident = command.get("id")
+        if ident is None:
+            return {}
+        return wait_for(lambda: self.replies(community).get(ident), 20, f"the answer to {ident}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Community:
+    def __init__(self, folder: Path, name: str, district: MosquittoProcess) -> None:
+        self.name = name
+        self.broker = MosquittoProcess(folder / "broker")
+        self.broker.start()
+        self.gateway = GatewayProcess(
+            folder / "gateway",
+            {
+                "CGW_COMMUNITY": name,
+                "CGW_MQTT__URL": self.broker.url,
+                "CGW_UPLINK__URL": district.url,
+                "CGW_UPLINK__TELEMETRY": '["generic.v"]',
+                "CGW_UPLINK__SUMMARY_INTERVAL_S": "5",
+                "CGW_AUTH__TOKENS": orjson.dumps({OPERATOR: "operator"}).decode(),
+                "CGW_PIPELINE__DEVICE_RATE_LIMIT": "",
+            },
+        )
+        self.gateway.start()
+        wait_for(self.ready, 30, f"{name}'s gateway to reach both brokers")
+        self.devices = Publisher(self.broker.port)
+
+    def ready(self) -> bool:
+        try:
+            checks = httpx.get(f"{self.gateway.url}/readyz", timeout=2).json()["checks"]
+        except (httpx.HTTPError, ValueError):
+            return False
+        return bool(checks["broker"]["ok"] and checks["uplink"]["ok"])
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {OPERATOR}"}
+        response = httpx.request(method, f"{self.gateway.url}{path}", headers=headers, timeout=10, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def close(self) -> None:
+        self.devices.close()
+        self.gateway.stop()
+        self.broker.stop()
+
+
+@pytest.fixture
+def district_broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    broker = MosquittoProcess(tmp_path / "district")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def district(district_broker: MosquittoProcess) -> Iterator[District]:
+    subscriber = District(district_broker.port)
+    try:
+        yield subscriber
+    finally:
+        subscriber.close()
+
+
+@pytest.fixture
+def communities(tmp_path: Path, district_broker: MosquittoProcess) -> Iterator[list[Community]]:
+    started: list[Community] = []
+    try:
+        for name in COMMUNITIES:
+            started.append(Community(tmp_path / name, name, district_broker))
+        yield started
+    finally:
+        for community in started:
+            community.close()
+
+
+def numbers(district: District, community: str) -> list[int]:
+    return sorted(int(item["metrics"]["v"]) for item in district.items(community, "telemetry"))
+
+
+def submitted(district: District, community: str) -> list[str]:
+    steps = district.items(community, "requests")
+    return sorted(item["description"] for item in steps if item["step"]["to"] == "submitted")
+
+
+def everything_arrived(district: District, community: Community) -> bool:
+    sent = community.devices.sent
+    return len(numbers(district, community.name)) >= sent and len(submitted(district, community.name)) >= len(
+        community.devices.requests
+    )
+
+
+def test_three_communities_reach_the_district_once_and_in_full(
+    district_broker: MosquittoProcess, district: District, communities: list[Community]
+) -> None:
+    for community in communities:
+        community.devices.publish(PER_PHASE, rate=1000)
+    for community in communities:
+        wait_for(lambda c=community: everything_arrived(district, c), 60, f"{community.name}'s first phase")
+
+    # The district broker goes away for a while; each community goes on and keeps what it owes.
+    district_broker.stop()
+    for community in communities:
+        community.devices.publish(PER_PHASE, rate=1000)
+        community.devices.wait_acknowledged()
+    time.sleep(2)
+    district_broker.start()
+    for community in communities:
+        wait_for(lambda c=community: everything_arrived(district, c), 90, f"{community.name}'s backlog")
+        wait_for(lambda c=community: c.ready(), 30, f"{community.name}'s uplink to reconnect")
+
+    for community in communities:
+        name = community.name
+        # Every number once: nothing lost, nothing doubled, nothing of another community.
+        assert numbers(district, name) == list(range(2 * PER_PHASE))
+        telemetry = district.items(name, "telemetry")
+        assert {item["device_id"] for item in telemetry} == {f"fault-{i}" for i in range(10)}
+        assert len({item["key"] for item in telemetry}) == len(telemetry)
+        # Every request once, as filed, without the resident's home.
+        assert submitted(district, name) == sorted(community.devices.requests)
+        filed = [item for item in district.items(name, "requests") if item["step"]["to"] == "submitted"]
+        assert all("unit" not in item and "household" not in item for item in filed)
+        local = community.api("GET", "/api/v1/requests", params={"limit": 1000})["items"]
+        assert sorted(r["id"] for r in local) == sorted(item["id"] for item in filed)
+        # The snapshots, and the gateway's presence.
+        needs = wait_for(lambda n=name: district.last(n, "needs"), 30, f"{name}'s needs list")
+        assert needs["community"] == name
+        assert needs["items"][0]["needs"], "the needs list is empty although requests were filed"
+        evaluation = wait_for(lambda n=name: district.last(n, "evaluation"), 30, f"{name}'s evaluation")
+        assert evaluation["items"][0]["overall"]
+        assert district.last(name, "status") is not None
+    status_topics = {
+        t for t, body, _ in district.messages if t.endswith("/status") and body["state"] == "online"
+    }
+    assert status_topics == {f"cgw/v1/up/{name}/status" for name in COMMUNITIES}
+
+
+def test_district_commands_are_carried_out_and_answered(
+    district: District, communities: list[Community]
+) -> None:
+    north, south = communities[0], communities[1]
+    north.devices.publish(41, rate=1000)  # two requests
+    wait_for(lambda: everything_arrived(district, north), 60, "north's requests")
+    ticket = district.items("north", "requests")[0]["id"]
+
+    pong = district.command("north", {"id": "p1", "action": "ping"})
+    assert pong["ok"] and pong["result"]["community"] == "north"
+
+    reply = district.command(
+        "north",
+        {
+            "id": "t1",
+            "action": "transition",
+            "service_request_id": ticket,
+            "to": "triaged",
+            "note": "by district",
+        },
+    )
+    assert reply["ok"], reply
+    assert north.api("GET", f"/api/v1/requests/{ticket}")["state"] == "triaged"
+    # The step is sent up like any other, as done by the district.
+    step = wait_for(
+        lambda: [i for i in district.items("north", "requests") if i["step"]["to"] == "triaged"],
+        30,
+        "the triaged step upstream",
+    )
+    assert step[0]["step"]["actor"] == "district"
+
+    # Refused, with the reason, changing nothing.
+    wrong = district.command(
+        "north", {"id": "t2", "action": "transition", "service_request_id": ticket, "to": "closed"}
+    )
+    assert not wrong["ok"] and "cannot become closed" in wrong["error"]
+    unknown = district.command("north", {"id": "x1", "action": "reboot"})
+    assert not unknown["ok"] and "action" in unknown["error"]
+    missing = district.command(
+        "south", {"id": "d0", "action": "device_command", "device_id": "nobody", "payload": {}}
+    )
+    assert not missing["ok"] and "no device nobody" in missing["error"]
+    district.client.publish("cgw/v1/down/north/cmd", b"{not json", qos=1)
+    assert north.api("GET", f"/api/v1/requests/{ticket}")["state"] == "triaged"
+
+    # A device command reaches the device on its own community's broker only.
+    south.devices.publish(1, rate=1000)
+    wait_for(lambda: numbers(district, "south"), 30, "south's device to be known")
+    received: list[bytes] = []
+    device = paho.Client(CallbackAPIVersion.VERSION2, client_id="south-device-0")
+    device.on_message = lambda _c, _u, msg: received.append(msg.payload)
+    device.connect("127.0.0.1", south.broker.port)
+    device.subscribe("cgw/v1/fault-0/cmd", qos=1)
+    device.loop_start()
+    try:
+        time.sleep(0.5)
+        sent = district.command(
+            "south",
+            {"id": "d1", "action": "device_command", "device_id": "fault-0", "payload": {"interval_s": 60}},
+        )
+        assert sent["ok"], sent
+        wait_for(lambda: received, 10, "the command at the device")
+        assert orjson.loads(received[0]) == {"interval_s": 60}
+    finally:
+        device.loop_stop()
+        device.disconnect()
+
+    # The counters say what happened.
+    metrics = north.gateway.metrics(OPERATOR)
+    assert metrics['cgw_uplink_commands_total{action="transition",outcome="ok"}'] == 1
+    assert metrics['cgw_uplink_commands_total{action="transition",outcome="error"}'] == 1
