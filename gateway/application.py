@@ -258,7 +258,9 @@ class Gateway:
                 await self.pipeline.drain()
                 await self.writer.drain()
                 for sink in self.sinks:
-                    await sink.drain(DRAIN_TIMEOUT_S)
+                    # One that cannot reach its far side keeps its backlog on disk for the next run.
+                    if sink.reachable:
+                        await sink.drain(DRAIN_TIMEOUT_S)
         except TimeoutError:
             log.warning("drain did not finish within %.0f s; stopping anyway", DRAIN_TIMEOUT_S)
         await self.maintenance.run_once()

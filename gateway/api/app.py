@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import __version__
+from gateway import __version__, dashboard
 from gateway.api.context import ApiContext
 from gateway.api.routes import devices, evaluation, events, health, needs, open311, requests, stream
 from gateway.services.open311 import to_xml
@@ -51,6 +51,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(requests.router)
     app.include_router(needs.router)
     app.include_router(evaluation.router)
+    dashboard.mount(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -72,7 +72,7 @@ class OutboxDrain(ABC):
 
     @property
     def reachable(self) -> bool:
-        """Worth waiting for at shutdown (the uplink also needs its connection)."""
+        """Worth waiting for at shutdown: its far side answered last time."""
         return self._healthy
 
     @property
@@ -126,11 +126,8 @@ class OutboxDrain(ABC):
     async def drain(self, timeout_s: float) -> bool:
         """Wait until the outbox of this sink is empty (or `timeout_s` passes); True when empty.
 
-        What is left stays on disk and is sent after the next start; a sink that cannot reach its
-        far side is not waited for.
+        What is left stays on disk and is sent after the next start.
         """
-        if not self.reachable:
-            return not self.buffered
         deadline = time.monotonic() + timeout_s
         while self.buffered and time.monotonic() < deadline:
             self._wake.set()
