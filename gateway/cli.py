@@ -356,9 +356,12 @@ def doctor(config: ConfigOption = None) -> None:
 
     findings = run_checks(settings)
     for finding in findings:
-        mark = "[green]ok[/green]  " if finding.ok else "[red]FAIL[/red]"
+        if finding.ok:
+            mark = "[green]ok[/green]  "
+        else:
+            mark = "[red]FAIL[/red]" if finding.blocking else "[yellow]WARN[/yellow]"
         out.print(f"{mark} {finding.check}: {finding.detail}", highlight=False)
-    if not all(f.ok for f in findings):
+    if any(not f.ok and f.blocking for f in findings):
         raise typer.Exit(1)
 
 

@@ -1,12 +1,15 @@
 """`cgw doctor`: checks a deployment and says, one line per problem, how to fix it.
 
-Checks the settings, the data directory and disk space, the local store, the broker (with the
-configured credentials), the time-series store (reachable, token accepted) and the clock.
+Checks the settings (profiles, inventory, uplink telemetry choice, API tokens), the data
+directory (writable, not lost at reboot, room for the outbox), both stores, the API port, the
+broker and the district uplink (with the configured credentials), the time-series store
+(reachable, token accepted) and the clock. docs/operations.md lists every finding.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -20,7 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
-from gateway.settings import Settings
+from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
+from gateway.settings import BrokerSettings, Settings
 from gateway.store.schema import MIGRATIONS, connect
 
 MIN_FREE_MB = 500
@@ -32,15 +36,32 @@ class Finding:
     ok: bool
     check: str
     detail: str  # when not ok: what is wrong and how to fix it
+    # A problem the gateway can run with (it is told, as WARN) does not fail `cgw doctor`, which
+    # the systemd unit runs before every start.
+    blocking: bool = True
+
+
+# Filesystems whose content is gone after a reboot.
+VOLATILE = frozenset({"tmpfs", "ramfs"})
 
 
 def run_checks(settings: Settings, timeout_s: float = 5.0) -> list[Finding]:
     findings = [
         _profiles_and_inventory(settings),
         _data_dir(settings.data_dir),
-        _local_store(settings),
-        _broker(settings, timeout_s),
+        _volatile(settings.data_dir),
+        _outbox_room(settings),
+        _store("local store", settings.db_path, len(MIGRATIONS)),
+        _store("service desk", settings.services_db_path, len(SERVICE_MIGRATIONS)),
+        _tokens(settings),
+        _api_port(settings),
+        _broker("broker", settings.mqtt, "CGW_MQTT", timeout_s),
     ]
+    if settings.uplink.enabled:
+        findings.append(_uplink_choice(settings))
+        # The outbox keeps what the district has not taken: the gateway may start without it.
+        uplink = _broker("uplink", settings.uplink, "CGW_UPLINK", timeout_s)
+        findings.append(Finding(uplink.ok, uplink.check, uplink.detail, blocking=False))
     findings.extend(_timeseries(settings, timeout_s))
     return findings
 
@@ -87,10 +108,9 @@ def _data_dir(path: Path) -> Finding:
     return Finding(True, "data dir", f"{path} writable, {free_mb} MiB free")
 
 
-def _local_store(settings: Settings) -> Finding:
-    path = settings.db_path
+def _store(check: str, path: Path, known: int) -> Finding:
     if not path.exists():
-        return Finding(True, "local store", f"{path} will be created on first start")
+        return Finding(True, check, f"{path} will be created on first start")
     try:
         conn = connect(path, synchronous="NORMAL")
         try:
@@ -99,19 +119,144 @@ def _local_store(settings: Settings) -> Finding:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        return Finding(
-            False, "local store", f"{path} cannot be opened ({exc}): restore a backup or move it away"
-        )
+        return Finding(False, check, f"{path} cannot be opened ({exc}): restore a backup or move it away")
     if integrity != "ok":
-        return Finding(False, "local store", f"{path} is damaged ({integrity}): restore a backup")
-    if version > len(MIGRATIONS):
-        return Finding(False, "local store", f"{path} is from a newer cgw (schema {version}): upgrade cgw")
-    note = "" if version == len(MIGRATIONS) else f" (will migrate {version} → {len(MIGRATIONS)})"
-    return Finding(True, "local store", f"{path} ok, schema {version}{note}")
+        return Finding(False, check, f"{path} is damaged ({integrity}): restore a backup (cgw restore)")
+    if version > known:
+        return Finding(False, check, f"{path} is from a newer cgw (schema {version}): upgrade cgw")
+    note = "" if version == known else f" (will migrate {version} → {known})"
+    return Finding(True, check, f"{path} ok, schema {version}{note}")
 
 
-def _broker(settings: Settings, timeout_s: float) -> Finding:
-    s = settings.mqtt
+def _volatile(path: Path) -> Finding:
+    fstype = _filesystem(path)
+    if fstype in VOLATILE:
+        return Finding(
+            False,
+            "data dir",
+            f"{path} is on {fstype}: the stores and the outbox are lost at every reboot; "
+            "set CGW_DATA_DIR to a disk folder (e.g. /var/lib/cgw)",
+            blocking=False,
+        )
+    return Finding(True, "data dir", f"{path} is on {fstype or 'an unknown filesystem'}")
+
+
+def _filesystem(path: Path) -> str | None:
+    """The type of the filesystem `path` is on, from /proc/mounts (None where there is none)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = path.resolve()
+    best, fstype = -1, None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, fstype = len(point.parts), fields[2]
+    return fstype
+
+
+def _outbox_room(settings: Settings) -> Finding:
+    try:
+        free = shutil.disk_usage(settings.data_dir).free
+    except OSError:
+        return Finding(True, "outbox", "the data dir is not there yet")
+    bound = settings.outbox.max_bytes
+    if bound > free:
+        return Finding(
+            False,
+            "outbox",
+            f"outbox.max_bytes is {bound // 2**20} MiB but only {free // 2**20} MiB are free: a long "
+            "outage would fill the disk before the outbox bound applies; lower CGW_OUTBOX__MAX_BYTES",
+            blocking=False,
+        )
+    return Finding(True, "outbox", f"bound {bound // 2**20} MiB, {free // 2**20} MiB free")
+
+
+def _tokens(settings: Settings) -> Finding:
+    grants = settings.auth.digests()
+    if not grants:
+        return Finding(
+            False,
+            "api tokens",
+            "no API token is set: nobody can use the API or the dashboard; make one with "
+            "`cgw token --role operator` and put it in CGW_AUTH__TOKEN_HASHES (or CGW_AUTH__TOKENS)",
+            blocking=False,
+        )
+    now = time.time()
+    expired = [g.name or "unnamed" for g in grants.values() if g.expires and g.expires.timestamp() <= now]
+    live = len(grants) - len(expired)
+    if not live:
+        return Finding(
+            False,
+            "api tokens",
+            "every API token has expired: make a new one with `cgw token`",
+            blocking=False,
+        )
+    if expired:
+        return Finding(
+            True, "api tokens", f"{live} valid; expired (remove them): {', '.join(sorted(expired))}"
+        )
+    return Finding(True, "api tokens", f"{live} valid")
+
+
+def _api_port(settings: Settings) -> Finding:
+    host, port = settings.api.host, settings.api.port
+    if port == 0:
+        return Finding(True, "api", "a free port is chosen at start")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return Finding(True, "api", f"{host}:{port} is free")
+        except OSError as exc:
+            bind_error = exc
+    # Taken: by this gateway (fine, it is running) or by something else?
+    shown = f"[{host}]" if ":" in host else host
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else shown)
+    try:
+        answer = httpx.get(f"http://{probe}:{port}/healthz", timeout=2).json()
+        if isinstance(answer, dict) and answer.get("status") == "ok":
+            return Finding(True, "api", f"{host}:{port} is served by a running gateway")
+    except (httpx.HTTPError, ValueError):
+        pass
+    return Finding(
+        False,
+        "api",
+        f"cannot listen on {host}:{port} ({bind_error.strerror}): another program holds it; "
+        "stop it or set CGW_API__PORT",
+    )
+
+
+def _uplink_choice(settings: Settings) -> Finding:
+    profiles = load_profiles(settings.profiles_dir)
+    for selector in settings.uplink.telemetry:
+        kind, _, metric = selector.partition(".")
+        profile = profiles.get(kind)
+        if profile is None:
+            return Finding(
+                False,
+                "uplink",
+                f"uplink.telemetry names {kind!r}, which is no device kind (known: "
+                f"{', '.join(profiles.kinds)}): fix CGW_UPLINK__TELEMETRY",
+            )
+        if metric and profile.strict and metric not in profile.metrics:
+            return Finding(
+                False,
+                "uplink",
+                f"uplink.telemetry names {selector!r}, but {kind} has no metric {metric!r} (it has "
+                f"{', '.join(sorted(profile.metrics))}): fix CGW_UPLINK__TELEMETRY",
+            )
+    chosen = ", ".join(settings.uplink.telemetry) or "no telemetry"
+    return Finding(True, "uplink", f"sends requests, ratings, alarms, snapshots and {chosen}")
+
+
+def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float) -> Finding:
+    """Connect and log in as the gateway would; `env` names the settings in the advice."""
     done = threading.Event()
     outcome: list[str] = []
 
@@ -128,22 +273,22 @@ def _broker(settings: Settings, timeout_s: float) -> Finding:
         try:
             client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None)
         except (OSError, ValueError) as exc:
-            return Finding(False, "broker", f"TLS set-up failed ({exc}): check CGW_MQTT__TLS_CA")
+            return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
         client.tls_insecure_set(s.tls_insecure)
     client.on_connect = on_connect
     try:
         client.connect(s.host, s.port, keepalive=10)
     except OSError as exc:
-        return Finding(
-            False,
-            "broker",
-            f"cannot reach {s.url} ({exc}): start Mosquitto (systemctl start mosquitto) or fix CGW_MQTT__URL",
-        )
+        hint = "start Mosquitto (systemctl start mosquitto) or " if env == "CGW_MQTT" else ""
+        return Finding(False, check, f"cannot reach {s.url} ({exc}): {hint}fix {env}__URL")
     client.loop_start()
     try:
         if not done.wait(timeout_s):
             return Finding(
-                False, "broker", f"{s.url} accepted TCP but did not answer MQTT within {timeout_s:.0f} s"
+                False,
+                check,
+                f"{s.url} accepted TCP but did not answer MQTT within {timeout_s:.0f} s: "
+                f"is it a TLS port (use mqtts://)? check {env}__URL",
             )
     finally:
         client.disconnect()
@@ -151,10 +296,10 @@ def _broker(settings: Settings, timeout_s: float) -> Finding:
     if outcome[0] != "Success":
         return Finding(
             False,
-            "broker",
-            f"{s.url} refused the connection ({outcome[0]}): check CGW_MQTT__USERNAME / CGW_MQTT__PASSWORD",
+            check,
+            f"{s.url} refused the connection ({outcome[0]}): check {env}__USERNAME / {env}__PASSWORD",
         )
-    return Finding(True, "broker", f"connected to {s.url}")
+    return Finding(True, check, f"connected to {s.url}")
 
 
 def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:
