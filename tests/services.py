@@ -130,7 +130,12 @@ class VictoriaMetricsProcess(_Process):
     """VictoriaMetrics taking InfluxDB v2 writes on /api/v2/write.
 
     `-dedup.minScrapeInterval=1ms` makes the same series and timestamp land once, as InfluxDB does.
+    `extra` adds flags (e.g. `-promscrape.config=...`: it then scrapes like Prometheus).
     """
+
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
+        super().__init__(folder)
+        self.extra = extra
 
     def _command(self) -> list[str]:
         return [
@@ -141,6 +146,7 @@ class VictoriaMetricsProcess(_Process):
             "-dedup.minScrapeInterval=1ms",
             "-search.latencyOffset=0s",
             "-loggerLevel=ERROR",
+            *self.extra,
         ]
 
     def _wait_ready(self) -> None:

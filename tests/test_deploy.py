@@ -1,0 +1,164 @@
+"""The installer kit in deploy/: what can be proven without a container engine on this machine.
+
+- The Prometheus scrape configuration and every query of the gateway-health Grafana dashboard
+  run for real: VictoriaMetrics scrapes a running `cgw run` with deploy/compose/prometheus.yml
+  (only the target and the token file's path changed) and answers each panel's PromQL.
+- The compose file's gateway environment is a valid set of cgw settings; the Grafana
+  provisioning names the data sources the dashboards use; the community dashboard's Flux
+  queries ask only for measurements and fields the InfluxDB sink writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from gateway.profiles import load_profiles
+from gateway.settings import load_settings
+from tests.harness import mosquitto_pub
+from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+COMPOSE = Path(__file__).parent.parent / "deploy" / "compose"
+METRICS_TOKEN = "deploy-metrics"
+
+
+def dashboard(name: str) -> dict[str, Any]:
+    return json.loads((COMPOSE / "grafana" / "dashboards" / name).read_text())
+
+
+# -- the gateway-health dashboard, over real scrapes ---------------------------------------------------
+
+
+@pytest.fixture
+def scraped(
+    tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsProcess
+) -> Iterator[VictoriaMetricsProcess]:
+    gateway = GatewayProcess(
+        tmp_path / "gateway",
+        {
+            "CGW_MQTT__URL": mosquitto.url,
+            "CGW_INFLUX__URL": victoria.url,
+            "CGW_INFLUX__TOKEN": "t",
+            "CGW_AUTH__TOKENS": orjson.dumps({METRICS_TOKEN: "viewer"}).decode(),
+        },
+    )
+    gateway.start()
+    # Prometheus' own configuration, pointed at this gateway and scraping every second.
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    job = config["scrape_configs"][0]
+    job["static_configs"][0]["targets"] = [f"127.0.0.1:{gateway.port}"]
+    token = tmp_path / "metrics-token"
+    token.write_text(METRICS_TOKEN)
+    job["authorization"]["credentials_file"] = str(token)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    scraper = VictoriaMetricsProcess(
+        tmp_path / "scraper", extra=(f"-promscrape.config={tmp_path / 'prometheus.yml'}",)
+    )
+    scraper.start()
+    try:
+        # Traffic after the first scrape, so that the rates see the counters move.
+        wait_for(lambda: query(scraper, "cgw_readings_total"), 60, "the first scrape")
+        traffic(mosquitto)
+        yield scraper
+    finally:
+        scraper.stop()
+        gateway.stop()
+
+
+def traffic(broker: MosquittoProcess) -> None:
+    """Something for every panel: telemetry, a refused message, an event, a service request."""
+    birth = {"state": "online", "kind": "air_quality", "location": {"building": "1"}}
+    mosquitto_pub(broker.port, "cgw/v1/deploy-aq/status", orjson.dumps(birth))
+    for i in range(5):
+        reading = {"ts": int(time.time() * 1000) - i, "metrics": {"pm25": 10.0 + i}}
+        mosquitto_pub(broker.port, "cgw/v1/deploy-aq/telemetry", orjson.dumps(reading))
+    mosquitto_pub(broker.port, "cgw/v1/deploy-aq/telemetry", b"{not json")
+    event = {"type": "smoke_alarm", "severity": "critical"}
+    mosquitto_pub(broker.port, "cgw/v1/deploy-aq/event", orjson.dumps(event))
+    request = {"request_id": "d1", "service_code": "repair.plumbing", "location": {"building": "1"}}
+    mosquitto_pub(broker.port, "cgw/v1/deploy-term/request", orjson.dumps(request))
+
+
+def query(scraper: VictoriaMetricsProcess, expr: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{scraper.url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert answer["status"] == "success", f"{expr}: {answer}"
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+def test_every_gateway_panel_answers_from_real_scrapes(scraped: VictoriaMetricsProcess) -> None:
+    panels = dashboard("cgw-gateway.json")["panels"]
+    expressions = {p["title"]: p["targets"][0]["expr"] for p in panels}
+    # Rates need a few scrapes; then every panel must have data.
+    wait_for(
+        lambda: query(scraped, "sum(rate(cgw_messages_received_total[5m])) > 0"), 60, "scrapes with traffic"
+    )
+    wait_for(
+        lambda: all(query(scraped, expr) for expr in expressions.values()),
+        60,
+        "every panel to have data",
+    )
+    refused = query(scraped, expressions["Messages refused per second, by reason"])
+    assert {r["metric"]["reason"] for r in refused} >= {"bad_json"}
+    presence = query(scraped, expressions["Devices by presence"])
+    assert {r["metric"]["state"] for r in presence} >= {"online"}
+
+
+# -- static checks of the compose stack --------------------------------------------------------------
+
+
+def test_the_compose_gateway_environment_is_valid_settings() -> None:
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"mosquitto", "gateway", "influxdb", "prometheus", "grafana"}
+    assert compose["services"]["influxdb"]["image"] == "influxdb:2.7"
+    env = compose["services"]["gateway"]["environment"]
+
+    def substitute(value: str) -> str:
+        # ${NAME:?msg} and ${NAME} take a sample; ${NAME:-default} its default.
+        value = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), value)
+        return re.sub(r"\$\{(\w+)(:\?[^}]*)?\}", lambda m: f"sample{m.group(1).lower()}", value)
+
+    settings = load_settings(env={k: substitute(str(v)) for k, v in env.items()})
+    assert settings.mqtt.url == "mqtt://mosquitto:1883" and settings.influx.url == "http://influxdb:8086"
+    assert settings.registration == "closed" and not settings.uplink.enabled
+    assert {g.role for g in settings.auth.digests().values()} == {"operator", "viewer"}
+
+
+def test_grafana_provisions_the_data_sources_the_dashboards_use() -> None:
+    provisioned = yaml.safe_load((COMPOSE / "grafana/provisioning/datasources/datasources.yaml").read_text())
+    uids = {source["uid"] for source in provisioned["datasources"]}
+    for name in ("cgw-gateway.json", "cgw-community.json"):
+        for panel in dashboard(name)["panels"]:
+            assert panel["datasource"]["uid"] in uids, panel["title"]
+            assert all(t["datasource"]["uid"] in uids for t in panel["targets"])
+
+
+def test_the_community_dashboard_asks_for_what_the_sink_writes() -> None:
+    profiles = load_profiles()
+    written = {
+        "service_request": {"count", "from_state", "actor", "overdue"},
+        "service_usage": {"hours_to_complete", "on_time", "count"},
+        "rating": {"score"},
+        "device_event": {"message", "data", "alarm"},
+        "device_presence": {"online", "state"},
+    }
+    for profile in profiles:
+        written[profile.kind] = set(profile.metrics)
+    for panel in dashboard("cgw-community.json")["panels"]:
+        flux = panel["targets"][0]["query"]
+        measurement = re.search(r'r\._measurement == "(\w+)"', flux)
+        field = re.search(r'r\._field == "(\w+)"', flux)
+        assert measurement and field, panel["title"]
+        assert field.group(1) in written.get(measurement.group(1), set()), panel["title"]
