@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.credentials import hash_password
 from tests.devices import Publisher
 from tests.services import GatewayProcess, MosquittoProcess, wait_for
 
@@ -279,3 +280,45 @@ def test_district_commands_are_carried_out_and_answered(
     metrics = north.gateway.metrics(OPERATOR)
     assert metrics['cgw_uplink_commands_total{action="transition",outcome="ok"}'] == 1
     assert metrics['cgw_uplink_commands_total{action="transition",outcome="error"}'] == 1
+
+
+def test_the_district_acl_keeps_each_community_to_its_own_branch(tmp_path: Path) -> None:
+    """deploy/district/acl on a real Mosquitto: north cannot speak for south, nor hear its commands."""
+    users = {"north": "pw-north", "south": "pw-south", "district-platform": "pw-district"}
+    passwd = tmp_path / "passwd"
+    passwd.write_text("".join(f"{user}:{hash_password(pw)}\n" for user, pw in users.items()))
+    acl = Path(__file__).parent.parent / "deploy" / "district" / "acl"
+    broker = MosquittoProcess(
+        tmp_path / "district",
+        extra=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n",
+    )
+    broker.start()
+    received: dict[str, list[str]] = {"district-platform": [], "north": []}
+
+    def client(user: str, subscribe: list[str]) -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"acl-{user}")
+        c.username_pw_set(user, users[user])
+        c.on_message = lambda _c, _u, msg: received.setdefault(user, []).append(msg.topic)
+        c.connect("127.0.0.1", broker.port)
+        for topic in subscribe:
+            c.subscribe(topic, qos=1)
+        c.loop_start()
+        return c
+
+    district = client("district-platform", ["cgw/v1/up/#"])
+    north = client("north", ["cgw/v1/down/+/cmd"])
+    try:
+        time.sleep(0.5)
+        for topic in ("cgw/v1/up/north/alarms", "cgw/v1/up/south/alarms", "cgw/v1/down/north/cmd"):
+            north.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        for community in ("north", "south"):
+            district.publish(f"cgw/v1/down/{community}/cmd", b"{}", qos=1).wait_for_publish(5)
+        wait_for(lambda: received["north"] and received["district-platform"], 10, "the allowed messages")
+        time.sleep(1)
+        assert received["district-platform"] == ["cgw/v1/up/north/alarms"]
+        assert received["north"] == ["cgw/v1/down/north/cmd"]  # its own, from the district only
+    finally:
+        for c in (district, north):
+            c.loop_stop()
+            c.disconnect()
+        broker.stop()
