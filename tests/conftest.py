@@ -4,21 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tests.services import MosquittoProcess, VictoriaMetricsProcess
 
+P = TypeVar("P", MosquittoProcess, VictoriaMetricsProcess)
+
+
+def _running(process: P) -> Iterator[P]:
+    process.start()
+    try:
+        yield process
+    finally:
+        process.kill()
+
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A fresh broker per test: tests may stop, kill and restart it."""
-    broker = MosquittoProcess(tmp_path / "mosquitto")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.kill()
+    yield from _running(MosquittoProcess(tmp_path / "mosquitto"))
+
+
+@pytest.fixture
+def district_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A second broker: the district platform's, which the uplink forwards to."""
+    yield from _running(MosquittoProcess(tmp_path / "district"))
 
 
 @pytest.fixture(scope="session")
@@ -27,20 +39,10 @@ def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetri
 
     Tests that stop it use `victoria_private` instead.
     """
-    server = VictoriaMetricsProcess(tmp_path_factory.mktemp("victoria"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
+    yield from _running(VictoriaMetricsProcess(tmp_path_factory.mktemp("victoria")))
 
 
 @pytest.fixture
 def victoria_private(tmp_path: Path) -> Iterator[VictoriaMetricsProcess]:
     """A VictoriaMetrics of this test's own, which it may stop and restart."""
-    server = VictoriaMetricsProcess(tmp_path / "victoria")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
+    yield from _running(VictoriaMetricsProcess(tmp_path / "victoria"))

@@ -208,6 +208,14 @@ class GatewayProcess(_Process):
     def log_text(self) -> str:
         return (self.folder / "server.log").read_text(errors="replace")
 
+    def checks(self) -> dict[str, Any]:
+        """Its /readyz checks by name; empty while it does not answer."""
+        try:
+            checks: dict[str, Any] = httpx.get(f"{self.url}/readyz", timeout=2).json()["checks"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return {}
+        return checks
+
     def metrics(self, token: str) -> dict[str, float]:
         """Its Prometheus figures, keyed by name and labels as printed (`name{label="v"}`)."""
         headers = {"Authorization": f"Bearer {token}"}

@@ -6,7 +6,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,18 +110,8 @@ def test_an_outbox_larger_than_the_disk_warns(env: dict[str, str]) -> None:
     assert "CGW_OUTBOX__MAX_BYTES" in problem(env, "outbox").detail
 
 
-@pytest.fixture
-def district(tmp_path: Path) -> Iterator[MosquittoProcess]:
-    broker = MosquittoProcess(tmp_path / "district")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-def test_the_uplink_is_checked(env: dict[str, str], district: MosquittoProcess) -> None:
-    env["CGW_UPLINK__URL"] = district.url
+def test_the_uplink_is_checked(env: dict[str, str], district_mosquitto: MosquittoProcess) -> None:
+    env["CGW_UPLINK__URL"] = district_mosquitto.url
     env["CGW_UPLINK__TELEMETRY"] = '["energy_meter", "air_quality.pm25"]'
     assert all(f.ok for f in checks(env)["uplink"])
     env["CGW_UPLINK__TELEMETRY"] = '["air_qualty"]'

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.models import DeviceEvent, Reading, event_id
+from gateway.models import DeviceEvent, Reading
+from gateway.pipeline.route import event_payload
 from gateway.store.outbox import OutboxRow
 
 if TYPE_CHECKING:
@@ -94,17 +95,11 @@ def parse(body: str) -> Iterator[tuple[str, bytes]]:
 
 
 def alarm_item(event: DeviceEvent) -> dict[str, Any]:
-    return {
-        "key": event_id(event),
-        "ts_ms": event.ts_ms,
-        "device_id": event.device_id,
-        "kind": event.kind,
-        "building": event.building,
-        "type": event.type,
-        "severity": event.severity,
-        "message": event.message,
-        "source": event.source,
-    }
+    """The alarm as the API and the live stream show it, keyed by its event id."""
+    item = event_payload(event)
+    item["key"] = str(item.pop("id"))  # 64 bits: more than a JavaScript number holds exactly
+    del item["acked"]  # acknowledgements are the community's own business
+    return item
 
 
 def telemetry_item(reading: Reading, metrics: dict[str, float]) -> dict[str, Any]:
