@@ -28,6 +28,7 @@ import httpx
 import orjson
 
 from gateway.services.catalogue import Catalogue, Service, load_catalogue
+from simulators.device import BURST_IN_FLIGHT
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -312,6 +313,7 @@ class ServiceSimulation:
                 host, port, identifier=f"cgw-sim-desk-{uuid.uuid4().hex[:8]}", clean_session=True
             ) as mqtt,
         ):
+            mqtt.pending_calls_threshold = BURST_IN_FLIGHT
             listener = asyncio.create_task(self._listen(mqtt))
             await mqtt.subscribe([(f"cgw/v1/{t}/ack", 1) for t in cfg.terminals])
             try:
