@@ -85,6 +85,9 @@ class LocalBroker:
             str(conf),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            # Its own session: Ctrl-C at the terminal reaches the demo, which stops the gateway
+            # first and the broker last, not both at once.
+            start_new_session=True,
         )
         for _ in range(100):
             if port_open(self._host, self._port):
