@@ -155,6 +155,7 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
     page.click("nav button[data-tab=needs]")
     expect(page.locator("[data-cell='2/repair']")).to_have_text("1")
     expect(page.locator("#needs-rows tr")).to_have_count(1)
+    expect(page.locator("#needs-rows tr td").last).to_contain_text("1 户")
     _shot(page, "needs-zh")
 
     page.click("nav button[data-tab=evaluation]")

@@ -43,7 +43,9 @@ def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str, 
         if match := re.search(r"API and docs\s+(http://\S+)/docs", line):
             url = match[1]
         if "Tokens" in line:
-            tokens = dict(re.findall(r"(\w+)=(\S+)", line))
+            tokens = {**tokens, **dict(re.findall(r"(\w+)=(\S+)", line))}
+        if match := re.search(r"Dashboard\s+(http://\S+)", line):
+            tokens["dashboard link"] = match[1]
         if "Stop with Ctrl-C" in line:
             return process, url, tokens
     process.kill()
@@ -86,6 +88,11 @@ def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path)
             "footfall_counter",
             "service_terminal",
         }
+        # The printed link opens the dashboard signed in as operator (docs/dashboard.md).
+        link = tokens["dashboard link"]
+        assert link == f"{url}/dashboard/#token={tokens['operator']}"
+        page = httpx.get(link.split("#")[0], timeout=5)
+        assert page.status_code == 200 and "社区网关" in page.text
         headers = {"Authorization": f"Bearer {tokens['viewer']}"}
 
         def live_values() -> int:

@@ -329,7 +329,10 @@ async function loadNeeds() {
   for (const n of needs.items) {
     rows.append(el("tr", { "data-need": n.need_id },
       el("td", {}, String(n.rank)), el("td", {}, serviceName(n.service_code)), el("td", {}, buildingLabel(n.building)),
-      el("td", {}, String(n.households)), el("td", {}, n.score.toFixed(1)), el("td", { class: "muted" }, n.why)));
+      el("td", {}, String(n.households)), el("td", {}, n.score.toFixed(1)), el("td", { class: "muted" }, t("why_text", {
+        households: n.households, signals: n.sensor_signals, priority: n.priority,
+        days: ((Date.now() - n.oldest_ms) / 86_400_000).toFixed(1),
+      }))));
   }
   const box = $("proposals");
   box.innerHTML = "";
