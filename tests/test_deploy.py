@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +165,41 @@ def test_the_community_dashboard_asks_for_what_the_sink_writes() -> None:
         field = re.search(r'r\._field == "(\w+)"', flux)
         assert measurement and field, panel["title"]
         assert field.group(1) in written.get(measurement.group(1), set()), panel["title"]
+
+
+def test_compose_setup_makes_secrets_once(tmp_path: Path) -> None:
+    """deploy/compose/setup.sh's own logic; `docker` is a stand-in that records its arguments."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(COMPOSE.parent, deploy)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "docker-calls"
+    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" >>{calls}\n')
+    (bin_dir / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def setup() -> dict[str, str]:
+        subprocess.run(
+            ["bash", str(deploy / "compose/setup.sh"), "riverside"], env=env, check=True, timeout=60
+        )
+        lines = (deploy / "compose/.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+    first = setup()
+    assert first["COMMUNITY"] == "riverside"
+    for key in (
+        "INFLUX_TOKEN",
+        "INFLUX_ADMIN_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+        "OPERATOR_TOKEN",
+        "MQTT_PASSWORD",
+    ):
+        assert len(first[key]) == 32, key
+    assert (deploy / "compose/secrets/metrics-token").read_text() == first["METRICS_TOKEN"]
+    assert (
+        f"cgw-gateway,{first['MQTT_PASSWORD']}"
+        in (deploy / "compose/mosquitto-auth/credentials.csv").read_text()
+    )
+    assert "mqtt-auth --inventory /etc/cgw/inventory.yaml --out /out" in calls.read_text()
+    assert oct((deploy / "compose/.env").stat().st_mode & 0o777) == "0o600"
+    assert setup() == first  # again: nothing changes
