@@ -30,6 +30,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import Gauge
 
 from drivers.base import Driver, Ingress
 from gateway.models import RawMessage
@@ -40,7 +41,63 @@ from gateway.topics import SUBSCRIPTIONS
 log = logging.getLogger(__name__)
 
 
-class MqttDriver(Driver):
+class BrokerLink:
+    """What an MQTT client of the gateway keeps about its connection, and the paho callbacks that
+    keep it: up or not (with its gauge), and why not, in words that name the setting to fix.
+
+    Shared by the devices' broker (MqttDriver) and the district's (the uplink). `_stopping` is
+    set by the owner while it shuts down, so its own disconnect is not reported as a loss.
+    """
+
+    last_error: str | None
+
+    def _init_link(self, settings: BrokerSettings, target: str, env: str, gauge: Gauge) -> None:
+        self._link_settings = settings
+        self.target = target  # e.g. "the broker mqtt://…", for logs and /readyz
+        self._link_env = env  # the settings' environment prefix, e.g. CGW_MQTT
+        self._link_gauge = gauge
+        self._connected = False
+        self._stopping = False
+        self.last_error = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _set_connected(self, value: bool) -> None:
+        self._connected = value
+        self._link_gauge.set(1 if value else 0)
+
+    def _refused(self, reason: Any) -> bool:
+        """In `on_connect`: True (and why, logged) when the broker refused the login."""
+        if not reason.is_failure:
+            return False
+        env = self._link_env
+        self.last_error = f"{self.target} refused the connection: {reason}"
+        log.error("%s (check %s__USERNAME / %s__PASSWORD)", self.last_error, env, env)
+        return True
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho keeps the reason to itself (it retries quietly): find it out, so /readyz and the
+        # log say what to fix.
+        why = why_unreachable(self._link_settings, env=self._link_env)
+        message = f"cannot connect to {self.target}: {why}"
+        if message != self.last_error:
+            log.error("%s; retrying", message)
+        self.last_error = message
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        was_connected = self._connected
+        self._set_connected(False)
+        # After a refused CONNECT the broker closes the socket too: keep the refusal as the reason.
+        if not self._stopping and was_connected:
+            self.last_error = f"lost {self.target}: {reason}"
+            log.warning("%s; reconnecting", self.last_error)
+
+
+class MqttDriver(BrokerLink, Driver):
     name = "mqtt"
 
     def __init__(
@@ -65,14 +122,12 @@ class MqttDriver(Driver):
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
-        self._connected = False
-        self._stopping = False
-        self.last_error: str | None = None
-        self._up = metrics.driver_connected.labels(driver=self.name)
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
+        self._init_link(
+            settings,
+            f"the broker {settings.url}",
+            "CGW_MQTT",
+            metrics.driver_connected.labels(driver=self.name),
+        )
 
     async def run(self, ingress: Ingress) -> None:
         self._loop = asyncio.get_running_loop()
@@ -131,9 +186,7 @@ class MqttDriver(Driver):
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if reason.is_failure:
-            self.last_error = f"broker {self._settings.url} refused the connection: {reason}"
-            log.error("%s (check CGW_MQTT__USERNAME / CGW_MQTT__PASSWORD)", self.last_error)
+        if self._refused(reason):
             return
         self._generation += 1
         client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
@@ -145,24 +198,6 @@ class MqttDriver(Driver):
             self._client_id,
             flags.session_present,
         )
-
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        # paho keeps the reason to itself (it retries quietly): find it out, so /readyz and the
-        # log say what to fix.
-        message = f"cannot connect to {self._settings.url}: {why_unreachable(self._settings)}"
-        if message != self.last_error:
-            log.error("%s; retrying", message)
-        self.last_error = message
-
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
-        was_connected = self._connected
-        self._set_connected(False)
-        # After a refused CONNECT the broker closes the socket too: keep the refusal as the reason.
-        if not self._stopping and was_connected:
-            self.last_error = f"lost the broker {self._settings.url}: {reason}"
-            log.warning("%s; reconnecting", self.last_error)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
@@ -183,10 +218,6 @@ class MqttDriver(Driver):
             while len(self._pending) >= low and not self._stopping:
                 self._room.clear()
                 self._room.wait(timeout=0.2)
-
-    def _set_connected(self, value: bool) -> None:
-        self._connected = value
-        self._up.set(1 if value else 0)
 
     # -- event-loop side -----------------------------------------------------------------------
 

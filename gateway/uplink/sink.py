@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import paho.mqtt.client as paho
 
-from drivers.mqtt import broker_client, why_unreachable
+from drivers.mqtt import BrokerLink, broker_client
 from gateway import __version__
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
@@ -56,7 +56,7 @@ def down_topic(community: str) -> str:
     return f"cgw/v1/down/{community}/cmd"
 
 
-class UplinkSink(OutboxDrain):
+class UplinkSink(OutboxDrain, BrokerLink):
     """`encode()` for the writer; `run()` drains, publishes summaries and answers commands."""
 
     name = "uplink"
@@ -74,15 +74,17 @@ class UplinkSink(OutboxDrain):
         self._settings = settings
         self._client_id = client_id
         self._community = community
-        self.target = f"the district broker {settings.url}"
+        self._init_link(
+            settings,
+            f"the district broker {settings.url}",
+            "CGW_UPLINK",
+            metrics.driver_connected.labels(driver="uplink"),
+        )
         self._choice = TelemetryChoice(settings.telemetry)
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=COMMAND_QUEUE)
-        self._connected = False
-        self._stopping = False
         self._command_counter = metrics.uplink_commands
-        self._link = metrics.driver_connected.labels(driver="uplink")
         self._summarize: Summarize | None = None
         self._command: Command | None = None
 
@@ -90,10 +92,6 @@ class UplinkSink(OutboxDrain):
         """What the uplink sends as snapshots, and who answers the district's commands."""
         self._summarize = summarize
         self._command = command
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
 
     @property
     def reachable(self) -> bool:
@@ -257,9 +255,7 @@ class UplinkSink(OutboxDrain):
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if reason.is_failure:
-            self.last_error = f"{self.target} refused the connection: {reason}"
-            log.error("%s (check CGW_UPLINK__USERNAME / CGW_UPLINK__PASSWORD)", self.last_error)
+        if self._refused(reason):
             return
         if self._settings.commands:
             client.subscribe(down_topic(self._community), qos=1)
@@ -267,20 +263,6 @@ class UplinkSink(OutboxDrain):
         self._set_connected(True)
         self.wake_threadsafe()
         log.info("uplink connected to %s as %s", self._settings.url, self._client_id)
-
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        message = f"cannot connect to {self.target}: {why_unreachable(self._settings, env='CGW_UPLINK')}"
-        if message != self.last_error:
-            log.error("%s; retrying", message)
-        self.last_error = message
-
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
-        if self._connected and not self._stopping:
-            self.last_error = f"lost {self.target}: {reason}"
-            log.warning("%s; reconnecting", self.last_error)
-        self._set_connected(False)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._loop is not None:
@@ -298,7 +280,3 @@ class UplinkSink(OutboxDrain):
     def wake_threadsafe(self) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.wake)
-
-    def _set_connected(self, value: bool) -> None:
-        self._connected = value
-        self._link.set(1 if value else 0)
