@@ -8,8 +8,6 @@ is one transaction, committed with synchronous=FULL before the caller acknowledg
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from gateway.services import lifecycle
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
 from gateway.services.lifecycle import State, TransitionError
-from gateway.store.schema import connect
+from gateway.store.schema import connect, migrate, transaction
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -113,14 +111,7 @@ class ServiceStore:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self._path)
         conn.row_factory = sqlite3.Row
-        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self._path} has schema version {version}, newer than this gateway knows")
-        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-            with _transaction(conn):
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number}")
+        migrate(conn, MIGRATIONS, str(self._path))
         self._conn = conn
 
     def close(self) -> None:
@@ -139,7 +130,7 @@ class ServiceStore:
     def create(self, new: NewRequest, actor: str) -> tuple[dict[str, Any], Step | None]:
         """File a request; a known `request_key` gives the first request back and no step."""
         conn = self.conn
-        with _transaction(conn):
+        with transaction(conn, immediate=True):
             if new.request_key is not None:
                 row = conn.execute(
                     "SELECT * FROM requests WHERE request_key = ?", (new.request_key,)
@@ -220,7 +211,7 @@ class ServiceStore:
         now_ms: int = 0,
     ) -> Step:
         conn = self.conn
-        with _transaction(conn):
+        with transaction(conn, immediate=True):
             row = self._row(ticket)
             current: State = row["state"]
             lifecycle.check(current, target)
@@ -362,7 +353,7 @@ class ServiceStore:
     ) -> bool:
         """Count a device event as evidence of a need; False when it was already counted."""
         service = self._catalogue.services[service_code]
-        with _transaction(self.conn):
+        with transaction(self.conn, immediate=True):
             cursor = self.conn.execute(
                 "INSERT OR IGNORE INTO need_signals (ts_ms, service_code, service_group, building, source,"
                 " device_id, event_key) VALUES (?, ?, ?, ?, 'sensor', ?, ?)",
@@ -381,7 +372,7 @@ class ServiceStore:
         return None if row is None else request_view(row)
 
     def link_signal(self, event_key: str, ticket: str) -> None:
-        with _transaction(self.conn):
+        with transaction(self.conn, immediate=True):
             self.conn.execute(
                 "UPDATE need_signals SET request_id = ? WHERE event_key = ?", (ticket, event_key)
             )
@@ -401,7 +392,7 @@ class ServiceStore:
         conn = self.conn
         out: list[tuple[str, dict[str, Any], int]] = []
         placeholders = ", ".join("?" * len(lifecycle.ACTIVE))
-        with _transaction(conn):
+        with transaction(conn, immediate=True):
             rows = conn.execute(
                 f"SELECT * FROM requests WHERE state IN ({placeholders})"
                 " AND (overdue_alarm_ms IS NULL OR stalled_alarm_ms IS NULL)",
@@ -449,7 +440,7 @@ class ServiceStore:
             raise DeskError(
                 f"{rating.service_request_id} is {row['state']}: a service is rated once it is completed", 409
             )
-        with _transaction(conn):
+        with transaction(conn, immediate=True):
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO ratings (request_id, ts_ms, score, comment, rater)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -494,7 +485,7 @@ class ServiceStore:
             raise DeskError(f"service {service_code!r} is not in the catalogue", 422)
         if ticket is not None:
             self._row(ticket)
-        with _transaction(self.conn):
+        with transaction(self.conn, immediate=True):
             cursor = self.conn.execute(
                 "INSERT INTO assessments"
                 " (ts_ms, assessor, provider_id, service_code, request_id, score, comment)"
@@ -544,7 +535,7 @@ class ServiceStore:
     def create_proposal(
         self, title: str, description: str, needs: list[str], closes_ms: int | None, actor: str, now_ms: int
     ) -> dict[str, Any]:
-        with _transaction(self.conn):
+        with transaction(self.conn, immediate=True):
             seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM proposals").fetchone()[0]
             pid = f"P-{seq:04d}"
             self.conn.execute(
@@ -569,7 +560,7 @@ class ServiceStore:
         proposal = self.proposal(pid)
         if proposal is None:
             raise DeskError(f"no proposal {pid[:64]!r}", 404)
-        with _transaction(self.conn):
+        with transaction(self.conn, immediate=True):
             self.conn.execute(
                 "UPDATE proposals SET closed_ms = COALESCE(closed_ms, ?) WHERE id = ?", (now_ms, pid)
             )
@@ -595,7 +586,7 @@ class ServiceStore:
             proposal["closes_ms"] is not None and vote.ts_ms >= proposal["closes_ms"]
         ):
             raise DeskError(f"proposal {vote.proposal_id} is closed for voting", 409)
-        with _transaction(conn):
+        with transaction(conn, immediate=True):
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO votes (proposal_id, household, choice, ts_ms, device_id, vote_key)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -690,17 +681,6 @@ def _default_note(target: State, provider_id: str | None, merged_into: str | Non
     if target == "merged":
         return f"duplicate of {merged_into}"
     return target.replace("_", " ")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 __all__ = ["DeskError", "ServiceStore", "Step", "TransitionError", "request_view"]

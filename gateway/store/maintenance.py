@@ -13,6 +13,7 @@ import sqlite3
 import time
 
 from gateway.settings import StoreSettings
+from gateway.store.schema import transaction
 from gateway.store.writer import MINUTE_MS, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ class StoreMaintenance:
 def rollup(conn: sqlite3.Connection, minutes: list[int]) -> None:
     """Recompute the 1-minute roll-ups of the given minutes from raw telemetry."""
     for start, end in _ranges(minutes):
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             conn.execute(
                 "INSERT OR REPLACE INTO rollup_1m (device_id, metric, minute_ms, n, sum, min, max) "
                 "SELECT device_id, metric, ts_ms - (ts_ms % 60000), count(*), sum(value), "
@@ -59,10 +59,6 @@ def rollup(conn: sqlite3.Connection, minutes: list[int]) -> None:
                 "GROUP BY device_id, metric, ts_ms - (ts_ms % 60000)",
                 (start, end),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
 
 def prune(conn: sqlite3.Connection, now_ms: int, settings: StoreSettings) -> None:

@@ -7,6 +7,8 @@ in one transaction, so an upgrade either completes or leaves the old schema inta
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 MIGRATIONS: list[list[str]] = [
@@ -66,22 +68,34 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply every migration the file has not seen; returns the resulting version."""
+@contextmanager
+def transaction(conn: sqlite3.Connection, *, immediate: bool = False) -> Iterator[None]:
+    """One transaction on a `connect()`ed (autocommit) connection: committed when the block
+    ends, rolled back when the block or the commit fails. `immediate` takes the write lock at
+    once, so a read-then-write block cannot fail half-way on a busy database."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def migrate(
+    conn: sqlite3.Connection, migrations: list[list[str]] = MIGRATIONS, what: str = "the local store"
+) -> int:
+    """Apply every migration the file has not seen, each in its own transaction; returns the
+    resulting version. A file from a newer gateway is refused, never opened half-understood."""
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
+    if version > len(migrations):
         raise RuntimeError(
-            f"the local store has schema version {version}, newer than this gateway knows "
-            f"({len(MIGRATIONS)}): upgrade cgw or restore a backup"
+            f"{what} has schema version {version}, newer than this gateway knows "
+            f"({len(migrations)}): upgrade cgw or restore a backup"
         )
-    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+    for number, statements in enumerate(migrations[version:], start=version + 1):
+        with transaction(conn, immediate=True):
             for statement in statements:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    return len(MIGRATIONS)
+    return len(migrations)

@@ -25,7 +25,7 @@ from gateway.pipeline.process import Processed
 from gateway.registry import Device
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
-from gateway.store.schema import connect, migrate
+from gateway.store.schema import connect, migrate, transaction
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,8 +199,7 @@ class StoreWriter:
                 )
             for device in batch.devices:
                 devices[device.device_id] = device
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             conn.executemany(
                 "INSERT OR IGNORE INTO telemetry (device_id, metric, ts_ms, value, seq) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -223,10 +222,6 @@ class StoreWriter:
                 rows = [row for encode in self._encoders for row in encode(batches)]
                 if rows:
                     dropped = self._outbox.append(conn, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self._metrics.store_writes.labels(table="telemetry").inc(len(telemetry))
         self._metrics.store_writes.labels(table="events").inc(len(events))
         self._metrics.store_writes.labels(table="dead_letters").inc(len(letters))

@@ -33,6 +33,7 @@ from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Taken
+from gateway.store.schema import transaction
 from gateway.uplink import items
 from gateway.uplink.items import SNAPSHOTS, TelemetryChoice
 
@@ -211,13 +212,8 @@ class UplinkSink(OutboxDrain, BrokerLink):
 
     def _append(self, rows: list[OutboxRow]) -> None:
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn, immediate=True):
             self._outbox.append(conn, rows)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     # -- commands from the district ---------------------------------------------------------------
 
