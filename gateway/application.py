@@ -199,7 +199,7 @@ class Gateway:
         if self.uplink is not None:
             # Not ready is not down: the outbox keeps what the district has not taken yet.
             checks["uplink"] = {
-                "ok": self.uplink.connected and self.uplink.healthy,
+                "ok": self.uplink.reachable,
                 "detail": self.uplink.last_error or f"connected to {self.settings.uplink.url}",
             }
         return checks

@@ -23,7 +23,7 @@ from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
 from gateway.stats import GatewayMetrics
-from gateway.store.outbox import Outbox, OutboxRow, Taken
+from gateway.store.outbox import Outbox, OutboxRow, Taken, rows_of
 
 if TYPE_CHECKING:
     from gateway.pipeline.process import Processed
@@ -63,12 +63,7 @@ class InfluxSink(OutboxDrain):
             important.extend(presence_line(p, community) for p in batch.presence)
             for record in batch.records:
                 important.extend(service_record_lines(record, community))
-        rows = []
-        if important:
-            rows.append(OutboxRow(self.name, True, "\n".join(important), len(important)))
-        if telemetry:
-            rows.append(OutboxRow(self.name, False, "\n".join(telemetry), len(telemetry)))
-        return rows
+        return rows_of(self.name, important, telemetry)
 
     async def _send(self, taken: Taken) -> bool:
         """One write request; True when the rows are done with (written, or refused for good)."""

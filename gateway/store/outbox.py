@@ -35,6 +35,16 @@ class OutboxRow:
     points: int
 
 
+def rows_of(sink: str, important: list[str], telemetry: list[str]) -> list[OutboxRow]:
+    """A commit's rows for one sink: one of what is never dropped, one of telemetry (each if any)."""
+    rows = []
+    if important:
+        rows.append(OutboxRow(sink, True, "\n".join(important), len(important)))
+    if telemetry:
+        rows.append(OutboxRow(sink, False, "\n".join(telemetry), len(telemetry)))
+    return rows
+
+
 @dataclass(slots=True)
 class Taken:
     last_id: int

@@ -18,7 +18,7 @@ import orjson
 
 from gateway.models import DeviceEvent, Reading
 from gateway.pipeline.route import event_payload
-from gateway.store.outbox import OutboxRow
+from gateway.store.outbox import OutboxRow, rows_of
 
 if TYPE_CHECKING:
     from gateway.pipeline.process import Processed
@@ -70,12 +70,7 @@ def encode(batches: list[Processed], choice: TelemetryChoice, sink: str) -> list
                 metrics = choice.pick(reading)
                 if metrics:
                     telemetry.append(_line("telemetry", telemetry_item(reading, metrics)))
-    rows = []
-    if important:
-        rows.append(OutboxRow(sink, True, "\n".join(important), len(important)))
-    if telemetry:
-        rows.append(OutboxRow(sink, False, "\n".join(telemetry), len(telemetry)))
-    return rows
+    return rows_of(sink, important, telemetry)
 
 
 def snapshot_row(stream: str, item: dict[str, Any], sink: str) -> OutboxRow:
