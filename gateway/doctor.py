@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
+from drivers.mqtt import broker_client
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
@@ -266,15 +266,11 @@ def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float) -> Findin
         outcome.append(str(reason))
         done.set()
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"cgw-doctor-{int(time.time())}")
-    if s.username:
-        client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
-    if s.tls:
-        try:
-            client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None)
-        except (OSError, ValueError) as exc:
-            return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
-        client.tls_insecure_set(s.tls_insecure)
+    try:
+        # The same client set-up as the gateway's own (login, TLS), so what passes here works there.
+        client = broker_client(s, f"cgw-doctor-{int(time.time())}", clean_session=True, manual_ack=False)
+    except (OSError, ValueError) as exc:
+        return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
     client.on_connect = on_connect
     try:
         client.connect(s.host, s.port, keepalive=10)
