@@ -387,14 +387,18 @@ class ServiceDesk:
     async def close_proposal(self, pid: str, filed: bool) -> dict[str, Any]:
         return await self._call(self._store.close_proposal, pid, now_ms(), filed)
 
+    async def evaluations(
+        self, start_ms: int, end_ms: int, bys: tuple[evaluation.By, ...], period: evaluation.Period
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The same figures grouped several ways, from one read of the requests and assessments."""
+        rows = [dict(r) for r in await self._call(self._store.evaluation_rows, start_ms, end_ms)]
+        assessed = [dict(a) for a in await self._call(self._store.assessment_rows, start_ms, end_ms)]
+        return {by: evaluation.evaluate(rows, assessed, start_ms, end_ms, by, period) for by in bys}
+
     async def evaluation(
         self, start_ms: int, end_ms: int, by: evaluation.By, period: evaluation.Period
     ) -> list[dict[str, Any]]:
-        rows = await self._call(self._store.evaluation_rows, start_ms, end_ms)
-        assessed = await self._call(self._store.assessment_rows, start_ms, end_ms)
-        return evaluation.evaluate(
-            [dict(r) for r in rows], [dict(a) for a in assessed], start_ms, end_ms, by, period
-        )
+        return (await self.evaluations(start_ms, end_ms, (by,), period))[by]
 
 
 def _refusal(message: TerminalMessage, reason: str) -> dict[str, Any]:

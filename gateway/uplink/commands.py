@@ -140,9 +140,7 @@ async def summaries(desk: ServiceDesk) -> list[tuple[str, dict[str, Any]]]:
     now = int(time.time() * 1000)
     needs = await desk.needs_list(7 * 86_400_000)
     start = now - 30 * 86_400_000
-    evaluation = {
-        by: await desk.evaluation(start, now + 1, by, "all") for by in ("overall", "service", "provider")
-    }
+    evaluation = await desk.evaluations(start, now + 1, ("overall", "service", "provider"), "all")
     return [
         ("needs", {"key": f"needs:{now}", "ts_ms": now, "window_days": 7, "needs": needs}),
         (
