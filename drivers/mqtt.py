@@ -69,17 +69,23 @@ class BrokerLink:
         self._link_gauge.set(1 if value else 0)
 
     def _refused(self, reason: Any) -> bool:
-        """In `on_connect`: True (and why, logged) when the broker refused the login."""
+        """In paho's `on_connect`: True (and why, logged) when the broker refused the login."""
         if not reason.is_failure:
             return False
+        self._refusal(str(reason))
+        return True
+
+    def _refusal(self, reason: str) -> None:
         env = self._link_env
         self.last_error = f"{self.target} refused the connection: {reason}"
         log.error("%s (check %s__USERNAME / %s__PASSWORD)", self.last_error, env, env)
-        return True
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        # paho keeps the reason to itself (it retries quietly): find it out, so /readyz and the
-        # log say what to fix.
+        self._unreachable()
+
+    def _unreachable(self) -> None:
+        # Clients retry quietly and keep the reason to themselves: find it out, so /readyz and
+        # the log say what to fix.
         why = why_unreachable(self._link_settings, env=self._link_env)
         message = f"cannot connect to {self.target}: {why}"
         if message != self.last_error:
@@ -89,6 +95,9 @@ class BrokerLink:
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        self._lost(str(reason))
+
+    def _lost(self, reason: str) -> None:
         was_connected = self._connected
         self._set_connected(False)
         # After a refused CONNECT the broker closes the socket too: keep the refusal as the reason.
@@ -258,10 +267,17 @@ def broker_client(
     if s.username:
         client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
     if s.tls:
-        client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None, cert_reqs=ssl.CERT_REQUIRED)
-        client.tls_insecure_set(s.tls_insecure)
+        client.tls_set_context(tls_context(s))
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     return client
+
+
+def tls_context(s: BrokerSettings) -> ssl.SSLContext:
+    """The broker's certificate must be trusted (`tls_ca`, else the system's CAs);
+    `tls_insecure` only stops checking that it names the host, as paho's tls_insecure_set."""
+    context = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
+    context.check_hostname = not s.tls_insecure
+    return context
 
 
 def why_unreachable(s: BrokerSettings, timeout_s: float = 2.0, env: str = "CGW_MQTT") -> str:
@@ -272,11 +288,7 @@ def why_unreachable(s: BrokerSettings, timeout_s: float = 2.0, env: str = "CGW_M
     try:
         with socket.create_connection((s.host, s.port), timeout_s) as sock:
             if s.tls:
-                context = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
-                if s.tls_insecure:
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                with context.wrap_socket(sock, server_hostname=s.host):
+                with tls_context(s).wrap_socket(sock, server_hostname=s.host):
                     pass
     except ssl.SSLCertVerificationError as exc:
         return f"the broker's TLS certificate is not trusted ({exc.verify_message}): check {env}__TLS_CA"

@@ -13,7 +13,7 @@ import logging
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class LocalBroker:
         self._process: asyncio.subprocess.Process | None = None
         self._amqtt: Any = None
         self.kind = ""
+        self.protocol: Literal["5", "3.1.1"] = "5"  # the MQTT version the gateway speaks to it
 
     @property
     def url(self) -> str:
@@ -113,6 +114,7 @@ class LocalBroker:
         self._amqtt = Broker(config)
         await self._amqtt.start()
         self.kind = "amqtt (embedded)"
+        self.protocol = "3.1.1"  # amqtt has no MQTT 5: the gateway uses its paho driver
         log.info("started the embedded amqtt broker on %s", self.url)
 
     async def stop(self) -> None:

@@ -74,10 +74,12 @@ async def run_demo(
     broker: LocalBroker | None = None
     broker_url = options.broker_url
     broker_kind = "external"
+    protocol = base.mqtt.protocol
     if broker_url is None:
         broker = LocalBroker(options.data_dir, prefer_mosquitto=options.prefer_mosquitto)
         broker_url = await broker.start()
         broker_kind = broker.kind
+        protocol = broker.protocol
     api_port = options.api_port
     if api_port and port_open(options.api_host, api_port):
         api_port = free_port(options.api_host)
@@ -88,7 +90,7 @@ async def run_demo(
             "community": options.community,
             "data_dir": options.data_dir,
             "inventory": inventory,
-            "mqtt": base.mqtt.model_copy(update={"url": broker_url, "client_id": ""}),
+            "mqtt": base.mqtt.model_copy(update={"url": broker_url, "client_id": "", "protocol": protocol}),
             "api": base.api.model_copy(update={"host": options.api_host, "port": api_port}),
             "auth": base.auth.model_copy(
                 update={

@@ -98,6 +98,8 @@ class BrokerSettings(_Section):
 class MqttSettings(BrokerSettings):
     # Persistent session: what devices publish while the gateway restarts waits at the broker.
     clean_start: bool = False
+    # "5": the fast driver (drivers/mqtt5.py); "3.1.1" for a broker without MQTT 5 (paho).
+    protocol: Literal["5", "3.1.1"] = "5"
     max_payload_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
 
 
