@@ -87,7 +87,10 @@ class BrokerLink:
         # Clients retry quietly and keep the reason to themselves: find it out, so /readyz and
         # the log say what to fix.
         why = why_unreachable(self._link_settings, env=self._link_env)
-        message = f"cannot connect to {self.target}: {why}"
+        self._failing(f"cannot connect to {self.target}: {why}")
+
+    def _failing(self, message: str) -> None:
+        """A failed attempt, logged once per distinct reason: the client retries on its own."""
         if message != self.last_error:
             log.error("%s; retrying", message)
         self.last_error = message

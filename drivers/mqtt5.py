@@ -41,7 +41,7 @@ from gateway.topics import SUBSCRIPTIONS
 log = logging.getLogger(__name__)
 
 NEVER_EXPIRES = 0xFFFFFFFF  # session expiry interval: the broker keeps the session for good
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0  # as paho's
 MAX_QUEUED_OUT = 10_000  # publications kept while offline (acks and commands to devices)
 MAX_PACKET_ID = 0xFFFF
 
@@ -98,7 +98,7 @@ class Mqtt5Driver(BrokerLink, Driver):
             await self._forward(ingress)
         finally:
             self._stopping = True
-            self._close()  # DISCONNECT first: a normal one keeps the session and drops the Will
+            await self._close()  # DISCONNECT first: a normal one keeps the session, drops the Will
             connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connector
@@ -142,8 +142,12 @@ class Mqtt5Driver(BrokerLink, Driver):
                     connection.resume()
             if self._stopping:
                 # The acks of batches still in the pipeline go out before DISCONNECT, so the next
-                # start does not receive them again. (The application's drain timeout bounds this.)
-                await self._all_acked.wait()
+                # start does not receive them again (the application's drain timeout bounds the
+                # wait); with the connection gone they are void, and there is nothing to wait for.
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._all_acked, self._closed)]
+                _, waiting = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in waiting:
+                    task.cancel()
                 return
 
     def _take(self, n: int) -> tuple[list[RawMessage], Callable[[], None]]:
@@ -227,7 +231,17 @@ class Mqtt5Driver(BrokerLink, Driver):
                     keep_alive=s.keepalive_s,
                 ).write()
             )
-            connack = await asyncio.wait_for(connection.connack, CONNECT_TIMEOUT_S)
+            try:
+                connack = await asyncio.wait_for(connection.connack, CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                # An MQTT 3.1.1 broker answers MQTT 5's CONNECT with a CONNACK of its own
+                # version, or not at all (amqtt), and closes: say what to set.
+                why = connection.why_closed if isinstance(exc, OSError) else "no answer"
+                self._failing(
+                    f"{self.target} did not accept MQTT 5's CONNECT ({why}; a broker without MQTT 5? "
+                    "Then set CGW_MQTT__PROTOCOL=3.1.1)"
+                )
+                return False
             if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
                 self._refusal(connack.reason_code.name.lower().replace("_", " "))
                 return False
@@ -264,15 +278,19 @@ class Mqtt5Driver(BrokerLink, Driver):
             if not transport.is_closing():
                 transport.abort()
 
-    def _close(self) -> None:
+    async def _close(self) -> None:
         connection = self._connection
         if connection is None:
             return
-        connection.write(mqtt5.DisconnectPacket().write())
-        connection.close()
         self._connection = None
         self._closed.set()
         self._set_connected(False)
+        connection.write(mqtt5.DisconnectPacket().write())
+        # The broker closes its side once it has read everything before DISCONNECT (the last
+        # acks): waiting for that keeps a quick restart's new connection from overtaking them.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(connection.lost), 2.0)
+        connection.close()
 
     def _packet_id(self) -> int:
         for _ in range(MAX_PACKET_ID):
@@ -314,7 +332,7 @@ class _Connection(asyncio.Protocol):
         self._last_in = time.monotonic()
         self.receive_max = 65535
         self.connack: asyncio.Future[mqtt5.ConnAckPacket] = asyncio.get_running_loop().create_future()
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.why_closed = "the connection closed"
 
     # asyncio.Protocol
@@ -325,8 +343,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.why_closed = str(exc) or type(exc).__name__
-        if not self._lost.done():
-            self._lost.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
         if not self.connack.done():
             self.connack.set_exception(ConnectionError(self.why_closed))
 
@@ -404,7 +422,7 @@ class _Connection(asyncio.Protocol):
         ping = mqtt5.PingReqPacket().write()
         while True:
             try:
-                await asyncio.wait_for(asyncio.shield(self._lost), interval)
+                await asyncio.wait_for(asyncio.shield(self.lost), interval)
                 return
             except TimeoutError:
                 pass

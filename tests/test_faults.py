@@ -105,24 +105,44 @@ def assert_exactly_once(
 # -- the faults ---------------------------------------------------------------------------------------
 
 
+# Both MQTT drivers: MQTT 5 (the default) and paho's MQTT 3.1.1, for brokers without MQTT 5.
+PROTOCOLS = pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+
+
+def _community(name: str, protocol: str) -> str:
+    return name if protocol == "5" else f"{name}-311"
+
+
+@PROTOCOLS
 def test_broker_restart_mid_stream_loses_and_doubles_nothing(
-    tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsProcess, publisher: Publisher
+    tmp_path: Path,
+    mosquitto: MosquittoProcess,
+    victoria: VictoriaMetricsProcess,
+    publisher: Publisher,
+    protocol: str,
 ) -> None:
-    gateway = start_gateway(tmp_path / "gw", mosquitto, victoria, "fault-broker")
+    community = _community("fault-broker", protocol)
+    gateway = start_gateway(tmp_path / "gw", mosquitto, victoria, community, CGW_MQTT__PROTOCOL=protocol)
     try:
         publisher.publish(2000)
         mosquitto.restart()  # persistence keeps the gateway's session and its queued messages
         publisher.publish(2000)
-        assert_exactly_once(gateway, victoria, "fault-broker", publisher)
+        assert_exactly_once(gateway, victoria, community, publisher)
     finally:
         gateway.stop()
 
 
+@PROTOCOLS
 def test_gateway_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
-    tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsProcess, publisher: Publisher
+    tmp_path: Path,
+    mosquitto: MosquittoProcess,
+    victoria: VictoriaMetricsProcess,
+    publisher: Publisher,
+    protocol: str,
 ) -> None:
     folder = tmp_path / "gw"
-    gateway = start_gateway(folder, mosquitto, victoria, "fault-kill")
+    community = _community("fault-kill", protocol)
+    gateway = start_gateway(folder, mosquitto, victoria, community, CGW_MQTT__PROTOCOL=protocol)
     try:
         done = threading.Event()
         feeder = threading.Thread(target=lambda: (publisher.publish(6000, rate=2000), done.set()))
@@ -130,10 +150,10 @@ def test_gateway_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
         wait_for(lambda: len(local_numbers(gateway)) > 1000, 30, "the first thousand")
         gateway.kill()  # SIGKILL mid-stream: whatever it held unacknowledged is redelivered
         time.sleep(1)  # devices go on publishing while it is down; the broker keeps it
-        gateway = start_gateway(folder, mosquitto, victoria, "fault-kill")
+        gateway = start_gateway(folder, mosquitto, victoria, community, CGW_MQTT__PROTOCOL=protocol)
         feeder.join()
         assert done.is_set()
-        assert_exactly_once(gateway, victoria, "fault-kill", publisher)
+        assert_exactly_once(gateway, victoria, community, publisher)
     finally:
         gateway.stop()
 

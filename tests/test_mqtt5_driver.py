@@ -1,0 +1,218 @@
+"""The MQTT 5 driver (drivers/mqtt5.py) against a real Mosquitto, on its own.
+
+What the gateway-level tests (test_faults.py, test_gateway_e2e.py) cannot see from outside:
+acknowledgements wait for the pipeline, back-pressure stops reading, publications wait for the
+connection and respect the broker's receive maximum, and a broker without MQTT 5 is named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from drivers.mqtt5 import Mqtt5Driver
+from gateway.broker import LocalBroker
+from gateway.models import RawMessage
+from gateway.settings import MqttSettings
+from gateway.stats import GatewayMetrics
+from tests.services import MosquittoProcess
+
+pytestmark = pytest.mark.integration
+
+
+class Holding:
+    """An ingress that keeps every batch and acknowledges only when the test says so."""
+
+    def __init__(self, block: asyncio.Event | None = None) -> None:
+        self.messages: list[RawMessage] = []
+        self.acks: list[Callable[[], None]] = []
+        self._block = block
+
+    async def put(self, batch: list[RawMessage], on_durable: Callable[[], None] | None = None) -> None:
+        if self._block is not None:
+            await self._block.wait()
+        self.messages.extend(batch)
+        if on_durable is not None:
+            self.acks.append(on_durable)
+
+    def acknowledge(self) -> None:
+        for ack in self.acks:
+            ack()
+        self.acks.clear()
+
+    def numbers(self) -> list[int]:
+        return sorted(orjson.loads(payload)["seq"] for _, payload, _ in self.messages)
+
+
+class Running:
+    def __init__(self, driver: Mqtt5Driver, task: asyncio.Task[None]) -> None:
+        self.driver, self.task = driver, task
+
+    async def stop(self) -> None:
+        await self.driver.stop()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def start(port: int, ingress: Holding, client_id: str = "cgw-test", **kw: int) -> Running:
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", keepalive_s=5)
+    driver = Mqtt5Driver(settings, client_id, GatewayMetrics(), **kw)
+    task = asyncio.create_task(driver.run(ingress))
+    await until(lambda: driver.connected, "the driver to connect")
+    return Running(driver, task)
+
+
+async def until(probe: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
+    """Poll `probe` (the driver's state has no event to wait on from outside)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not probe():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def publish(port: int, count: int, first: int = 0) -> None:
+    """`count` numbered QoS 1 telemetry messages from a device, all acknowledged by the broker."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{first}")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [
+        client.publish(f"cgw/v1/d{n % 7}/telemetry", orjson.dumps({"seq": n, "metrics": {"v": n}}), qos=1)
+        for n in range(first, first + count)
+    ]
+    for info in infos:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+async def broker(mosquitto: MosquittoProcess) -> AsyncIterator[MosquittoProcess]:
+    yield mosquitto
+
+
+async def test_a_message_is_acknowledged_only_once_durable(broker: MosquittoProcess) -> None:
+    held = Holding()
+    running = await start(broker.port, held)
+    await asyncio.to_thread(publish, broker.port, 300)
+    await until(lambda: len(held.messages) == 300, "300 messages")
+    # Not acknowledged, the connection lost: the broker delivers all of them again.
+    running.driver._connection.close()  # type: ignore[union-attr]
+    again = Holding()
+    await until(lambda: not running.driver.connected, "the connection to drop")
+    await running.stop()
+    running = await start(broker.port, again)
+    await until(lambda: len(again.messages) == 300, "the 300 delivered again")
+    assert again.numbers() == list(range(300))
+    # Acknowledged now (the pipeline says durable): a new connection receives nothing more.
+    again.acknowledge()
+    await running.stop()
+    third = Holding()
+    running = await start(broker.port, third)
+    await asyncio.to_thread(publish, broker.port, 1, first=300)
+    await until(lambda: len(third.messages) == 1, "only the new message")
+    await asyncio.sleep(0.3)
+    assert third.numbers() == [300]
+    third.acknowledge()
+    await running.stop()
+
+
+async def test_a_clean_stop_sends_the_acks_of_batches_still_in_the_pipeline(broker: MosquittoProcess) -> None:
+    held = Holding()
+    running = await start(broker.port, held)
+    await asyncio.to_thread(publish, broker.port, 50)
+    await until(lambda: len(held.messages) == 50, "50 messages")
+    stopping = asyncio.create_task(running.stop())
+    await asyncio.sleep(0.2)
+    assert not stopping.done(), "stop() waits for the pipeline's acknowledgements"
+    held.acknowledge()
+    await stopping
+    after = Holding()
+    running = await start(broker.port, after)
+    await asyncio.sleep(0.5)
+    assert after.messages == []
+    await running.stop()
+
+
+async def test_back_pressure_stops_reading_and_loses_nothing(broker: MosquittoProcess) -> None:
+    gate = asyncio.Event()
+    held = Holding(block=gate)
+    running = await start(broker.port, held, batch_size=50, max_pending=200)
+    await asyncio.to_thread(publish, broker.port, 3000)
+    await asyncio.sleep(0.5)
+    # One batch of 50 waits in the pipeline's put; reading stopped once 200 were pending (what
+    # one read brought in may go past the bound, the broker's backlog may not).
+    pending = len(running.driver._pending)
+    assert running.driver._connection is not None and running.driver._connection._paused
+    assert 200 <= pending + 50 < 3000, pending
+    gate.set()
+    await until(lambda: len(held.messages) == 3000, "all 3000 after the pipeline catches up")
+    assert held.numbers() == list(range(3000))
+    held.acknowledge()
+    await running.stop()
+
+
+async def test_publications_wait_for_the_connection_and_respect_receive_maximum(tmp_path: Path) -> None:
+    # Mosquitto grants a receive maximum of 2 in flight: a client that sends more is disconnected.
+    strict = MosquittoProcess(tmp_path / "strict", extra="max_inflight_messages 2\n")
+    strict.start()
+    try:
+        received: list[bytes] = []
+        got_all = threading.Event()
+        listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="listener")
+
+        def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+            received.append(msg.payload)
+            if len(received) == 60:
+                got_all.set()
+
+        listener.on_message = on_message
+        # Subscribed on every connect: the broker is stopped and started below.
+        listener.on_connect = lambda c, *_: c.subscribe("cgw/v1/+/cmd", qos=1)
+        listener.reconnect_delay_set(0.1, 0.5)
+        listener.connect("127.0.0.1", strict.port)
+        listener.loop_start()
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{strict.port}", keepalive_s=5)
+        driver = Mqtt5Driver(settings, "cgw-out", GatewayMetrics())
+        held = Holding()
+        # The broker is down while the first 30 are published: they wait in the driver.
+        strict.stop()
+        task = asyncio.create_task(driver.run(held))
+        await asyncio.sleep(0.2)
+        for n in range(30):
+            driver.publish(f"cgw/v1/d{n}/cmd", str(n).encode())
+        strict.start()
+        await until(lambda: driver.connected, "the driver to connect", 40)
+        await asyncio.to_thread(driver.publish, "cgw/v1/x/cmd", b"from another thread")
+        for n in range(30, 59):
+            driver.publish(f"cgw/v1/d{n}/cmd", str(n).encode())
+        assert await asyncio.to_thread(got_all.wait, 20), f"received {len(received)} of 60"
+        assert sorted(received) == sorted([str(n).encode() for n in range(59)] + [b"from another thread"])
+        assert driver.connected and driver.last_error is None
+        await driver.stop()
+        await asyncio.wait_for(task, 10)
+        listener.disconnect()
+        listener.loop_stop()
+    finally:
+        strict.stop()
+
+
+async def test_a_broker_without_mqtt5_is_named_with_the_setting_to_change(tmp_path: Path) -> None:
+    amqtt = LocalBroker(tmp_path, prefer_mosquitto=False)  # amqtt speaks MQTT 3.1.1 only
+    url = await amqtt.start()
+    try:
+        driver = Mqtt5Driver(MqttSettings(url=url), "cgw-old", GatewayMetrics())
+        task = asyncio.create_task(driver.run(Holding()))
+        await until(lambda: driver.last_error is not None, "an error", 15)
+        assert not driver.connected
+        assert "CGW_MQTT__PROTOCOL=3.1.1" in (driver.last_error or "")
+        await driver.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await amqtt.stop()
