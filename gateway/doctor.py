@@ -55,7 +55,7 @@ def run_checks(settings: Settings, timeout_s: float = 5.0) -> list[Finding]:
         _store("service desk", settings.services_db_path, len(SERVICE_MIGRATIONS)),
         _tokens(settings),
         _api_port(settings),
-        _broker("broker", settings.mqtt, "CGW_MQTT", timeout_s),
+        _broker("broker", settings.mqtt, "CGW_MQTT", timeout_s, mqtt5=settings.mqtt.protocol == "5"),
     ]
     if settings.uplink.enabled:
         findings.append(_uplink_choice(settings))
@@ -255,8 +255,9 @@ def _uplink_choice(settings: Settings) -> Finding:
     return Finding(True, "uplink", f"sends requests, ratings, alarms, snapshots and {chosen}")
 
 
-def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float) -> Finding:
-    """Connect and log in as the gateway would; `env` names the settings in the advice."""
+def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float, mqtt5: bool = False) -> Finding:
+    """Connect and log in as the gateway would (`mqtt5`: in MQTT 5, as its default driver does);
+    `env` names the settings in the advice."""
     done = threading.Event()
     outcome: list[str] = []
 
@@ -268,7 +269,9 @@ def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float) -> Findin
 
     try:
         # The same client set-up as the gateway's own (login, TLS), so what passes here works there.
-        client = broker_client(s, f"cgw-doctor-{int(time.time())}", clean_session=True, manual_ack=False)
+        client = broker_client(
+            s, f"cgw-doctor-{int(time.time())}", clean_session=True, manual_ack=False, mqtt5=mqtt5
+        )
     except (OSError, ValueError) as exc:
         return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
     client.on_connect = on_connect
@@ -280,22 +283,23 @@ def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float) -> Findin
     client.loop_start()
     try:
         if not done.wait(timeout_s):
+            # A broker without MQTT 5 may close without a word (amqtt does).
+            old = f"; or a broker without MQTT 5 (then set {env}__PROTOCOL=3.1.1)" if mqtt5 else ""
             return Finding(
                 False,
                 check,
-                f"{s.url} accepted TCP but did not answer MQTT within {timeout_s:.0f} s: "
-                f"is it a TLS port (use mqtts://)? check {env}__URL",
+                f"{s.url} accepted TCP but did not answer MQTT{' 5' if mqtt5 else ''} within "
+                f"{timeout_s:.0f} s: is it a TLS port (use mqtts://)? check {env}__URL{old}",
             )
     finally:
         client.disconnect()
         client.loop_stop()
     if outcome[0] != "Success":
-        return Finding(
-            False,
-            check,
-            f"{s.url} refused the connection ({outcome[0]}): check {env}__USERNAME / {env}__PASSWORD",
-        )
-    return Finding(True, check, f"connected to {s.url}")
+        fix = f"check {env}__USERNAME / {env}__PASSWORD"
+        if mqtt5 and "protocol" in outcome[0].lower():
+            fix = f"the broker has no MQTT 5: set {env}__PROTOCOL=3.1.1"
+        return Finding(False, check, f"{s.url} refused the connection ({outcome[0]}): {fix}")
+    return Finding(True, check, f"connected to {s.url}" + (" (MQTT 5)" if mqtt5 else ""))
 
 
 def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:

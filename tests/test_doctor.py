@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from gateway.broker import LocalBroker
 from gateway.doctor import Finding, run_checks
 from gateway.settings import load_settings
 from tests.services import MosquittoProcess, VictoriaMetricsProcess, free_port
@@ -64,6 +67,26 @@ def test_an_unreachable_broker_fails_and_names_the_setting(env: dict[str, str]) 
     assert finding.blocking and "CGW_MQTT__URL" in finding.detail
     result = doctor(env)
     assert result.returncode == 1 and "FAIL broker" in result.stdout
+
+
+def test_a_broker_without_mqtt5_fails_and_names_the_protocol_setting(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    amqtt = LocalBroker(tmp_path / "amqtt", prefer_mosquitto=False)  # MQTT 3.1.1 only
+    try:
+        env["CGW_MQTT__URL"] = asyncio.run_coroutine_threadsafe(amqtt.start(), loop).result(30)
+        finding = problem(env, "broker")
+        assert finding.blocking and "CGW_MQTT__PROTOCOL=3.1.1" in finding.detail
+        env["CGW_MQTT__PROTOCOL"] = "3.1.1"
+        assert all(f.ok for f in checks(env)["broker"])
+    finally:
+        asyncio.run_coroutine_threadsafe(amqtt.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def test_a_port_held_by_another_program_fails(env: dict[str, str]) -> None:

@@ -216,3 +216,22 @@ async def test_a_broker_without_mqtt5_is_named_with_the_setting_to_change(tmp_pa
         await asyncio.wait_for(task, 10)
     finally:
         await amqtt.stop()
+
+
+async def test_an_upgrade_from_the_mqtt_3_driver_keeps_the_queued_messages(broker: MosquittoProcess) -> None:
+    # The session an older gateway (paho, MQTT 3.1.1) left at the broker, with the same client id.
+    old = paho.Client(CallbackAPIVersion.VERSION2, client_id="cgw-upgraded", clean_session=False)
+    old.connect("127.0.0.1", broker.port)
+    old.loop_start()
+    assert old.subscribe("cgw/v1/+/telemetry", qos=1)[0] == paho.MQTT_ERR_SUCCESS
+    await asyncio.sleep(0.3)
+    old.disconnect()
+    old.loop_stop()
+    # Devices publish while it is being upgraded.
+    await asyncio.to_thread(publish, broker.port, 100)
+    held = Holding()
+    running = await start(broker.port, held, client_id="cgw-upgraded")
+    await until(lambda: len(held.messages) == 100, "the 100 queued during the upgrade")
+    assert held.numbers() == list(range(100))
+    held.acknowledge()
+    await running.stop()
