@@ -34,6 +34,9 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="*", default=list(scenarios.ALL), choices=list(scenarios.ALL))
     parser.add_argument("--scaling", action="store_true", help="also the cost from 100 to 10,000 devices")
+    parser.add_argument(
+        "--protocol", default="5", choices=["5", "3.1.1"], help="the gateway's MQTT driver (mqtt.protocol)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.messages, args.soak_s = min(args.messages, 50_000), min(args.soak_s, 60)

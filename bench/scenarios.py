@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from bench import baseline, gateway_runs, load
-from tests.services import MosquittoProcess, VictoriaMetricsProcess
+from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess
 
 
 @dataclass
@@ -25,6 +25,12 @@ class Context:
     broker: MosquittoProcess
     victoria: VictoriaMetricsProcess
     args: argparse.Namespace
+
+    def start_gateway(self, victoria: VictoriaMetricsProcess) -> GatewayProcess:
+        """`cgw run` in this scenario's folder, speaking the MQTT version under test."""
+        return gateway_runs.start(
+            self.folder / "gw", self.broker, victoria, CGW_MQTT__PROTOCOL=self.args.protocol
+        )
 
 
 @dataclass
@@ -51,10 +57,10 @@ def throughput(ctx: Context) -> list[Row]:
     fill_s = load.fill(port, n, devices)
     base_rate = baseline.drain(port, n)
 
-    gw = gateway_runs.start(ctx.folder / "gw", ctx.broker, ctx.victoria)
+    gw = ctx.start_gateway(ctx.victoria)
     gw.stop()  # the session is registered: the broker queues what follows
     load.fill(port, n, devices)
-    gw = gateway_runs.start(ctx.folder / "gw", ctx.broker, ctx.victoria)
+    gw = ctx.start_gateway(ctx.victoria)
     try:
         # Counters at the first look, so the part already done before it is not counted.
         t_a = time.perf_counter()
@@ -112,7 +118,7 @@ def _alarm(n: int, devices: int) -> tuple[str, bytes]:
 
 def alarm_latency(ctx: Context) -> list[Row]:
     """Publish to the SSE stream, for alarms sent at 20/s among 5,000 msg/s of telemetry."""
-    gw = gateway_runs.start(ctx.folder / "gw", ctx.broker, ctx.victoria)
+    gw = ctx.start_gateway(ctx.victoria)
     latencies: list[float] = []
     stop = threading.Event()
 
@@ -164,7 +170,7 @@ def alarm_latency(ctx: Context) -> list[Row]:
 def memory(ctx: Context) -> list[Row]:
     """Resident memory with `devices` devices reporting every 10 s, over the soak."""
     devices, soak = ctx.args.devices, ctx.args.soak_s
-    gw = gateway_runs.start(ctx.folder / "gw", ctx.broker, ctx.victoria)
+    gw = ctx.start_gateway(ctx.victoria)
     samples: list[tuple[float, float]] = []
     try:
         start_rss = gateway_runs.rss_mb(gw.pid)
@@ -201,7 +207,7 @@ def memory(ctx: Context) -> list[Row]:
 def api_latency(ctx: Context) -> list[Row]:
     """200 requests/s for 20 s, open loop: device list, telemetry range, Open311 GET and POST
     (in the proportions of `_api_load`), measured by the client."""
-    gw = gateway_runs.start(ctx.folder / "gw", ctx.broker, ctx.victoria)
+    gw = ctx.start_gateway(ctx.victoria)
     try:
         load.fill(ctx.broker.port, 20_000, 1000)
         _poll(lambda: gateway_runs.metrics(gw).get("cgw_readings_total", 0) >= 20_000, 120, "the data")
@@ -284,7 +290,7 @@ def drain(ctx: Context) -> list[Row]:
     n = ctx.args.messages
     private = VictoriaMetricsProcess(ctx.folder / "victoria")
     private.start()
-    gw = gateway_runs.start(ctx.folder / "gw", ctx.broker, private)
+    gw = ctx.start_gateway(private)
     try:
         private.stop()
         load.fill(ctx.broker.port, n, ctx.args.devices)
