@@ -18,6 +18,7 @@ are per connection, and the broker redelivers what the old connection left unack
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import socket
@@ -109,7 +110,10 @@ class BrokerLink:
             log.warning("%s; reconnecting", self.last_error)
 
 
-class MqttDriver(BrokerLink, Driver):
+class MqttIntake(BrokerLink, Driver):
+    """What both device-broker drivers keep (this module's for MQTT 3.1.1, drivers/mqtt5.py's):
+    settings, messages received and not yet handed to the pipeline, and the wake-up for that."""
+
     name = "mqtt"
 
     def __init__(
@@ -126,20 +130,38 @@ class MqttDriver(BrokerLink, Driver):
         self._batch_size = batch_size
         self._max_pending = max_pending
         self._pending: deque[RawMessage] = deque()
-        self._mids: deque[tuple[int, int, int]] = deque()  # (packet id, qos, connection) per message
         self._generation = 0  # connection count: acks of an earlier connection are void
-        self._room = threading.Event()
-        self._room.set()
         self._wake = asyncio.Event()
-        self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: paho.Client | None = None
         self._init_link(
             settings,
             f"the broker {settings.url}",
             "CGW_MQTT",
             metrics.driver_connected.labels(driver=self.name),
         )
+
+    @abc.abstractmethod
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish to a device (acks, commands), from any thread; kept while offline."""
+
+
+class MqttDriver(MqttIntake):
+    """MQTT 3.1.1 through paho's network thread."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        metrics: GatewayMetrics,
+        batch_size: int = 2000,
+        max_pending: int = 20_000,
+    ) -> None:
+        super().__init__(settings, client_id, metrics, batch_size, max_pending)
+        self._mids: deque[tuple[int, int, int]] = deque()  # (packet id, qos, connection) per message
+        self._room = threading.Event()
+        self._room.set()
+        self._wake_scheduled = False
+        self._client: paho.Client | None = None
 
     async def run(self, ingress: Ingress) -> None:
         self._loop = asyncio.get_running_loop()

@@ -31,8 +31,8 @@ from typing import Any
 
 import mqtt5
 
-from drivers.base import Driver, Ingress
-from drivers.mqtt import BrokerLink, tls_context
+from drivers.base import Ingress
+from drivers.mqtt import MqttIntake, tls_context
 from gateway.models import RawMessage
 from gateway.settings import MqttSettings
 from gateway.stats import GatewayMetrics
@@ -46,9 +46,7 @@ MAX_QUEUED_OUT = 10_000  # publications kept while offline (acks and commands to
 MAX_PACKET_ID = 0xFFFF
 
 
-class Mqtt5Driver(BrokerLink, Driver):
-    name = "mqtt"
-
+class Mqtt5Driver(MqttIntake):
     def __init__(
         self,
         settings: MqttSettings,
@@ -57,21 +55,12 @@ class Mqtt5Driver(BrokerLink, Driver):
         batch_size: int = 2000,
         max_pending: int = 20_000,
     ) -> None:
-        self._settings = settings
-        self._client_id = client_id
-        self._metrics = metrics
-        self._batch_size = batch_size
-        self._max_pending = max_pending
-        # Received, not yet handed to the pipeline: the message, and (connection << 16 | packet
-        # id) for its ack, 0 for QoS 0. A connection's number voids the acks of earlier ones.
-        self._pending: deque[RawMessage] = deque()
+        super().__init__(settings, client_id, metrics, batch_size, max_pending)
+        # Beside each pending message: (connection << 16 | packet id) for its ack, 0 for QoS 0.
         self._acks: deque[int] = deque()
-        self._generation = 0
-        self._wake = asyncio.Event()
         self._closed = asyncio.Event()  # set while there is no connection
         self._closed.set()
         self._connection: _Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         # Outgoing QoS 1 publications: waiting to be sent, and sent but not yet acknowledged.
         self._outbox: deque[tuple[str, bytes, int, bool]] = deque()
@@ -81,12 +70,6 @@ class Mqtt5Driver(BrokerLink, Driver):
         self._unacked = 0  # batches handed to the pipeline and not yet durable
         self._all_acked = asyncio.Event()
         self._all_acked.set()
-        self._init_link(
-            settings,
-            f"the broker {settings.url}",
-            "CGW_MQTT",
-            metrics.driver_connected.labels(driver=self.name),
-        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 

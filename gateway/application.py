@@ -20,7 +20,7 @@ import uvicorn
 
 from drivers.base import Driver
 from drivers.modbus import ModbusDriver
-from drivers.mqtt import MqttDriver
+from drivers.mqtt import MqttDriver, MqttIntake
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
@@ -112,7 +112,7 @@ class Gateway:
         self.reader = StoreReader(settings.db_path, int(settings.store.raw_retention.total_seconds() * 1000))
         self.maintenance = StoreMaintenance(self.writer, settings.store)
         driver = Mqtt5Driver if settings.mqtt.protocol == "5" else MqttDriver
-        self.mqtt: Mqtt5Driver | MqttDriver = driver(
+        self.mqtt: MqttIntake = driver(
             settings.mqtt, settings.mqtt_client_id, self.metrics, settings.pipeline.batch_size
         )
         self.drivers: list[Driver] = [self.mqtt, *(extra_drivers or [])]
