@@ -139,6 +139,11 @@ class MqttIntake(BrokerLink, Driver):
             "CGW_MQTT",
             metrics.driver_connected.labels(driver=self.name),
         )
+        self._init_client()
+
+    @abc.abstractmethod
+    def _init_client(self) -> None:
+        """The driver's own state (its client, its ack bookkeeping)."""
 
     @abc.abstractmethod
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
@@ -148,15 +153,7 @@ class MqttIntake(BrokerLink, Driver):
 class MqttDriver(MqttIntake):
     """MQTT 3.1.1 through paho's network thread."""
 
-    def __init__(
-        self,
-        settings: MqttSettings,
-        client_id: str,
-        metrics: GatewayMetrics,
-        batch_size: int = 2000,
-        max_pending: int = 20_000,
-    ) -> None:
-        super().__init__(settings, client_id, metrics, batch_size, max_pending)
+    def _init_client(self) -> None:
         self._mids: deque[tuple[int, int, int]] = deque()  # (packet id, qos, connection) per message
         self._room = threading.Event()
         self._room.set()

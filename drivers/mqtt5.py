@@ -34,8 +34,6 @@ import mqtt5
 from drivers.base import Ingress
 from drivers.mqtt import MqttIntake, tls_context
 from gateway.models import RawMessage
-from gateway.settings import MqttSettings
-from gateway.stats import GatewayMetrics
 from gateway.topics import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -47,15 +45,7 @@ MAX_PACKET_ID = 0xFFFF
 
 
 class Mqtt5Driver(MqttIntake):
-    def __init__(
-        self,
-        settings: MqttSettings,
-        client_id: str,
-        metrics: GatewayMetrics,
-        batch_size: int = 2000,
-        max_pending: int = 20_000,
-    ) -> None:
-        super().__init__(settings, client_id, metrics, batch_size, max_pending)
+    def _init_client(self) -> None:
         # Beside each pending message: (connection << 16 | packet id) for its ack, 0 for QoS 0.
         self._acks: deque[int] = deque()
         self._closed = asyncio.Event()  # set while there is no connection
@@ -66,7 +56,7 @@ class Mqtt5Driver(MqttIntake):
         self._outbox: deque[tuple[str, bytes, int, bool]] = deque()
         self._inflight: dict[int, bytes] = {}
         self._next_id = 0
-        self._dropped_out = metrics.driver_errors.labels(driver=self.name, reason="publish_dropped")
+        self._dropped_out = self._metrics.driver_errors.labels(driver=self.name, reason="publish_dropped")
         self._unacked = 0  # batches handed to the pipeline and not yet durable
         self._all_acked = asyncio.Event()
         self._all_acked.set()
