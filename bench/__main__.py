@@ -33,7 +33,9 @@ def main() -> None:
         "--quick", action="store_true", help="smaller runs: a minute of soak, 50,000 messages"
     )
     parser.add_argument("--only", nargs="*", default=list(scenarios.ALL), choices=list(scenarios.ALL))
-    parser.add_argument("--scaling", action="store_true", help="also the cost from 100 to 10,000 devices")
+    parser.add_argument(
+        "--scaling", action="store_true", help="also the cost from 100 to 10,000 devices and at steady rates"
+    )
     parser.add_argument(
         "--protocol", default="5", choices=["5", "3.1.1"], help="the gateway's MQTT driver (mqtt.protocol)"
     )
@@ -62,6 +64,7 @@ def main() -> None:
                 console.print(f"[dim]{name}: {time.monotonic() - started:.0f} s[/dim]")
             if args.scaling:
                 rows.extend(scenarios.scaling(folder, victoria, args))
+                rows.extend(scenarios.rates(folder, victoria, args))
         finally:
             victoria.kill()
     table = Table(title="cgw benchmark")

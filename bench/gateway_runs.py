@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -59,6 +60,12 @@ def stored_points(victoria: VictoriaMetricsProcess, series: str) -> int:
     )
     result = response.json()["data"]["result"]
     return int(float(result[0]["value"][1])) if result else 0
+
+
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -328,6 +328,38 @@ ALL: dict[str, Callable[[Context], list[Row]]] = {
 }
 
 
+def rates(folder: Path, victoria: VictoriaMetricsProcess, args: argparse.Namespace) -> list[Row]:
+    """The gateway's CPU at steady message rates (1,000 devices), while it keeps up."""
+    rows = [Row("scaling: steady rate", "gateway CPU (% of one core), taken / sent", "")]
+    broker = MosquittoProcess(folder / "mosquitto-rates")
+    broker.start()
+    ctx = Context(folder / "rates", broker, victoria, args)
+    gw = ctx.start_gateway(victoria)
+    key = 'cgw_messages_received_total{channel="telemetry"}'
+    try:
+        for rate in (1_000, 5_000, 10_000, 20_000):
+            started = time.monotonic()
+            with load.Steady(broker.port, rate, 1_000, processes=2 if rate < 10_000 else 4) as publishers:
+                time.sleep(3)  # established
+                cpu, taken = gateway_runs.cpu_s(gw.pid), gateway_runs.metrics(gw).get(key, 0.0)
+                t = time.monotonic()
+                time.sleep(10)
+                seconds = time.monotonic() - t
+                cpu = gateway_runs.cpu_s(gw.pid) - cpu
+                taken = gateway_runs.metrics(gw).get(key, 0.0) - taken
+                sent = publishers.stop() / (time.monotonic() - started)
+            rows.append(
+                Row(
+                    f"  {rate:,} msg/s",
+                    f"{100 * cpu / seconds:.0f} % ({taken / seconds:,.0f} taken / {sent:,.0f} sent per s)",
+                )
+            )
+    finally:
+        gw.stop()
+        broker.kill()
+    return rows
+
+
 def scaling(folder: Path, victoria: VictoriaMetricsProcess, args: argparse.Namespace) -> list[Row]:
     """Throughput and memory as the number of devices grows."""
     rows = [Row("scaling: devices", "gateway end to end, 50,000 messages", "")]

@@ -106,6 +106,7 @@ class Gateway:
             settings.pipeline.queue_size,
             self.outbox,
             [sink.encode for sink in self.sinks],
+            group_commit_s=settings.store.group_commit_ms / 1000,
         )
         for sink in self.sinks:
             self.writer.on_commit(sink.wake)

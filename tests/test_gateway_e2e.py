@@ -156,14 +156,20 @@ async def test_presence_birth_will_and_heartbeat_timeout_are_events(tmp_path: Pa
         await eventually(lambda: _online(client, "probe-1", True), 3.0, "probe online")
         await eventually(lambda: _online(client, "probe-1", False), 5.0, "probe offline by timeout")
 
-        events = (await client.get("/api/v1/events", params={"source": "gateway"})).json()["items"]
-        seen = {(e["device_id"], e["type"], e["data"]["reason"]) for e in events}
-        assert {
+        expected = {
             ("will-dev", "online", "birth"),
             ("will-dev", "offline", "will"),
             ("probe-1", "online", "birth"),
             ("probe-1", "offline", "timeout"),
-        } <= seen
+        }
+
+        async def stored() -> list[dict[str, Any]] | None:
+            # The registry flips at once; the event is in the store after the next (group) commit.
+            items = (await client.get("/api/v1/events", params={"source": "gateway"})).json()["items"]
+            seen = {(e["device_id"], e["type"], e["data"]["reason"]) for e in items}
+            return items if expected <= seen else None
+
+        events = await eventually(stored, 3.0, "the presence events in the store")
         timeout_event = next(e for e in events if e["data"]["reason"] == "timeout")
         assert timeout_event["severity"] == "warning" and timeout_event["alarm"]
 

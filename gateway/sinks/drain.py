@@ -9,6 +9,7 @@ backlog drains in order. Subclasses (InfluxDB, the district uplink) only say how
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -44,11 +45,14 @@ class OutboxDrain(ABC):
         outbox: Outbox,
         batch_points: int,
         idle_s: float,
+        linger_s: float,
     ) -> None:
         self._db_path = db_path
         self._outbox = outbox
         self._batch_points = batch_points
         self._idle_s = idle_s
+        self._linger_s = linger_s
+        self._draining = False
         # One thread owns the outbox connection and does the blocking sends, in order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cgw-{self.name}")
         self._conn: sqlite3.Connection | None = None
@@ -97,7 +101,9 @@ class OutboxDrain(ABC):
         self._wake.set()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = 0.5
+        last_sent = 0.0
         while True:
             taken = await self._call(self._take)
             if taken is None:
@@ -110,6 +116,12 @@ class OutboxDrain(ABC):
                     pass
                 self._wake.clear()
                 continue
+            # A part-full batch waits for more, up to `linger_s` after the last send: a trickle
+            # is then one request per interval instead of one per commit of the local store.
+            wait = last_sent + self._linger_s - loop.time()
+            if wait > 0 and taken.points < self._batch_points and not self._draining:
+                await self._linger(wait)
+                continue
             self._buffered.set(self.buffered)
             self._pending.set(self.buffered)
             if taken.oldest_ms is not None:
@@ -118,6 +130,7 @@ class OutboxDrain(ABC):
             if await self._send(taken):
                 self._seconds.observe(time.perf_counter() - started)
                 await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
+                last_sent = loop.time()
                 backoff = 0.5
             else:
                 await asyncio.sleep(backoff)
@@ -128,6 +141,7 @@ class OutboxDrain(ABC):
 
         What is left stays on disk and is sent after the next start.
         """
+        self._draining = True  # no lingering from now on
         deadline = time.monotonic() + timeout_s
         while self.buffered and time.monotonic() < deadline:
             self._wake.set()
@@ -144,6 +158,18 @@ class OutboxDrain(ABC):
 
         await self._call(close)
         self._thread.shutdown(wait=True)
+
+    async def _linger(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a full batch is ready or the sink is draining."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.buffered < self._batch_points and not self._draining:
+            self._wake.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)

@@ -39,7 +39,8 @@ class InfluxSink(OutboxDrain):
     def __init__(
         self, settings: InfluxSettings, community: str, metrics: GatewayMetrics, db_path: Path, outbox: Outbox
     ) -> None:
-        super().__init__(metrics, db_path, outbox, settings.batch_size, settings.flush_interval_s)
+        interval = settings.flush_interval_s  # idle poll, and the most a part-full batch waits
+        super().__init__(metrics, db_path, outbox, settings.batch_size, interval, interval)
         self._settings = settings
         self._community = community
         self.target = f"InfluxDB at {settings.url}"

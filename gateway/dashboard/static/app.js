@@ -122,8 +122,10 @@ function onPresence(change) {
   later("overview", renderOverview);
 }
 
+let liveCount = 0;  // requests received from the stream so far (see loadRequests)
+
 function onRequest(request) {
-  app.requests.set(request.id, request);
+  app.requests.set(request.id, { ...request, live: ++liveCount });
   later("board", renderBoard);
 }
 
@@ -286,8 +288,15 @@ async function loadTelemetry() {
 
 async function loadRequests() {
   const query = BOARD_STATES.map((s) => `state=${s}`).join("&");
+  const since = liveCount;
   const data = await api(`/api/v1/requests?limit=1000&${query}`);
-  app.requests = new Map(data.items.map((r) => [r.id, r]));
+  const fetched = new Map(data.items.map((r) => [r.id, r]));
+  // What the live stream brought while the list was on its way may be newer than the list.
+  for (const [id, live] of app.requests) {
+    const listed = fetched.get(id);
+    if (live.live > since && (!listed || live.updated_ms >= listed.updated_ms)) fetched.set(id, live);
+  }
+  app.requests = fetched;
   renderBoard();
 }
 
