@@ -337,9 +337,9 @@ def rates(folder: Path, victoria: VictoriaMetricsProcess, args: argparse.Namespa
     gw = ctx.start_gateway(victoria)
     key = 'cgw_messages_received_total{channel="telemetry"}'
     try:
-        for rate in (1_000, 5_000, 10_000, 20_000):
+        for rate in (1_000, 2_500, 5_000, 10_000):
             started = time.monotonic()
-            with load.Steady(broker.port, rate, 1_000, processes=2 if rate < 10_000 else 4) as publishers:
+            with load.Steady(broker.port, rate, 1_000, processes=2 if rate < 5_000 else 4) as publishers:
                 time.sleep(3)  # established
                 cpu, taken = gateway_runs.cpu_s(gw.pid), gateway_runs.metrics(gw).get(key, 0.0)
                 t = time.monotonic()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+LINGER_S = 0.1  # short: the end of a burst waits this long for the far side, no more
 MAX_BACKOFF_S = 5.0  # an attempt every 5 s costs nothing, and the backlog starts soon after
 
 
@@ -45,13 +46,11 @@ class OutboxDrain(ABC):
         outbox: Outbox,
         batch_points: int,
         idle_s: float,
-        linger_s: float,
     ) -> None:
         self._db_path = db_path
         self._outbox = outbox
         self._batch_points = batch_points
         self._idle_s = idle_s
-        self._linger_s = linger_s
         self._draining = False
         # One thread owns the outbox connection and does the blocking sends, in order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cgw-{self.name}")
@@ -116,9 +115,9 @@ class OutboxDrain(ABC):
                     pass
                 self._wake.clear()
                 continue
-            # A part-full batch waits for more, up to `linger_s` after the last send: a trickle
-            # is then one request per interval instead of one per commit of the local store.
-            wait = last_sent + self._linger_s - loop.time()
+            # A part-full batch waits for more, up to LINGER_S after the last send: a trickle is
+            # then ten requests a second, not one per commit of the local store.
+            wait = last_sent + LINGER_S - loop.time()
             if wait > 0 and taken.points < self._batch_points and not self._draining:
                 await self._linger(wait)
                 continue

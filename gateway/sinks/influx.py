@@ -39,8 +39,7 @@ class InfluxSink(OutboxDrain):
     def __init__(
         self, settings: InfluxSettings, community: str, metrics: GatewayMetrics, db_path: Path, outbox: Outbox
     ) -> None:
-        interval = settings.flush_interval_s  # idle poll, and the most a part-full batch waits
-        super().__init__(metrics, db_path, outbox, settings.batch_size, interval, interval)
+        super().__init__(metrics, db_path, outbox, settings.batch_size, settings.flush_interval_s)
         self._settings = settings
         self._community = community
         self.target = f"InfluxDB at {settings.url}"

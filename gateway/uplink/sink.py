@@ -71,8 +71,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
         db_path: Path,
         outbox: Outbox,
     ) -> None:
-        # Alarms and requests should reach the district soon: a short linger (drain.py).
-        super().__init__(metrics, db_path, outbox, settings.batch_points, idle_s=1.0, linger_s=0.25)
+        super().__init__(metrics, db_path, outbox, settings.batch_points, idle_s=1.0)
         self._settings = settings
         self._client_id = client_id
         self._community = community
