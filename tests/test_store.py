@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -189,3 +190,27 @@ async def test_a_failing_disk_is_retried_not_lost(tmp_path: Path) -> None:
     assert calls == 2 and writer.last_error is None
     assert writer.connection.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 1
     await writer.close()
+
+
+async def test_a_trickle_is_one_group_commit_and_a_waiting_caller_cuts_it_short(tmp_path: Path) -> None:
+    metrics = GatewayMetrics()
+    # A group commit window far longer than the test: only the durable put can end it.
+    writer = StoreWriter(tmp_path / "cgw.sqlite3", metrics, group_commit_s=600)
+    await writer.open()
+    running = asyncio.create_task(writer.run())
+    try:
+        for i in range(10):  # single readings, one batch each, as a trickle arrives
+            await writer.put(batch(Reading("d1", "generic", T0 + i, {"v": float(i)})))
+            await asyncio.sleep(0.01)
+        last = batch(Reading("d1", "generic", T0 + 10, {"v": 10.0}))
+        await asyncio.wait_for(writer.put_durable(last), 30)
+        await writer.drain()
+        commits = metrics.store_write_seconds.collect()[0].samples
+        count = next(s.value for s in commits if s.name.endswith("_count"))
+        assert count == 1, "eleven batches, one transaction"
+        with sqlite3.connect(tmp_path / "cgw.sqlite3") as conn:
+            assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 11
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await writer.close()

@@ -34,6 +34,13 @@ T = TypeVar("T")
 MINUTE_MS = 60_000
 
 
+SMALL_BATCH = 100  # messages: fewer, and a batch alone in the queue waits for company
+
+
+def _size(batch: Processed) -> int:
+    return len(batch.readings) + len(batch.events) + len(batch.dead_letters) + len(batch.terminal)
+
+
 class StoreWriter:
     """Owns the write connection; `run()` is its task, `put()` feeds it."""
 
@@ -84,10 +91,15 @@ class StoreWriter:
         """Write batches until cancelled; several waiting batches go in one transaction."""
         while True:
             batches = [await self._queue.get()]
-            # Group commit: a lone batch waits a moment for company (at most group_commit_s), so
-            # a trickle of single messages is not one commit and one fsync each. Under load the
-            # queue is never empty here and nothing waits.
-            if self._group_commit_s and self._queue.empty() and not self._hurry.is_set():
+            # Group commit: a lone small batch waits a moment for company (at most group_commit_s),
+            # so a trickle of single messages is not one commit and one fsync each. A large batch
+            # is no trickle: waiting would only delay its acknowledgements to the broker.
+            if (
+                self._group_commit_s
+                and _size(batches[0]) < SMALL_BATCH
+                and self._queue.empty()
+                and not self._hurry.is_set()
+            ):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._hurry.wait(), self._group_commit_s)
             self._hurry.clear()
