@@ -115,10 +115,12 @@ class OutboxDrain(ABC):
                     pass
                 self._wake.clear()
                 continue
-            # A part-full batch waits for more, up to LINGER_S after the last send: a trickle is
-            # then ten requests a second, not one per commit of the local store.
+            # All that waits, and less than a batch: it waits for more, up to LINGER_S after the
+            # last send, so a trickle is ten requests a second, not one per commit of the local
+            # store. (Rows are not split, so a backlog's batches are part-full too: they go.)
             wait = last_sent + LINGER_S - loop.time()
-            if wait > 0 and taken.points < self._batch_points and not self._draining:
+            trickle = taken.points >= self.buffered and taken.points < self._batch_points
+            if wait > 0 and trickle and not self._draining:
                 await self._linger(wait)
                 continue
             self._buffered.set(self.buffered)
