@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -74,12 +75,16 @@ def api(gateway: Gateway, token: str = "viewer-token") -> httpx.AsyncClient:
     )
 
 
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 5.0, what: str = "") -> T:
-    """Poll `probe` until it returns something truthy; the value is returned."""
+async def eventually(
+    probe: Callable[[], Awaitable[T | None] | T | None], timeout: float = 5.0, what: str = ""
+) -> T:
+    """Poll `probe` (a coroutine function, or a plain one) until it returns something truthy;
+    the value is returned."""
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
-        last = await probe()
+        result = probe()
+        last = await result if inspect.isawaitable(result) else result
         if last:
             return last
         await asyncio.sleep(0.02)

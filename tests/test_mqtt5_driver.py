@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -22,6 +22,7 @@ from gateway.broker import LocalBroker
 from gateway.models import RawMessage
 from gateway.settings import MqttSettings
 from gateway.stats import GatewayMetrics
+from tests.harness import eventually
 from tests.services import MosquittoProcess
 
 pytestmark = pytest.mark.integration
@@ -64,16 +65,8 @@ async def start(port: int, ingress: Holding, client_id: str = "cgw-test", **kw: 
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", keepalive_s=5)
     driver = Mqtt5Driver(settings, client_id, GatewayMetrics(), **kw)
     task = asyncio.create_task(driver.run(ingress))
-    await until(lambda: driver.connected, "the driver to connect")
+    await eventually(lambda: driver.connected, 15, "the driver to connect")
     return Running(driver, task)
-
-
-async def until(probe: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
-    """Poll `probe` (the driver's state has no event to wait on from outside)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not probe():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def publish(port: int, count: int, first: int = 0) -> None:
@@ -92,59 +85,56 @@ def publish(port: int, count: int, first: int = 0) -> None:
     client.loop_stop()
 
 
-@pytest.fixture
-async def broker(mosquitto: MosquittoProcess) -> AsyncIterator[MosquittoProcess]:
-    yield mosquitto
-
-
-async def test_a_message_is_acknowledged_only_once_durable(broker: MosquittoProcess) -> None:
+async def test_a_message_is_acknowledged_only_once_durable(mosquitto: MosquittoProcess) -> None:
     held = Holding()
-    running = await start(broker.port, held)
-    await asyncio.to_thread(publish, broker.port, 300)
-    await until(lambda: len(held.messages) == 300, "300 messages")
+    running = await start(mosquitto.port, held)
+    await asyncio.to_thread(publish, mosquitto.port, 300)
+    await eventually(lambda: len(held.messages) == 300, 15, "300 messages")
     # Not acknowledged, the connection lost: the broker delivers all of them again.
     running.driver._connection.close()  # type: ignore[union-attr]
     again = Holding()
-    await until(lambda: not running.driver.connected, "the connection to drop")
+    await eventually(lambda: not running.driver.connected, 15, "the connection to drop")
     await running.stop()
-    running = await start(broker.port, again)
-    await until(lambda: len(again.messages) == 300, "the 300 delivered again")
+    running = await start(mosquitto.port, again)
+    await eventually(lambda: len(again.messages) == 300, 15, "the 300 delivered again")
     assert again.numbers() == list(range(300))
     # Acknowledged now (the pipeline says durable): a new connection receives nothing more.
     again.acknowledge()
     await running.stop()
     third = Holding()
-    running = await start(broker.port, third)
-    await asyncio.to_thread(publish, broker.port, 1, first=300)
-    await until(lambda: len(third.messages) == 1, "only the new message")
+    running = await start(mosquitto.port, third)
+    await asyncio.to_thread(publish, mosquitto.port, 1, first=300)
+    await eventually(lambda: len(third.messages) == 1, 15, "only the new message")
     await asyncio.sleep(0.3)
     assert third.numbers() == [300]
     third.acknowledge()
     await running.stop()
 
 
-async def test_a_clean_stop_sends_the_acks_of_batches_still_in_the_pipeline(broker: MosquittoProcess) -> None:
+async def test_a_clean_stop_sends_the_acks_of_batches_still_in_the_pipeline(
+    mosquitto: MosquittoProcess,
+) -> None:
     held = Holding()
-    running = await start(broker.port, held)
-    await asyncio.to_thread(publish, broker.port, 50)
-    await until(lambda: len(held.messages) == 50, "50 messages")
+    running = await start(mosquitto.port, held)
+    await asyncio.to_thread(publish, mosquitto.port, 50)
+    await eventually(lambda: len(held.messages) == 50, 15, "50 messages")
     stopping = asyncio.create_task(running.stop())
     await asyncio.sleep(0.2)
     assert not stopping.done(), "stop() waits for the pipeline's acknowledgements"
     held.acknowledge()
     await stopping
     after = Holding()
-    running = await start(broker.port, after)
+    running = await start(mosquitto.port, after)
     await asyncio.sleep(0.5)
     assert after.messages == []
     await running.stop()
 
 
-async def test_back_pressure_stops_reading_and_loses_nothing(broker: MosquittoProcess) -> None:
+async def test_back_pressure_stops_reading_and_loses_nothing(mosquitto: MosquittoProcess) -> None:
     gate = asyncio.Event()
     held = Holding(block=gate)
-    running = await start(broker.port, held, batch_size=50, max_pending=200)
-    await asyncio.to_thread(publish, broker.port, 3000)
+    running = await start(mosquitto.port, held, batch_size=50, max_pending=200)
+    await asyncio.to_thread(publish, mosquitto.port, 3000)
     await asyncio.sleep(0.5)
     # One batch of 50 waits in the pipeline's put; reading stopped once 200 were pending (what
     # one read brought in may go past the bound, the broker's backlog may not).
@@ -152,7 +142,7 @@ async def test_back_pressure_stops_reading_and_loses_nothing(broker: MosquittoPr
     assert running.driver._connection is not None and running.driver._connection._paused
     assert 200 <= pending + 50 < 3000, pending
     gate.set()
-    await until(lambda: len(held.messages) == 3000, "all 3000 after the pipeline catches up")
+    await eventually(lambda: len(held.messages) == 3000, 15, "all 3000 after the pipeline catches up")
     assert held.numbers() == list(range(3000))
     held.acknowledge()
     await running.stop()
@@ -188,7 +178,7 @@ async def test_publications_wait_for_the_connection_and_respect_receive_maximum(
         for n in range(30):
             driver.publish(f"cgw/v1/d{n}/cmd", str(n).encode())
         strict.start()
-        await until(lambda: driver.connected, "the driver to connect", 40)
+        await eventually(lambda: driver.connected, 40, "the driver to connect")
         await asyncio.to_thread(driver.publish, "cgw/v1/x/cmd", b"from another thread")
         for n in range(30, 59):
             driver.publish(f"cgw/v1/d{n}/cmd", str(n).encode())
@@ -209,7 +199,7 @@ async def test_a_broker_without_mqtt5_is_named_with_the_setting_to_change(tmp_pa
     try:
         driver = Mqtt5Driver(MqttSettings(url=url), "cgw-old", GatewayMetrics())
         task = asyncio.create_task(driver.run(Holding()))
-        await until(lambda: driver.last_error is not None, "an error", 15)
+        await eventually(lambda: driver.last_error is not None, 15, "an error")
         assert not driver.connected
         assert "CGW_MQTT__PROTOCOL=3.1.1" in (driver.last_error or "")
         await driver.stop()
@@ -218,20 +208,22 @@ async def test_a_broker_without_mqtt5_is_named_with_the_setting_to_change(tmp_pa
         await amqtt.stop()
 
 
-async def test_an_upgrade_from_the_mqtt_3_driver_keeps_the_queued_messages(broker: MosquittoProcess) -> None:
+async def test_an_upgrade_from_the_mqtt_3_driver_keeps_the_queued_messages(
+    mosquitto: MosquittoProcess,
+) -> None:
     # The session an older gateway (paho, MQTT 3.1.1) left at the broker, with the same client id.
     old = paho.Client(CallbackAPIVersion.VERSION2, client_id="cgw-upgraded", clean_session=False)
-    old.connect("127.0.0.1", broker.port)
+    old.connect("127.0.0.1", mosquitto.port)
     old.loop_start()
     assert old.subscribe("cgw/v1/+/telemetry", qos=1)[0] == paho.MQTT_ERR_SUCCESS
     await asyncio.sleep(0.3)
     old.disconnect()
     old.loop_stop()
     # Devices publish while it is being upgraded.
-    await asyncio.to_thread(publish, broker.port, 100)
+    await asyncio.to_thread(publish, mosquitto.port, 100)
     held = Holding()
-    running = await start(broker.port, held, client_id="cgw-upgraded")
-    await until(lambda: len(held.messages) == 100, "the 100 queued during the upgrade")
+    running = await start(mosquitto.port, held, client_id="cgw-upgraded")
+    await eventually(lambda: len(held.messages) == 100, 15, "the 100 queued during the upgrade")
     assert held.numbers() == list(range(100))
     held.acknowledge()
     await running.stop()

@@ -236,16 +236,9 @@ async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None
         n = sum(len(s["values"]) for s in series)
         return n if n >= steps_total else None
 
-    assert await eventually_sync(points) == steps_total
+    assert await eventually(points, 10.0, "the time-series store") == steps_total
     ratings = victoria.export('{__name__="rating_score",community="weekville"}')
     assert sorted(s["values"][0] for s in ratings) == sorted(float(r.score) for r in log.requests if r.score)
-
-
-async def eventually_sync(probe: Any) -> Any:
-    async def call() -> Any:
-        return probe()
-
-    return await eventually(call, 10.0, "the time-series store")
 
 
 async def test_overdue_and_stalled_work_raises_alarms_on_the_live_stream(
