@@ -53,7 +53,7 @@ class Mqtt5Driver(MqttIntake):
         self._connection: _Connection | None = None
         self._loop_thread = 0
         # Outgoing QoS 1 publications: waiting to be sent, and sent but not yet acknowledged.
-        self._outbox: deque[tuple[str, bytes, int, bool]] = deque()
+        self._outgoing: deque[tuple[str, bytes, int, bool]] = deque()
         self._inflight: dict[int, bytes] = {}
         self._next_id = 0
         self._dropped_out = self._metrics.driver_errors.labels(driver=self.name, reason="publish_dropped")
@@ -94,12 +94,12 @@ class Mqtt5Driver(MqttIntake):
         if threading.get_ident() != self._loop_thread:
             loop.call_soon_threadsafe(self.publish, topic, payload, qos, retain)
             return
-        if len(self._outbox) + len(self._inflight) >= MAX_QUEUED_OUT:
+        if len(self._outgoing) + len(self._inflight) >= MAX_QUEUED_OUT:
             self._dropped_out.inc()
             log.warning("%d publications wait for %s: dropped one to %s", MAX_QUEUED_OUT, self.target, topic)
             return
-        self._outbox.append((topic, payload, qos, retain))
-        self._send_outbox()
+        self._outgoing.append((topic, payload, qos, retain))
+        self._send_outgoing()
 
     # -- the pipeline side -----------------------------------------------------------------------
 
@@ -238,7 +238,7 @@ class Mqtt5Driver(MqttIntake):
                 self._client_id,
                 connack.session_present,
             )
-            self._send_outbox()
+            self._send_outgoing()
             if self._stopping:
                 connection.pause()
             await connection.run_keepalive(s.keepalive_s)
@@ -272,12 +272,12 @@ class Mqtt5Driver(MqttIntake):
                 return self._next_id
         raise RuntimeError("no free MQTT packet id")
 
-    def _send_outbox(self) -> None:
+    def _send_outgoing(self) -> None:
         connection = self._connection
         if connection is None:
             return
-        while self._outbox and len(self._inflight) < connection.receive_max:
-            topic, payload, qos, retain = self._outbox.popleft()
+        while self._outgoing and len(self._inflight) < connection.receive_max:
+            topic, payload, qos, retain = self._outgoing.popleft()
             if qos:
                 mid = self._packet_id()
                 packet = mqtt5.PublishPacket(
@@ -289,8 +289,8 @@ class Mqtt5Driver(MqttIntake):
             connection.write(packet)
 
     def _acknowledged(self, packet_id: int) -> None:
-        if self._inflight.pop(packet_id, None) is not None and self._outbox:
-            self._send_outbox()
+        if self._inflight.pop(packet_id, None) is not None and self._outgoing:
+            self._send_outgoing()
 
 
 class _Connection(asyncio.Protocol):

@@ -284,12 +284,12 @@ def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float, mqtt5: bo
     try:
         if not done.wait(timeout_s):
             # A broker without MQTT 5 may close without a word (amqtt does).
-            old = f"; or a broker without MQTT 5 (then set {env}__PROTOCOL=3.1.1)" if mqtt5 else ""
+            no_mqtt5 = f"; or a broker without MQTT 5 (then set {env}__PROTOCOL=3.1.1)" if mqtt5 else ""
             return Finding(
                 False,
                 check,
                 f"{s.url} accepted TCP but did not answer MQTT{' 5' if mqtt5 else ''} within "
-                f"{timeout_s:.0f} s: is it a TLS port (use mqtts://)? check {env}__URL{old}",
+                f"{timeout_s:.0f} s: is it a TLS port (use mqtts://)? check {env}__URL{no_mqtt5}",
             )
     finally:
         client.disconnect()
