@@ -103,29 +103,47 @@ function setLive(on) {
   $("live").dataset.state = on ? "online" : "offline";
 }
 
+// A list fetched from the API may predate a live change that arrived while it was on its way:
+// live changes are kept for a while, and each load applies again those that came during it.
+const liveChanges = [];  // [number, apply]
+let liveCount = 0;
+
+function liveChange(apply) {
+  apply();
+  liveChanges.push([++liveCount, apply]);
+  if (liveChanges.length > 1000) liveChanges.splice(0, liveChanges.length - 1000);
+}
+
+function replayLive(since) {
+  for (const [n, apply] of liveChanges) if (n > since) apply();
+}
+
 function onAlarm(alarm) {
-  app.alarms.set(String(alarm.id), { ...alarm, fresh: true });
+  liveChange(() => app.alarms.set(String(alarm.id), { ...alarm, fresh: true }));
   renderAlarms();
   renderOverview();
 }
 
 function onAck(ack) {
-  app.alarms.delete(String(ack.id));
+  liveChange(() => app.alarms.delete(String(ack.id)));
   renderAlarms();
   renderOverview();
 }
 
 function onPresence(change) {
-  const device = app.devices.get(change.device_id);
-  if (device) device.online = change.online;
-  else app.devices.set(change.device_id, { device_id: change.device_id, kind: change.kind, building: change.building, floor: null, online: change.online, last_values: {} });
+  liveChange(() => {
+    const device = app.devices.get(change.device_id);
+    if (device) device.online = change.online;
+    else app.devices.set(change.device_id, { device_id: change.device_id, kind: change.kind, building: change.building, floor: null, online: change.online, last_values: {} });
+  });
   later("overview", renderOverview);
 }
 
-let liveCount = 0;  // requests received from the stream so far (see loadRequests)
-
 function onRequest(request) {
-  app.requests.set(request.id, { ...request, live: ++liveCount });
+  liveChange(() => {
+    const listed = app.requests.get(request.id);
+    if (!listed || listed.updated_ms <= request.updated_ms) app.requests.set(request.id, request);
+  });
   later("board", renderBoard);
 }
 
@@ -143,12 +161,14 @@ function later(key, fn) {
 // -- overview -----------------------------------------------------------------------------------
 
 async function loadOverview() {
+  const since = liveCount;
   const [summary, devices, alarms] = await Promise.all([
     api("/api/v1/summary"), api("/api/v1/devices?limit=10000"), api("/api/v1/alarms?limit=1000"),
   ]);
   $("community").textContent = summary.community;
   app.devices = new Map(devices.items.map((d) => [d.device_id, d]));
   app.alarms = new Map(alarms.items.filter((a) => !a.acked).map((a) => [String(a.id), a]));
+  replayLive(since);
   renderOverview();
   renderAlarms();
   fillDeviceSelect();
@@ -290,13 +310,8 @@ async function loadRequests() {
   const query = BOARD_STATES.map((s) => `state=${s}`).join("&");
   const since = liveCount;
   const data = await api(`/api/v1/requests?limit=1000&${query}`);
-  const fetched = new Map(data.items.map((r) => [r.id, r]));
-  // What the live stream brought while the list was on its way may be newer than the list.
-  for (const [id, live] of app.requests) {
-    const listed = fetched.get(id);
-    if (live.live > since && (!listed || live.updated_ms >= listed.updated_ms)) fetched.set(id, live);
-  }
-  app.requests = fetched;
+  app.requests = new Map(data.items.map((r) => [r.id, r]));
+  replayLive(since);
   renderBoard();
 }
 
