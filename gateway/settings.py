@@ -172,8 +172,8 @@ class StoreSettings(_Section):
     rollup_retention: Duration = timedelta(days=90)
     batch_size: int = Field(5000, ge=1)
     dead_letter_retention: Duration = timedelta(days=7)
-    # A lone small batch waits this long for others before its commit (and fsync): at a steady
-    # trickle the store commits tens of times a second instead of once per message.
+    # A lone small batch of telemetry waits this long for others before its commit (and fsync):
+    # at a steady trickle the store commits tens of times a second instead of once per message.
     group_commit_ms: int = Field(20, ge=0, le=1000)
 
 

@@ -34,11 +34,17 @@ T = TypeVar("T")
 MINUTE_MS = 60_000
 
 
-SMALL_BATCH = 100  # messages: fewer, and a batch alone in the queue waits for company
+SMALL_BATCH = 100  # readings: fewer, and a batch alone in the queue waits for company
 
 
-def _size(batch: Processed) -> int:
-    return len(batch.readings) + len(batch.events) + len(batch.dead_letters) + len(batch.terminal)
+def _trickle(batch: Processed) -> bool:
+    """Telemetry alone, and a little of it: worth a moment's wait for company before a commit.
+
+    Events, refusals and terminal messages are never held: an operator who sees an alarm on
+    the live stream may acknowledge it at once, and that needs it in the store.
+    """
+    quiet = not (batch.events or batch.dead_letters or batch.terminal or batch.records)
+    return quiet and len(batch.readings) < SMALL_BATCH
 
 
 class StoreWriter:
@@ -91,12 +97,12 @@ class StoreWriter:
         """Write batches until cancelled; several waiting batches go in one transaction."""
         while True:
             batches = [await self._queue.get()]
-            # Group commit: a lone small batch waits a moment for company (at most group_commit_s),
-            # so a trickle of single messages is not one commit and one fsync each. A large batch
-            # is no trickle: waiting would only delay its acknowledgements to the broker.
+            # Group commit: a lone trickle batch waits a moment for company (at most
+            # group_commit_s), so a trickle of single readings is not one commit and one fsync
+            # each. A large batch is no trickle: waiting would only delay its acknowledgements.
             if (
                 self._group_commit_s
-                and _size(batches[0]) < SMALL_BATCH
+                and _trickle(batches[0])
                 and self._queue.empty()
                 and not self._hurry.is_set()
             ):
