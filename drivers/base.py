@@ -2,7 +2,7 @@
 
 Every driver speaks the contract's language to the pipeline: it produces `RawMessage` tuples
 `(topic, payload, received_ms)` with topics `cgw/v1/{device_id}/{channel}` and JSON payloads
-(CONTRACT.md section 1), whatever its wire protocol. So validation, enrichment, dead-lettering
+(docs/contract.md section 1), whatever its wire protocol. So validation, enrichment, dead-lettering
 and routing are the same for every source, and a new protocol is one new module.
 
 A driver's life: construct with its typed settings, then `await driver.run(ingress)` as one task

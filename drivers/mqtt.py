@@ -1,6 +1,6 @@
 """The MQTT driver: the contract's device topics in, with QoS 1 and a persistent session.
 
-CONTRACT.md section 1: devices publish on `cgw/v1/{device_id}/{channel}` with QoS 1. The gateway
+docs/contract.md section 1: devices publish on `cgw/v1/{device_id}/{channel}` with QoS 1. The gateway
 subscribes with QoS 1 and a persistent session (clean session off, fixed client id), so what
 devices publish while the gateway restarts waits at the broker and is delivered when it is back.
 

@@ -1,6 +1,6 @@
 """A private MQTT broker for `cgw demo`: Mosquitto when installed, else amqtt in-process.
 
-CONTRACT.md section 3: `cgw demo` works "with no outside services (embedded broker when no
+docs/contract.md section 3: `cgw demo` works "with no outside services (embedded broker when no
 Mosquitto is available ...)". Mosquitto is preferred (it is what real installations run); the
 pure-Python amqtt broker keeps the demo working on a machine without it.
 """

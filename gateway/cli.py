@@ -1,4 +1,4 @@
-"""The `cgw` command: run, demo, simulate and doctor (CONTRACT.md section 3).
+"""The `cgw` command: run, demo, simulate and doctor (docs/contract.md section 3).
 
 Each command builds the settings once (YAML file, then `CGW_` environment) and passes them down;
 a bad setting ends the command with one line naming it.

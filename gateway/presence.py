@@ -1,6 +1,6 @@
 """Presence: online on birth or any message, offline on the Last Will or a heartbeat timeout.
 
-CONTRACT.md section 1: "Presence: online on birth or any message; offline on the Last Will, or
+docs/contract.md section 1: "Presence: online on birth or any message; offline on the Last Will, or
 after the profile's heartbeat timeout with no message." Every change becomes a `PresenceChange`
 and an event. Timeouts use the gateway's receive clock, never the device's own `ts`.
 """

@@ -1,6 +1,6 @@
 """The device registry: who is known, of which kind, where, and whether they may speak.
 
-CONTRACT.md section 1: "A device is known by its `status` birth message (`kind` names its device
+docs/contract.md section 1: "A device is known by its `status` birth message (`kind` names its device
 profile) or by the installer's inventory; the inventory wins where both speak. Registration policy
 is configurable: `open` (unknown devices are registered as kind `generic`), `closed` (their
 messages are rejected, counted and kept in the dead-letter store with the reason)."

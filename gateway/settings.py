@@ -1,7 +1,7 @@
 """The gateway's one typed settings object, built once at start-up and passed down.
 
 Sources, lowest to highest priority: defaults, the optional YAML file (`--config`), then
-environment variables with prefix `CGW_` and `__` between levels (CONTRACT.md section 3).
+environment variables with prefix `CGW_` and `__` between levels (docs/contract.md section 3).
 A bad value becomes one `SettingsError` line that names the setting and what is wrong.
 """
 

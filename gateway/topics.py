@@ -1,6 +1,6 @@
 """The contract's MQTT topic scheme, in one place.
 
-CONTRACT.md section 1: "Topic: `cgw/v1/{device_id}/{channel}`. `device_id` matches
+docs/contract.md section 1: "Topic: `cgw/v1/{device_id}/{channel}`. `device_id` matches
 `[A-Za-z0-9_-]{1,64}`." Devices publish `status`, `telemetry`, `event`, `request`, `rating`
 and (an extension) `vote`; the gateway publishes `ack` and `cmd`.
 """

@@ -19,7 +19,7 @@ from gateway.api.routes import devices, evaluation, events, health, needs, open3
 from gateway.services.open311 import to_xml
 
 DESCRIPTION = """
-The community edge gateway's API (contract: CONTRACT.md section 4).
+The community edge gateway's API (contract: docs/contract.md section 4).
 
 Reads need a bearer token of any role (`viewer`, `terminal`, `operator`, `installer`); writes
 need a role that allows them. `/healthz` and `/readyz` need no token.

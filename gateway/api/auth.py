@@ -1,6 +1,6 @@
 """Bearer-token authentication and role checks for the API.
 
-CONTRACT.md section 4: "Writes need a bearer token (`Authorization: Bearer …`; Open311 POSTs may
+docs/contract.md section 4: "Writes need a bearer token (`Authorization: Bearer …`; Open311 POSTs may
 pass it as `api_key`) whose role allows them (roles at least: `terminal`, `operator`,
 `installer`, `viewer`)... Reads by `viewer` and above; `/healthz` needs none."
 Tokens are held only as SHA-256 digests and compared in constant time; a grant may expire; each

@@ -1,6 +1,6 @@
 """Decode stage: raw MQTT payload bytes into a JSON object and a trusted timestamp.
 
-CONTRACT.md section 1: "Payloads are UTF-8 JSON objects, at most 64 KiB (configurable).
+docs/contract.md section 1: "Payloads are UTF-8 JSON objects, at most 64 KiB (configurable).
 Timestamps (`ts`) are RFC 3339 strings or integer epoch milliseconds; when absent the gateway
 stamps the receive time." Every refusal is a `Rejected` whose text starts with a reason code.
 """

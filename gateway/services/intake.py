@@ -72,7 +72,7 @@ def request_key(device_id: str, request_id: object) -> str:
 def terminal_request(
     catalogue: Catalogue, device_id: str, obj: dict[str, Any], ts_ms: int, terminal_building: str | None
 ) -> NewRequest:
-    """A `request` message from a terminal (CONTRACT.md section 1)."""
+    """A `request` message from a terminal (docs/contract.md section 1)."""
     key = request_key(device_id, obj.get("request_id"))
     service = _service(catalogue, obj.get("service_code"))
     location = obj.get("location", {})

@@ -1,6 +1,6 @@
 """Open311 GeoReport v2 documents: the spec's field names and shapes, in JSON and XML.
 
-CONTRACT.md section 4: "Open311 GeoReport v2 under `/open311/v2/` ... with the spec's field
+docs/contract.md section 4: "Open311 GeoReport v2 under `/open311/v2/` ... with the spec's field
 names, status values (`open`, `closed`) and error format. The gateway's richer lifecycle shows
 in `status_notes` and in extension fields." Extension fields are under `extended_attributes`
 (as other GeoReport servers do), so strict v2 clients can ignore them.

@@ -1,6 +1,6 @@
 """The InfluxDB v2 sink: drains its durable outbox with `influxdb-client`, in order, retrying.
 
-CONTRACT.md section 2: written "to `/api/v2/write` (InfluxDB 2.x/3.x, or any server that accepts
+docs/contract.md section 2: written "to `/api/v2/write` (InfluxDB 2.x/3.x, or any server that accepts
 that API)". The store writer encodes every committed batch into this sink's outbox rows
 (`encode`), in the same transaction as the local store, so nothing acknowledged to the broker is
 only in memory. The drain (gateway/sinks/drain.py) takes the oldest rows (up to `batch_size`

@@ -1,6 +1,6 @@
 """InfluxDB line protocol, built directly as strings (no per-point objects on the hot path).
 
-CONTRACT.md section 2: "Telemetry: measurement = the device's kind; tags `community`,
+docs/contract.md section 2: "Telemetry: measurement = the device's kind; tags `community`,
 `device_id`, `building`; fields = the metrics; time = the reading's `ts`." Events and presence
 changes go to `device_event` and `device_presence`; the service loop writes `service_request`
 (one point per lifecycle step), `rating` and `service_usage` (docs/timeseries.md). Times are epoch ms.

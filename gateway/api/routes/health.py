@@ -1,6 +1,6 @@
 """Liveness, readiness and Prometheus metrics.
 
-CONTRACT.md section 4: "`/healthz` (alive), `/readyz` (broker connected, stores writable),
+docs/contract.md section 4: "`/healthz` (alive), `/readyz` (broker connected, stores writable),
 `/metrics` (Prometheus text)." Probes need no token; /metrics needs any valid token.
 """
 
