@@ -262,14 +262,17 @@ def simulate(
         str,
         typer.Option(help="Injected hotspot as building:service_code ('' for none), on the last day."),
     ] = "3:facility.elevator",
+    progress: Annotated[
+        float, typer.Option(min=0, help="Print a progress line every this many seconds (0: never).")
+    ] = 10.0,
 ) -> None:
     """Drive simulated devices and service terminals against any MQTT broker."""
     _logging("info")
     if services_api is not None:
         _simulate_services(broker, services_api, token, seed, days, buildings, floors, hotspot)
         return
-    from simulators.community import build_community
-    from simulators.run import SimulationConfig, parse_faults
+    from simulators.community import Community, build_community
+    from simulators.run import SimulationConfig, SimulationStats, parse_faults
     from simulators.run import simulate as run_simulation
 
     try:
@@ -291,11 +294,24 @@ def simulate(
         speed=speed,
         duration_s=duration,
         faults=fault_rates,
+        # Against a shared broker nothing may outlive the run: a retained birth would be taken
+        # for a real device by a gateway with open registration.
+        retain=False,
     )
 
+    def started(community: Community) -> None:
+        until = f" for {duration:g} s" if duration is not None else "; Ctrl-C stops it"
+        out.print(
+            f"Simulating {len(community.devices)} devices of community {community.name!r} on {broker}{until}",
+            highlight=False,
+        )
+
+    def report(stats: SimulationStats) -> None:
+        out.print(stats.progress(), highlight=False)
+
     async def main(stop: asyncio.Event) -> None:
-        stats = await run_simulation(config, stop)
-        out.print(stats)
+        stats = await run_simulation(config, stop, started, report if progress else None, progress)
+        out.print(stats.summary(), highlight=False)
 
     _run_until_signal(main)
 

@@ -2,7 +2,7 @@
 
 Publishes exactly what the contract says a device publishes: a retained birth on `status`, QoS 1
 telemetry with increasing `seq` (sometimes batched), events for rare happenings, and a retained
-`{"state":"offline"}` as Last Will and on clean shutdown.
+`{"state":"offline"}` as Last Will and on clean shutdown (`retain=False`: the same, not retained).
 """
 
 from __future__ import annotations
@@ -48,8 +48,11 @@ class SimulatedDevice:
         sim_clock: Callable[[], float],
         faults: dict[str, float],
         counters: Counter[str],
+        *,
+        retain: bool = True,
     ) -> None:
         self.device = device
+        self._retain = retain
         self._broker = broker
         self._credentials = credentials
         self._signal = signal_for(device, seed)
@@ -84,7 +87,7 @@ class SimulatedDevice:
             identifier=f"sim-{self.device.device_id}",
             clean_session=True,
             keepalive=60,
-            will=aiomqtt.Will(self._topic + "status", OFFLINE, qos=1, retain=True),
+            will=aiomqtt.Will(self._topic + "status", OFFLINE, qos=1, retain=self._retain),
         )
         client.pending_calls_threshold = BURST_IN_FLIGHT
         return client
@@ -103,7 +106,7 @@ class SimulatedDevice:
                     backoff = 1.0
                     dropped = await self._report(client, stop)
                     if not dropped:
-                        await client.publish(self._topic + "status", OFFLINE, qos=1, retain=True)
+                        await client.publish(self._topic + "status", OFFLINE, qos=1, retain=self._retain)
                         self._counters["status"] += 1
                 finally:
                     self.connected.clear()
@@ -131,7 +134,7 @@ class SimulatedDevice:
         }
         if self.device.battery is not None:
             birth["battery"] = self.device.battery
-        await client.publish(self._topic + "status", orjson.dumps(birth), qos=1, retain=True)
+        await client.publish(self._topic + "status", orjson.dumps(birth), qos=1, retain=self._retain)
         self._counters["status"] += 1
         self.connected.set()
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
 from collections import Counter
 from typing import Any
 
@@ -112,3 +117,55 @@ async def test_a_dropped_device_is_announced_offline_by_its_last_will(mosquitto:
         stats = await asyncio.wait_for(task, 20)
         watcher.loop_stop()
     assert stats.published["fault:disconnect"] == 1
+
+
+def test_cgw_simulate_reports_progress_and_leaves_nothing_retained(mosquitto: Any) -> None:
+    """`cgw simulate` as a user runs it against a shared broker: a line at the start, progress
+    while it runs, a final line in words, and no retained status left for a gateway to find."""
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "gateway.cli", "simulate", "--broker", mosquitto.url),
+            *("--buildings", "1", "--floors", "1", "--interval-scale", "0.05"),
+            *("--duration", "3", "--progress", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "60"},
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"Simulating 13 devices of community 'sunrise' on {mosquitto.url} for 3 s"
+    assert any(
+        re.fullmatch(r"\d+ s: \d+/13 devices connected, [\d,]+ messages published \(.*\)", x) for x in lines
+    )
+    assert re.fullmatch(
+        r"Simulated 13 devices for \d+ s: [\d,]+ messages published \([\d,]+ status, [\d,]+ telemetry.*\)\.",
+        lines[-1],
+    ), lines[-1]
+    assert "connected=" not in run.stdout
+
+    # Retained messages reach a new subscriber before anything published after its SUBACK: once
+    # the marker arrives, every retained status would have arrived before it.
+    seen: list[str] = []
+    marker = threading.Event()
+    subscribed = threading.Event()
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        seen.append(message.topic)
+        if message.topic == "cgw/v1/zz-marker/status":
+            marker.set()
+
+    watcher = paho.Client(CallbackAPIVersion.VERSION2)
+    watcher.on_message = on_message
+    watcher.on_subscribe = lambda *args: subscribed.set()
+    watcher.connect("127.0.0.1", mosquitto.port)
+    watcher.loop_start()
+    try:
+        watcher.subscribe("cgw/v1/+/status", qos=1)
+        assert subscribed.wait(10)
+        watcher.publish("cgw/v1/zz-marker/status", b"{}", qos=1)
+        assert marker.wait(10)
+    finally:
+        watcher.loop_stop()
+    assert seen == ["cgw/v1/zz-marker/status"]
