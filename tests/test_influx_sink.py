@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from hypothesis import given
@@ -18,7 +21,7 @@ from hypothesis import strategies as st
 from gateway.models import DeviceEvent, PresenceChange, Reading
 from gateway.pipeline.process import Processed
 from gateway.settings import InfluxSettings
-from gateway.sinks.influx import InfluxSink
+from gateway.sinks.influx import InfluxSink, retry_after_s
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, Policy
@@ -262,6 +265,119 @@ class _Refusing(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+class _Gate(BaseHTTPRequestHandler):
+    """A real HTTP server in front of VictoriaMetrics, answering as a loaded or limited InfluxDB
+    does: 413 for a body over `max_body` bytes, then the scripted answers in turn (status,
+    Retry-After), then passing the write through. Every request's arrival is recorded."""
+
+    def do_POST(self) -> None:
+        gate: Gate = self.server.gate  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with gate.lock:
+            gate.arrivals.append((time.monotonic(), body.count(b"\n") + 1))
+            if len(body) > gate.max_body:
+                answer: tuple[int, str | None] | None = (413, None)
+            else:
+                answer = gate.script.pop(0) if gate.script else None
+        if answer is None:
+            forwarded = httpx.post(f"{gate.upstream}{self.path}", content=body, timeout=10)
+            answer = (forwarded.status_code, None)
+        status, retry_after = answer
+        reply = b"" if status == 204 else orjson.dumps({"code": "x", "message": f"answered {status}"})
+        self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Gate:
+    def __init__(
+        self, upstream: str, max_body: int = 10**9, script: list[tuple[int, str | None]] = ()
+    ) -> None:  # type: ignore[assignment]
+        self.upstream, self.max_body, self.script = upstream, max_body, list(script)
+        self.lock = threading.Lock()
+        self.arrivals: list[tuple[float, int]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
+        self.server.gate = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Gate:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_a_batch_too_large_is_split_and_every_good_point_lands(victoria: Any, tmp_path: Path) -> None:
+    # 300 readings (about 60 bytes a line) in one request are 18 kB: over the 4 kB the server takes.
+    readings = [Reading("big-1", "generic", NOW - 1000 + i, {"v": float(i)}, i) for i in range(300)]
+    huge = DeviceEvent("big-1", "generic", NOW, "fault", "critical", "x" * 5000, {}, "device")
+    with Gate(victoria.url, max_body=4096) as gate:
+        async with Pipe(tmp_path / "s.db", gate.url) as pipe:
+            await pipe.submit(readings, [huge])
+            assert await pipe.sink.drain(20)
+            # The event alone is over the limit: no retry can send it, so it alone is dropped.
+            assert outcome(pipe.metrics, "rejected") == 1
+            assert outcome(pipe.metrics, "written") == 300
+            # Later batches go in pieces of what went through: no more refusals.
+            refused = sum(1 for _ in gate.arrivals)
+            await pipe.submit([Reading("big-1", "generic", NOW + i, {"v": float(1000 + i)}, 1000 + i)
+                               for i in range(300)])  # fmt: skip
+            assert await pipe.sink.drain(20)
+            later = gate.arrivals[refused:]
+            assert later and all(lines <= pipe.sink._max_lines for _, lines in later)  # type: ignore[operator]
+            assert outcome(pipe.metrics, "written") == 600 and outcome(pipe.metrics, "rejected") == 1
+    series = await asyncio.to_thread(victoria.export, '{__name__="generic_v",device_id="big-1"}')
+    assert series[0]["values"] == [float(i) for i in range(300)] + [float(1000 + i) for i in range(300)]
+
+
+@pytest.mark.parametrize(
+    ("script", "waits"),
+    [
+        # Retry-After (in seconds; the date form is read by the unit test below) is honoured.
+        ([(429, "2")], [2.0]),
+        ([(503, "2")], [2.0]),
+        # Without it, backoff: 0.5 s, then 1 s, then 2 s.
+        ([(500, None), (502, None), (504, None)], [0.5, 1.0, 2.0]),
+    ],
+    ids=["429-retry-after", "503-retry-after", "5xx-backoff"],
+)
+async def test_a_busy_or_failing_server_is_retried_with_backoff_and_nothing_is_dropped(
+    victoria: Any, tmp_path: Path, script: list[tuple[int, str | None]], waits: list[float]
+) -> None:
+    device = f"busy-{script[0][0]}-{len(script)}"
+    with Gate(victoria.url, script=script) as gate:
+        async with Pipe(tmp_path / "s.db", gate.url) as pipe:
+            await pipe.submit([Reading(device, "generic", NOW + i, {"v": float(i)}, i) for i in range(50)])
+            await eventually(_probe(lambda: not pipe.sink.healthy), 5, "the refusal")
+            assert f"InfluxDB answered {script[0][0]}" in (pipe.sink.last_error or "")
+            assert pipe.sink.buffered == 50
+            assert await pipe.sink.drain(20)
+            assert pipe.sink.healthy and outcome(pipe.metrics, "rejected") == 0
+    times = [t for t, _ in gate.arrivals]
+    assert len(times) == len(script) + 1
+    for (before, after), wait in zip(itertools.pairwise(times), waits, strict=True):
+        assert after - before >= wait, (after - before, wait)
+    series = await asyncio.to_thread(victoria.export, f'{{__name__="generic_v",device_id="{device}"}}')
+    assert series[0]["values"] == [float(i) for i in range(50)]
+
+
+def test_retry_after_is_read_as_seconds_or_as_a_date() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_s("120", now) == 120.0
+    assert retry_after_s(formatdate(now + 30, usegmt=True), now) == 30.0
+    assert retry_after_s(formatdate(now - 30, usegmt=True), now) == 0.0
+    assert retry_after_s(None, now) is None and retry_after_s("soon", now) is None
 
 
 @pytest.mark.parametrize(

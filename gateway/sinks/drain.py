@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 LINGER_S = 0.1  # short: the end of a burst waits this long for the far side, no more
 MAX_BACKOFF_S = 5.0  # an attempt every 5 s costs nothing, and the backlog starts soon after
+# A far side's Retry-After is honoured up to this: the backlog is safe on disk either way, and a
+# misconfigured proxy asking for hours must not leave the sink silent that long.
+MAX_RETRY_AFTER_S = 300.0
 
 
 class OutboxDrain(ABC):
@@ -58,6 +61,7 @@ class OutboxDrain(ABC):
         self._wake = asyncio.Event()
         self._healthy = True
         self.last_error: str | None = None
+        self._retry_after_s = 0.0  # the far side's own wait before the next attempt (Retry-After)
         m = metrics
         self._written = m.sink_points.labels(sink=self.name, outcome="written")
         self._failed = m.sink_points.labels(sink=self.name, outcome="failed")
@@ -134,7 +138,8 @@ class OutboxDrain(ABC):
                 last_sent = loop.time()
                 backoff = 0.5
             else:
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(max(backoff, self._retry_after_s))
+                self._retry_after_s = 0.0
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def drain(self, timeout_s: float) -> bool:
@@ -192,6 +197,10 @@ class OutboxDrain(ABC):
         self._healthy = True
         self.last_error = None
         self._up.set(1)
+
+    def _retry_after(self, seconds: float) -> None:
+        """The far side asked to wait `seconds` before the next attempt (at most MAX_RETRY_AFTER_S)."""
+        self._retry_after_s = min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
     def _fail(self, message: str, points: int) -> None:
         if self._healthy or message != self.last_error:

@@ -5,11 +5,20 @@ that API)". The store writer encodes every committed batch into this sink's outb
 (`encode`), in the same transaction as the local store, so nothing acknowledged to the broker is
 only in memory. The drain (gateway/sinks/drain.py) takes the oldest rows (up to `batch_size`
 points) and deletes them once InfluxDB has them.
+
+What each answer means (docs/timeseries.md): 2xx, written; 413, too large, so the batch is sent
+in halves (and later batches in pieces of the size that went through) until each piece is
+accepted; only a single line refused as too large on its own is dropped, since no retry can ever
+send it; 401/403/404, kept and retried, naming the setting to fix; any other 4xx but 408/429,
+the data is refused for good and dropped, counted; 408, 429, 5xx or no answer, kept and retried
+with backoff, waiting at least as long as the server's `Retry-After` asks.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +59,7 @@ class InfluxSink(OutboxDrain):
             timeout=int(settings.timeout_s * 1000),
         )
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
+        self._max_lines: int | None = None  # learnt from a 413: the most lines InfluxDB took at once
 
     def encode(self, batches: list[Processed]) -> list[OutboxRow]:
         """Line protocol for committed batches: one telemetry row and one row of the rest."""
@@ -66,16 +76,40 @@ class InfluxSink(OutboxDrain):
         return rows_of(self.name, important, telemetry)
 
     async def _send(self, taken: Taken) -> bool:
-        """One write request; True when the rows are done with (written, or refused for good)."""
-        try:
-            await self._call(self._post, taken.body)
-        except ApiException as exc:
-            return self._refused(exc, taken.points)
-        except (Urllib3Error, OSError) as exc:
-            self._fail(f"cannot reach InfluxDB at {self._settings.url}: {exc}", taken.points)
-            return False
-        self._sent(taken.points)
+        """Write requests for what `taken` holds; True when the rows are done with (written, or
+        refused for good). After a partial failure the whole of it is sent again: InfluxDB keeps
+        one value per series and time, so the pieces already written land once."""
+        lines = taken.body.split("\n")
+        step = self._max_lines or len(lines)
+        for start in range(0, len(lines), step):
+            if not await self._write(lines[start : start + step]):
+                return False
         return True
+
+    async def _write(self, lines: list[str]) -> bool:
+        try:
+            await self._call(self._post, "\n".join(lines))
+        except ApiException as exc:
+            if exc.status == 413:
+                return await self._split(lines, exc)
+            return self._refused(exc, len(lines))
+        except (Urllib3Error, OSError) as exc:
+            self._fail(f"cannot reach InfluxDB at {self._settings.url}: {exc}", len(lines))
+            return False
+        self._sent(len(lines))
+        return True
+
+    async def _split(self, lines: list[str], exc: ApiException) -> bool:
+        """413: the request was too large, not the data bad. Halves, until each piece goes."""
+        if len(lines) == 1:
+            self._rejected.inc(1)
+            log.error("InfluxDB refuses a line as too large even on its own (413): %s", lines[0][:300])
+            return True
+        half = len(lines) // 2
+        if self._max_lines is None or half < self._max_lines:
+            log.warning("InfluxDB refused %d lines as too large (413); sending at most %d", len(lines), half)
+            self._max_lines = half
+        return await self._write(lines[:half]) and await self._write(lines[half:])
 
     def _post(self, body: str) -> None:
         precision: WritePrecision = WritePrecision.MS  # type: ignore[assignment]
@@ -103,8 +137,25 @@ class InfluxSink(OutboxDrain):
             self._rejected.inc(points)
             log.error("InfluxDB rejected %d lines (%d): %s", points, status, body[:300])
             return True
+        wait = retry_after_s(exc.retry_after, time.time())
+        if wait is not None:
+            self._retry_after(wait)
         self._fail(f"InfluxDB answered {status}: {body[:200]}", points)
         return False
 
     async def _close_client(self) -> None:
         await self._call(self._client.close)
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """Seconds to wait from an HTTP `Retry-After` header: delta-seconds or an HTTP-date
+    (RFC 9110 section 10.2.3); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError):
+        return None
