@@ -135,7 +135,15 @@ class Gateway:
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
         if self.uplink is not None:
             commands = DistrictCommands(
-                settings.community, self.desk, self.registry, self.mqtt.publish, self.uplink.send_snapshots
+                settings.community,
+                self.desk,
+                self.registry,
+                self.profiles,
+                self.mqtt.publish,
+                self.uplink.send_snapshots,
+                self.writer,
+                self.router.record,
+                int(settings.uplink.command_lifetime.total_seconds() * 1000),
             )
             self.uplink.serve(functools.partial(summaries, self.desk), commands.handle)
         self.pipeline = Pipeline(

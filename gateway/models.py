@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
+# The district platform, as the actor of its commands and the source of their events.
+DISTRICT = "district"
 
 # What a driver hands to the pipeline: (topic, payload, received_at in epoch ms).
 # A tuple, not an object: one is made per MQTT message at the highest rate in the gateway.

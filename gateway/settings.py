@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import (
@@ -115,7 +116,28 @@ class UplinkSettings(BrokerSettings):
     summary_interval_s: float = Field(300.0, ge=5, le=86_400, description="needs list and evaluation")
     batch_points: int = Field(2000, ge=1, le=100_000)
     max_message_bytes: int = Field(256 * 1024, ge=4096, le=16 * 1024 * 1024)
-    commands: bool = True  # act on the district's commands (cgw/v1/down/{community}/cmd)
+    # Commands change what happens in the community, so they are off until the installer turns
+    # them on, and then only over TLS unless the installer says the plain link is theirs to trust.
+    commands_over_plain_mqtt: bool = False
+    commands: bool = False  # act on the district's commands (cgw/v1/down/{community}/cmd)
+    # The furthest ahead a command's `expires_ms` may lie; its id is remembered that long.
+    command_lifetime: Duration = timedelta(hours=1)
+
+    @field_validator("commands")
+    @classmethod
+    def _commands_over_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("url", "")
+        if (
+            value
+            and url
+            and urlsplit(url).scheme != "mqtts"
+            and not info.data.get("commands_over_plain_mqtt")
+        ):
+            raise ValueError(
+                "the district's commands are refused over plain mqtt://: use an mqtts:// uplink, "
+                "or set CGW_UPLINK__COMMANDS_OVER_PLAIN_MQTT=true for a link you trust"
+            )
+        return value
 
     @field_validator("telemetry")
     @classmethod

@@ -13,18 +13,31 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
+import paho.mqtt.client as paho
 import pytest
 import trustme
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.application import Gateway
 from gateway.credentials import GATEWAY_USER, hash_password
-from gateway.settings import AuthSettings, MqttSettings, Settings, TokenGrant
-from tests.harness import api, eventually, gateway_settings, running
+from gateway.settings import (
+    AuthSettings,
+    MqttSettings,
+    Settings,
+    SettingsError,
+    TokenGrant,
+    UplinkSettings,
+    load_settings,
+)
+from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
 from tests.services import MosquittoProcess, free_port, wait_port
 
 pytestmark = pytest.mark.integration
@@ -297,3 +310,175 @@ def test_the_deploy_mosquitto_configuration_works_with_the_generated_files(locke
     finally:
         process.kill()
         process.wait()
+
+
+# -- the district's commands ---------------------------------------------------------------------
+
+
+def test_district_commands_are_off_by_default_and_refused_over_plain_mqtt() -> None:
+    assert UplinkSettings().commands is False
+    with pytest.raises(SettingsError) as refused:
+        load_settings(env={"CGW_UPLINK__URL": "mqtt://district:1883", "CGW_UPLINK__COMMANDS": "true"})
+    assert "CGW_UPLINK__COMMANDS" in str(refused.value) and "mqtts://" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    allowed = {"CGW_UPLINK__COMMANDS": "true", "CGW_UPLINK__COMMANDS_OVER_PLAIN_MQTT": "true"}
+    assert load_settings(env={"CGW_UPLINK__URL": "mqtt://district:1883", **allowed}).uplink.commands
+    assert load_settings(env={"CGW_UPLINK__URL": "mqtts://district:8883", "CGW_UPLINK__COMMANDS": "true"})
+
+
+class DistrictListener:
+    """The district platform's side: sends commands down, collects what comes up."""
+
+    def __init__(self, port: int, community: str) -> None:
+        self.community = community
+        self.up: list[tuple[str, dict[str, Any]]] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="district-platform")
+        self.client.on_message = lambda _c, _u, msg: self.up.append((msg.topic, orjson.loads(msg.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("cgw/v1/up/#", qos=1)
+        self.client.loop_start()
+
+    def send(self, command: dict[str, Any]) -> None:
+        self.client.publish(
+            f"cgw/v1/down/{self.community}/cmd", orjson.dumps(command), qos=1
+        ).wait_for_publish(5)
+
+    def replies(self, ident: str) -> list[dict[str, Any]]:
+        return [body for topic, body in self.up if topic.endswith("/reply") and body.get("id") == ident]
+
+    async def ask(self, command: dict[str, Any], nth: int = 1) -> dict[str, Any]:
+        self.send(command)
+        got = await eventually(
+            lambda: self.replies(command["id"])[nth - 1 :], 10, f"reply {nth} to {command['id']}"
+        )
+        return got[0]
+
+    def items(self, stream: str) -> list[dict[str, Any]]:
+        topic = f"cgw/v1/up/{self.community}/{stream}"
+        return [item for t, body in self.up if t == topic for item in body["items"]]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def in_ms(seconds: float) -> int:
+    return int((time.time() + seconds) * 1000)
+
+
+def uplink_settings(tmp_path: Path, mqtt_url: str, district_url: str, **changes: Any) -> Settings:
+    uplink = UplinkSettings.model_validate({"url": district_url, "summary_interval_s": 3600, **changes})
+    return gateway_settings(tmp_path, mqtt_url, uplink=uplink)
+
+
+async def test_commands_stay_unheard_unless_turned_on(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    # The district's broker logs each subscription; the uplink subscribes before it says "online".
+    district = MosquittoProcess(tmp_path / "district", extra="log_type subscribe\n")
+    district.start()
+    listener = DistrictListener(district.port, "testville")
+    try:
+        async with running(uplink_settings(tmp_path / "off", mosquitto.url, district.url)):
+            await eventually(lambda: _online(listener), 10, "the uplink")
+        assert "cgw/v1/down/" not in (district.folder / "server.log").read_text()
+        on = uplink_settings(
+            tmp_path / "on", mosquitto.url, district.url, commands=True, commands_over_plain_mqtt=True
+        )
+        async with running(on):
+            await eventually(
+                lambda: "cgw/v1/down/testville/cmd" in (district.folder / "server.log").read_text(),
+                10,
+                "the subscription",
+            )
+    finally:
+        listener.close()
+        district.kill()
+
+
+def _online(listener: DistrictListener, times: int = 1) -> bool:
+    said = [body for t, body in listener.up if t.endswith("/status") and body.get("state") == "online"]
+    return len(said) >= times
+
+
+async def test_district_commands_are_checked_carried_out_once_and_recorded(
+    tmp_path: Path, mosquitto: MosquittoProcess, district_mosquitto: MosquittoProcess
+) -> None:
+    settings = uplink_settings(
+        tmp_path, mosquitto.url, district_mosquitto.url, commands=True, commands_over_plain_mqtt=True
+    )
+    listener = DistrictListener(district_mosquitto.port, "testville")
+    received: list[dict[str, Any]] = []
+    subscribed = threading.Event()
+    device = paho.Client(CallbackAPIVersion.VERSION2, client_id="aq-1")
+    device.on_message = lambda _c, _u, msg: received.append(orjson.loads(msg.payload))
+    device.on_subscribe = lambda *_: subscribed.set()
+    device.connect("127.0.0.1", mosquitto.port)
+    device.subscribe("cgw/v1/+/cmd", qos=1)
+    device.loop_start()
+    try:
+        assert await asyncio.to_thread(subscribed.wait, 5)
+        async with running(settings) as gw, api(gw) as client:
+            await eventually(lambda: _online(listener), 10, "the uplink")
+            mosquitto_pub(mosquitto.port, "cgw/v1/aq-1/status", '{"state":"online","kind":"air_quality"}')
+            mosquitto_pub(mosquitto.port, "cgw/v1/junk-1/telemetry", '{"metrics":{"v":1}}')
+            await eventually(lambda: gw.registry.get("aq-1") and gw.registry.get("junk-1"), 10, "the devices")
+
+            ping = await listener.ask({"id": "p1", "action": "ping", "expires_ms": in_ms(60)})
+            assert ping["ok"] and ping["result"]["community"] == "testville"
+            # Each refusal says why.
+            refusals = {
+                "no-expiry": {"action": "ping"},
+                "expired": {"action": "ping", "expires_ms": in_ms(-1)},
+                "too-far": {"action": "ping", "expires_ms": in_ms(2 * 3600)},
+                "generic": {"action": "device_command", "device_id": "junk-1", "command": "set_interval"},
+                "not-listed": {"action": "device_command", "device_id": "aq-1", "command": "open_door"},
+                "too-big": {"action": "device_command", "device_id": "aq-1", "command": "set_interval",
+                            "args": {"x": "y" * 5000}},
+            }  # fmt: skip
+            expected = {
+                "no-expiry": "expires_ms",
+                "expired": "expired",
+                "too-far": "uplink.command_lifetime",
+                "generic": "profile generic allows (allowed: none)",
+                "not-listed": "allowed: set_interval",
+                "too-big": "args longer than",
+            }
+            for ident, body in refusals.items():
+                expiry = {} if ident == "no-expiry" else {"expires_ms": in_ms(60)}
+                reply = await listener.ask({"id": ident, **expiry, **body})
+                assert not reply["ok"] and expected[ident] in reply["error"], (ident, reply)
+            # An allowed command reaches the device once, however often it is sent.
+            command = {"id": "c1", "action": "device_command", "device_id": "aq-1", "command": "set_interval",
+                       "args": {"interval_s": 60}, "expires_ms": in_ms(60)}  # fmt: skip
+            first = await listener.ask(command)
+            assert first["ok"], first
+            again = await listener.ask(command, nth=2)
+            assert again["duplicate"] and again["ok"] and again["result"] == first["result"]
+            await eventually(lambda: received, 10, "the command at the device")
+            assert received == [
+                {
+                    "id": "c1",
+                    "command": "set_interval",
+                    "args": {"interval_s": 60},
+                    "expires_ms": command["expires_ms"],
+                }
+            ]
+            # Each one is an event of the district's, in the API and sent up.
+            response = await client.get("/api/v1/events", params={"source": "district", "limit": 100})
+            events = response.json()["items"]
+            assert len(events) == 2 + len(refusals) + 1
+            on_device = [e for e in events if e["device_id"] == "aq-1"]
+            assert {e["data"]["id"] for e in on_device} == {"c1", "not-listed", "too-big"}
+            keys = {str(e["id"]) for e in events}
+            await eventually(
+                lambda: {i["key"] for i in listener.items("commands")} == keys, 10, "the commands stream"
+            )
+        # The ids are remembered across a restart: nothing is carried out twice.
+        async with running(settings):
+            await eventually(lambda: _online(listener, 2), 10, "the uplink again")
+            third = await listener.ask(command, nth=3)
+            assert third["duplicate"] and third["ok"]
+        assert len(received) == 1
+    finally:
+        device.loop_stop()
+        device.disconnect()
+        listener.close()

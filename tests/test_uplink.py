@@ -66,6 +66,7 @@ class District:
             return {body["id"]: body for t, body, _ in self.messages if t == topic and body.get("id")}
 
     def command(self, community: str, command: dict[str, Any]) -> dict[str, Any]:
+        command = {"expires_ms": int(time.time() * 1000) + 60_000, **command}
         self.client.publish(f"cgw/v1/down/{community}/cmd", orjson.dumps(command), qos=1)
         ident = command.get("id")
         if ident is None:
@@ -92,6 +93,8 @@ class Community:
                 "CGW_UPLINK__SUMMARY_INTERVAL_S": "5",
                 "CGW_AUTH__TOKENS": orjson.dumps({OPERATOR: "operator"}).decode(),
                 "CGW_PIPELINE__DEVICE_RATE_LIMIT": "",
+                "CGW_UPLINK__COMMANDS": "true",
+                "CGW_UPLINK__COMMANDS_OVER_PLAIN_MQTT": "true",  # the test's brokers are local
             },
         )
         self.gateway.start()
@@ -235,15 +238,19 @@ def test_district_commands_are_carried_out_and_answered(
     unknown = district.command("north", {"id": "x1", "action": "reboot"})
     assert not unknown["ok"] and "action" in unknown["error"]
     missing = district.command(
-        "south", {"id": "d0", "action": "device_command", "device_id": "nobody", "payload": {}}
+        "south", {"id": "d0", "action": "device_command", "device_id": "nobody", "command": "set_interval"}
     )
     assert not missing["ok"] and "no device nobody" in missing["error"]
     district.client.publish("cgw/v1/down/north/cmd", b"{not json", qos=1)
     assert north.api("GET", f"/api/v1/requests/{ticket}")["state"] == "triaged"
 
-    # A device command reaches the device on its own community's broker only.
+    # A device command reaches the device on its own community's broker only, if its profile
+    # lists the command.
     south.devices.publish(1, rate=1000)
     wait_for(lambda: numbers(district, "south"), 30, "south's device to be known")
+    status = orjson.dumps({"state": "online", "kind": "air_quality"})
+    south.devices.client.publish("cgw/v1/fault-0/status", status, qos=1, retain=True).wait_for_publish(5)
+    wait_for(lambda: south.api("GET", "/api/v1/devices/fault-0")["kind"] == "air_quality", 10, "the birth")
     received: list[bytes] = []
     device = paho.Client(CallbackAPIVersion.VERSION2, client_id="south-device-0")
     device.on_message = lambda _c, _u, msg: received.append(msg.payload)
@@ -254,11 +261,17 @@ def test_district_commands_are_carried_out_and_answered(
         time.sleep(0.5)
         sent = district.command(
             "south",
-            {"id": "d1", "action": "device_command", "device_id": "fault-0", "payload": {"interval_s": 60}},
+            {
+                "id": "d1",
+                "action": "device_command",
+                "device_id": "fault-0",
+                "command": "set_interval",
+                "args": {"interval_s": 60},
+            },
         )
         assert sent["ok"], sent
         wait_for(lambda: received, 10, "the command at the device")
-        assert orjson.loads(received[0]) == {"interval_s": 60}
+        assert orjson.loads(received[0])["args"] == {"interval_s": 60}
     finally:
         device.loop_stop()
         device.disconnect()

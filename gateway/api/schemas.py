@@ -149,6 +149,7 @@ class ProfileOut(BaseModel):
     strict: bool
     metrics: dict[str, MetricOut]
     rules: list[dict[str, Any]]
+    commands: dict[str, str] = Field(description="what the district may ask devices of this kind to do")
 
 
 class Summary(BaseModel):

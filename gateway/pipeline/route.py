@@ -67,6 +67,11 @@ class Router:
         await self._store.put_durable(batch)
         self._send_acks(output)
 
+    async def record(self, event: DeviceEvent) -> None:
+        """An event of the gateway's own making (a district command): live, then durable."""
+        self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
+        await self._store.put_durable(Processed(events=[event]))
+
     def _live(self, output: DeskOutput) -> None:
         for name, data in output.stream:
             self._hub.publish(name, data)

@@ -22,6 +22,7 @@ from gateway.models import SEVERITIES, Severity
 
 BUILTIN_DIR = Path(__file__).parent / "data"
 METRIC_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+COMMAND_NAME = re.compile(r"[a-z0-9_]{1,64}")
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
@@ -101,12 +102,18 @@ class DeviceProfile(BaseModel):
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     rules: tuple[AlarmRule, ...] = ()
     events: dict[str, Severity] = Field(default_factory=dict)
+    # The commands the district may send to devices of this kind (name: what it does); none
+    # listed: none is forwarded (gateway/uplink/commands.py).
+    commands: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
         for name in self.metrics:
             if METRIC_NAME.fullmatch(name) is None:
                 raise ValueError(f"metric name {name!r} must match [A-Za-z0-9_]{{1,64}}")
+        for name in self.commands:
+            if COMMAND_NAME.fullmatch(name) is None:
+                raise ValueError(f"command name {name!r} must match [a-z0-9_]{{1,64}}")
         seen: set[str] = set()
         for i, rule in enumerate(self.rules):
             if self.strict and rule.metric not in self.metrics:
@@ -175,6 +182,7 @@ class DeviceProfile(BaseModel):
                 for rule in self.rules
             ],
             "events": dict(self.events),
+            "commands": dict(self.commands),
         }
 
 

@@ -54,6 +54,13 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 3: when each outbox row was written, so the age of a sink's backlog can be watched
     ["ALTER TABLE outbox ADD COLUMN created_ms INTEGER"],
+    # 4: the district's commands already carried out, so a repeated id is not carried out again
+    [
+        """CREATE TABLE district_commands (
+            id TEXT PRIMARY KEY, action TEXT NOT NULL, received_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL, reply TEXT)""",
+        "CREATE INDEX district_commands_expires ON district_commands (expires_ms)",
+    ],
 ]
 
 

@@ -1,16 +1,24 @@
 """The district's commands, from `cgw/v1/down/{community}/cmd`, and the answers they get.
 
-A command is a JSON object with an `id` (the district's, echoed in the answer) and an `action`:
+Off unless the installer sets `uplink.commands`, and refused over plain MQTT unless they also set
+`uplink.commands_over_plain_mqtt` (gateway/settings.py). A command is a JSON object with an `id`
+(the district's, echoed in the answer), an `expires_ms` (epoch ms; at most
+`uplink.command_lifetime` ahead) and an `action`:
 
 - `ping`: the answer says the gateway's community, version and time;
 - `transition`: a service request's lifecycle step (`service_request_id`, `to`, optionally
   `provider_id`, `note`, `merged_into`), recorded as done by `district`;
-- `device_command`: a `payload` object forwarded to a device's `cmd` topic;
+- `device_command`: `command` (one the device's profile lists under `commands`) and `args`
+  (an object), sent to the device's `cmd` topic as `{"id", "command", "args", "expires_ms"}`;
 - `snapshot`: send the needs list and the evaluation now.
 
 Every command gets one answer on `cgw/v1/up/{community}/reply`: `{"id", "action", "ok": true,
-"result"}` or `{"id", "action", "ok": false, "error"}`. A bad command is answered with why and
-changes nothing. Who may send commands is the district broker's ACL (docs/uplink.md).
+"result"}` or `{"id", "action", "ok": false, "error"}`. A bad or expired command is answered
+with why and changes nothing. A command is carried out once: a repeated id gets the first answer
+again, with `"duplicate": true` (gateway/store/commands.py). Each command, carried out or
+refused, is an event of source `district` (type `district_command`) in the local store, on the
+live stream, in `GET /api/v1/events?source=district` and on the uplink's `commands` stream. Who
+may send commands is the district broker's ACL (docs/uplink.md).
 """
 
 from __future__ import annotations
@@ -24,20 +32,28 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway import __version__
+from gateway.models import DISTRICT, DeviceEvent
+from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
 from gateway.services.desk import ServiceDesk
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.store import DeskError
+from gateway.store import commands as ledger
+from gateway.store.writer import StoreWriter
 from gateway.uplink.items import public_request
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
+Record = Callable[[DeviceEvent], Awaitable[None]]
+MAX_ARGS_BYTES = 4096  # a device's command is a setting or two, not a firmware image
+COMMAND_EVENT = "district_command"
 
 
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=128)
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    expires_ms: int = Field(gt=0)
 
 
 class Ping(_Command):
@@ -56,7 +72,8 @@ class Transition(_Command):
 class DeviceCommand(_Command):
     action: Literal["device_command"]
     device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    payload: dict[str, Any]
+    command: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class Snapshot(_Command):
@@ -67,28 +84,50 @@ Command = Annotated[Ping | Transition | DeviceCommand | Snapshot, Field(discrimi
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
 
 
+class Refused(Exception):
+    """The command is not carried out; the message says why."""
+
+
 class DistrictCommands:
-    """Carries out one command at a time and says how it went."""
+    """Carries out one command at a time, once, says how it went and records it."""
 
     def __init__(
         self,
         community: str,
         desk: ServiceDesk,
         registry: DeviceRegistry,
+        profiles: ProfileSet,
         publish: Publish,
         snapshot: Callable[[], Awaitable[int]],
+        store: StoreWriter,
+        record: Record,
+        lifetime_ms: int,
     ) -> None:
         self._community = community
         self._desk = desk
         self._registry = registry
+        self._profiles = profiles
         self._publish = publish
         self._snapshot = snapshot
+        self._store = store
+        self._record = record
+        self._lifetime_ms = lifetime_ms
+        self._last_event_ms = 0
 
     async def handle(self, payload: bytes) -> dict[str, Any]:
+        now = int(time.time() * 1000)
         try:
             raw = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            return _refused(None, None, f"not JSON: {exc}")
+            raw = None
+            reply = _refused(None, None, f"not JSON: {exc}")
+        else:
+            reply = await self._answer(raw, now)
+        target = raw.get("device_id") if isinstance(raw, dict) else None
+        await self._record(self._event(reply, target if isinstance(target, str) else None, now))
+        return reply
+
+    async def _answer(self, raw: Any, now: int) -> dict[str, Any]:
         ident = raw.get("id") if isinstance(raw, dict) else None
         action = raw.get("action") if isinstance(raw, dict) else None
         try:
@@ -98,11 +137,52 @@ class DistrictCommands:
             where = ".".join(str(p) for p in first["loc"]) or "command"
             return _refused(ident, action, f"{where}: {first['msg']}")
         try:
-            result = await self._carry_out(command)
-        except (DeskError, TransitionError, LookupError) as exc:
-            return _refused(command.id, command.action, str(exc).strip("'\""))
-        log.info("district command %s (%s) done", command.id, command.action)
-        return {"id": command.id, "action": command.action, "ok": True, "result": result}
+            self._check_expiry(command, now)
+            if isinstance(command, DeviceCommand):
+                self._check_allowed(command)
+        except Refused as exc:
+            return _refused(command.id, command.action, str(exc))
+        earlier = await self._store.call(ledger.claim, command.id, command.action, now, command.expires_ms)
+        if earlier is not None:
+            log.info("district command %s (%s) repeated: not carried out again", command.id, command.action)
+            unknown = "outcome unknown: the gateway stopped while carrying it out; not carried out again"
+            return {**(earlier or _refused(command.id, command.action, unknown)), "duplicate": True}
+        try:
+            reply = {
+                "id": command.id,
+                "action": command.action,
+                "ok": True,
+                "result": await self._carry_out(command),
+            }
+            log.info("district command %s (%s) done", command.id, command.action)
+        except (DeskError, TransitionError, LookupError, RuntimeError) as exc:
+            reply = _refused(command.id, command.action, str(exc).strip("'\""))
+        await self._store.call(ledger.settle, command.id, reply)
+        await self._store.call(ledger.forget, now - self._lifetime_ms)
+        return reply
+
+    def _check_expiry(self, command: Command, now: int) -> None:
+        if command.expires_ms <= now:
+            raise Refused(f"expired {now - command.expires_ms} ms ago (expires_ms {command.expires_ms})")
+        if command.expires_ms > now + self._lifetime_ms:
+            raise Refused(
+                f"expires_ms is more than {self._lifetime_ms // 1000} s ahead "
+                "(uplink.command_lifetime on the gateway)"
+            )
+
+    def _check_allowed(self, command: DeviceCommand) -> None:
+        device = self._registry.get(command.device_id)
+        if device is None:
+            raise Refused(f"no device {command.device_id} in community {self._community}")
+        profile = self._profiles.get(device.kind)
+        allowed = profile.commands if profile is not None else {}
+        if command.command not in allowed:
+            names = ", ".join(sorted(allowed)) or "none"
+            raise Refused(
+                f"command {command.command!r} is not one that profile {device.kind} allows (allowed: {names})"
+            )
+        if len(orjson.dumps(command.args)) > MAX_ARGS_BYTES:
+            raise Refused(f"args longer than {MAX_ARGS_BYTES} bytes")
 
     async def _carry_out(self, command: Command) -> dict[str, Any]:
         if isinstance(command, Ping):
@@ -111,18 +191,43 @@ class DistrictCommands:
             request = await self._desk.transition(
                 command.service_request_id,
                 command.to,
-                "district",
+                DISTRICT,
                 command.note,
                 command.provider_id,
                 command.merged_into,
             )
             return public_request(request)
         if isinstance(command, DeviceCommand):
-            if self._registry.get(command.device_id) is None:
-                raise LookupError(f"no device {command.device_id} in community {self._community}")
-            self._publish(f"cgw/v1/{command.device_id}/cmd", orjson.dumps(command.payload))
-            return {"device_id": command.device_id, "sent": True}
+            message = {
+                "id": command.id,
+                "command": command.command,
+                "args": command.args,
+                "expires_ms": command.expires_ms,
+            }
+            self._publish(f"cgw/v1/{command.device_id}/cmd", orjson.dumps(message))
+            return {"device_id": command.device_id, "command": command.command, "sent": True}
         return {"snapshots": await self._snapshot()}
+
+    def _event(self, reply: dict[str, Any], target: str | None, now: int) -> DeviceEvent:
+        """The command as an event: on the device it was for, or on the district's own name."""
+        # One event per command, and an event's id is made of its time: never two in one ms.
+        ts = self._last_event_ms = max(now, self._last_event_ms + 1)
+        device = self._registry.get(target) if target else None
+        ok = bool(reply.get("ok"))
+        outcome = "done" if ok else f"refused: {reply.get('error')}"
+        if reply.get("duplicate"):
+            outcome = "repeated, not carried out again"
+        return DeviceEvent(
+            device_id=device.device_id if device is not None else DISTRICT,
+            kind=device.kind if device is not None else DISTRICT,
+            ts_ms=ts,
+            type=COMMAND_EVENT,
+            severity="info",
+            message=f"district command {reply.get('id')} ({reply.get('action')}) {outcome}"[:500],
+            data={**{k: v for k, v in reply.items() if k != "result"}, "device_id": target},
+            source=DISTRICT,
+            building=device.building if device is not None else None,
+        )
 
 
 def _refused(ident: Any, action: Any, error: str) -> dict[str, Any]:

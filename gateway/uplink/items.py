@@ -1,7 +1,7 @@
 """What the district sees: committed batches turned into uplink items, one JSON object each.
 
-Each item belongs to a stream (`requests`, `ratings`, `alarms`, `telemetry`, `needs`,
-`evaluation`), which becomes the last level of its topic, `cgw/v1/up/{community}/{stream}`
+Each item belongs to a stream (`requests`, `ratings`, `alarms`, `commands`, `telemetry`,
+`needs`, `evaluation`), which becomes the last level of its topic, `cgw/v1/up/{community}/{stream}`
 (docs/uplink.md). Every item has a `key` that is the same each time the item is sent, so the
 district can drop the copies at-least-once delivery may make after a fault.
 
@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.models import DeviceEvent, Reading
+from gateway.models import DISTRICT, DeviceEvent, Reading
 from gateway.pipeline.route import event_payload
 from gateway.store.outbox import OutboxRow, rows_of
 
 if TYPE_CHECKING:
     from gateway.pipeline.process import Processed
 
-STREAMS = ("requests", "ratings", "alarms", "telemetry", "needs", "evaluation")
+STREAMS = ("requests", "ratings", "alarms", "commands", "telemetry", "needs", "evaluation")
 # Snapshots: the district wants the latest on connecting, so they are published retained.
 SNAPSHOTS = frozenset({"needs", "evaluation"})
 # Request fields that name a home or a person.
@@ -61,6 +61,8 @@ def encode(batches: list[Processed], choice: TelemetryChoice, sink: str) -> list
     telemetry: list[str] = []
     for batch in batches:
         important.extend(_line("alarms", alarm_item(e)) for e in batch.events if e.alarm)
+        # The district's own commands, carried out or refused: its record of what it asked.
+        important.extend(_line("commands", alarm_item(e)) for e in batch.events if e.source == DISTRICT)
         for record in batch.records:
             item = record_item(record)
             if item is not None:

@@ -7,7 +7,8 @@ only once the district's broker has acknowledged every message made of it (PUBAC
 QoS 2); until then it is sent again, so the district sees everything at least once, and drops
 copies by each item's `key`.
 
-Down: the district publishes commands on `cgw/v1/down/{community}/cmd`; the answers go to
+Down (when `uplink.commands` is on): the district publishes commands on
+`cgw/v1/down/{community}/cmd`; the answers go to
 `cgw/v1/up/{community}/reply` (gateway/uplink/commands.py). The gateway's own presence is
 `cgw/v1/up/{community}/status`, retained, with an `offline` Last Will.
 
