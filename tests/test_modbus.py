@@ -8,6 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator.simdata import DataType, SimData
+from pymodbus.simulator.simdevice import SimDevice
 
 from drivers.modbus import ModbusDriver, plan_reads
 from gateway.models import RawMessage
@@ -103,6 +106,63 @@ def _async(fn: Any) -> Any:
         return fn()
 
     return probe
+
+
+# A fixed register image, words computed by hand (not by the converters the driver uses), so a
+# wrong type, word order or table reads a different number. (register, holding words or input
+# words, the value a correct driver reports).
+IMAGE: list[tuple[ModbusRegister, str, list[int], float]] = [
+    (ModbusRegister(metric="u16", address=0), "holding", [0xABCD], 43981),
+    (ModbusRegister(metric="i16", address=1, type="int16"), "holding", [0xFFFE], -2),
+    # 123456 = 0x0001E240: high word first (the default, a big-endian meter), then low word first.
+    (ModbusRegister(metric="u32_be", address=2, type="uint32"), "holding", [0x0001, 0xE240], 123456),
+    (ModbusRegister(metric="u32_le", address=4, type="uint32", word_order="little"), "holding",
+     [0xE240, 0x0001], 123456),
+    # -123456 = 0xFFFE1DC0 in two's complement.
+    (ModbusRegister(metric="i32_be", address=6, type="int32"), "holding", [0xFFFE, 0x1DC0], -123456),
+    (ModbusRegister(metric="i32_le", address=8, type="int32", word_order="little"), "holding",
+     [0x1DC0, 0xFFFE], -123456),
+    # 1500.5 = 1.0111011100 1 (binary) × 2^10: sign 0, exponent 137 = 0x89, so 0x44BB9000.
+    (ModbusRegister(metric="f32_be", address=10, type="float32"), "holding", [0x44BB, 0x9000], 1500.5),
+    (ModbusRegister(metric="f32_le", address=12, type="float32", word_order="little"), "holding",
+     [0x9000, 0x44BB], 1500.5),
+    (ModbusRegister(metric="u16_scaled", address=14, scale=0.1), "holding", [2213], 221.3),
+    # The input table holds other words at the same addresses: reading the wrong table shows.
+    (ModbusRegister(metric="in_u16", address=0, table="input"), "input", [0x1234], 4660),
+    (ModbusRegister(metric="in_i32", address=2, table="input", type="int32", scale=0.01), "input",
+     [0xFFFE, 0x1DC0], -1234.56),
+]  # fmt: skip
+
+
+async def serve_image(port: int) -> ModbusTcpServer:
+    """A pymodbus server with separate holding and input tables holding IMAGE, nothing else."""
+    tables: dict[str, list[int]] = {"holding": [0] * 16, "input": [0] * 16}
+    for register, table, words, _ in IMAGE:
+        tables[table][register.address : register.address + len(words)] = words
+    blocks = ([SimData(0, count=16, datatype=DataType.BITS)], [SimData(0, count=16, datatype=DataType.BITS)],
+              [SimData(0, values=tables["holding"], datatype=DataType.REGISTERS)],
+              [SimData(0, values=tables["input"], datatype=DataType.REGISTERS)])  # fmt: skip
+    server = ModbusTcpServer(SimDevice(id=1, simdata=blocks), address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    return server
+
+
+async def test_each_type_word_order_and_table_reads_a_hand_computed_image() -> None:
+    port = free_port()
+    server = await serve_image(port)
+    device = ModbusDevice(device_id="image-1", host="127.0.0.1", port=port, poll_s=0.05,
+                          registers=[register for register, *_ in IMAGE])  # fmt: skip
+    driver = ModbusDriver(ModbusSettings(devices=[device]), GatewayMetrics())
+    inbox = Inbox()
+    task = asyncio.create_task(driver.run(inbox))
+    try:
+        found = await inbox.wait_for(telemetry)
+        metrics = orjson.loads(found[0][1])["metrics"]
+        assert metrics == {register.metric: pytest.approx(value) for register, _, _, value in IMAGE}
+    finally:
+        await driver.stop()
+        await asyncio.wait_for(task, 5)
+        await server.shutdown()
 
 
 async def test_a_refused_span_and_an_absent_device_do_not_stop_the_others() -> None:
