@@ -167,6 +167,7 @@ class Gateway:
                 readiness=self.readiness,
                 alarms_active=self.alarms.active,
                 desk=self.desk,
+                open311_keyless_reads=settings.services.open311_keyless_reads,
             )
         )
         self.ready = asyncio.Event()

@@ -209,7 +209,7 @@ def demo(
                 f"  curl -H 'Authorization: Bearer {viewer}' '{info.api_url}/api/v1/evaluation?by=provider'",
                 highlight=False,
             )
-            out.print(f"  curl '{info.api_url}/open311/v2/services.json?api_key={viewer}'", highlight=False)
+            out.print(f"  curl {info.api_url}/open311/v2/services.json", highlight=False)
         port_ = info.broker_url.rsplit(":", 1)[1]
         out.print(
             f"  mosquitto_pub -p {port_} -q 1 -t cgw/v1/my-sensor/status "

@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import __version__, dashboard
 from gateway.api.context import ApiContext
 from gateway.api.routes import devices, evaluation, events, health, needs, open311, requests, stream
-from gateway.services.open311 import to_xml
 
 DESCRIPTION = """
 The community edge gateway's API (contract: docs/contract.md section 4).
@@ -80,8 +79,5 @@ def _open311_error(
 ) -> Response:
     """The GeoReport v2 error format: a list of {code, description}, in the format asked for."""
     errors = [{"code": status, "description": message}]
-    if request.url.path.endswith(".xml"):
-        return Response(
-            to_xml("errors", errors), status_code=status, media_type="application/xml", headers=headers
-        )
-    return JSONResponse(errors, status_code=status, headers=headers)
+    fmt = "xml" if request.url.path.endswith(".xml") else "json"
+    return open311.respond(fmt, "errors", errors, status, headers)

@@ -2,7 +2,9 @@
 
 docs/contract.md section 4: "Writes need a bearer token (`Authorization: Bearer …`; Open311 POSTs may
 pass it as `api_key`) whose role allows them (roles at least: `terminal`, `operator`,
-`installer`, `viewer`)... Reads by `viewer` and above; `/healthz` needs none."
+`installer`, `viewer`)... Reads by `viewer` and above; `/healthz` needs none." Open311 keeps its
+spec (section 5): discovery and services need no key, a missing or wrong key is 403, and
+`api_key` is read only from a POST's form body.
 Tokens are held only as SHA-256 digests and compared in constant time; a grant may expire; each
 token's writes are rate-limited (`auth.write_rate_limit`), so a leaked terminal token cannot
 flood the service desk.
@@ -113,7 +115,11 @@ def require(*roles: Role) -> Callable[..., Principal]:
 
 
 def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
-    """Open311 style: a bearer token, or the spec's `api_key` (query string or POST form field)."""
+    """Open311 POST: a bearer token, or the spec's `api_key` form field.
+
+    Only where the spec puts it: in the body of a form-encoded POST, never in a query string,
+    where it would reach proxy and access logs. A missing or wrong key is 403, as the spec has it.
+    """
     allowed = roles or ALL_ROLES
 
     async def check(
@@ -121,16 +127,51 @@ def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         ctx: Annotated[ApiContext, Depends(context)],
     ) -> Principal:
-        token = credentials.credentials if credentials is not None else request.query_params.get("api_key")
-        form_post = request.method == "POST" and request.headers.get("content-type", "").startswith(
-            _FORM_TYPES
-        )
-        if token is None and form_post:
+        token = credentials.credentials if credentials is not None else None
+        if token is None and request.headers.get("content-type", "").startswith(_FORM_TYPES):
             value = (await request.form()).get("api_key")
-            token = value if isinstance(value, str) else None
-        return check_token(token, ctx.token_digests, allowed, _write_limit(request, ctx))
+            token = value if isinstance(value, str) and value else None
+        if token is None:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "missing api_key: send it as a form field of the POST (or 'Authorization: Bearer <token>')",
+            )
+        return _open311(lambda: check_token(token, ctx.token_digests, allowed, _write_limit(request, ctx)))
 
     return check
+
+
+def open311_reader(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ctx: Annotated[ApiContext, Depends(context)],
+) -> Principal | None:
+    """Who reads Open311 requests: a bearer token's principal, or None for a keyless reader when
+    the installer opened keyless reads (`services.open311_keyless_reads`); otherwise 403."""
+    if credentials is not None:
+        return _open311(lambda: check_token(credentials.credentials, ctx.token_digests, ALL_ROLES))
+    if ctx.open311_keyless_reads:
+        return None
+    hint = (
+        " (api_key is not accepted in a URL, where proxies log it)"
+        if "api_key" in request.query_params
+        else ""
+    )
+    raise HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        f"reading service requests needs 'Authorization: Bearer <token>'{hint}; the installer may "
+        "open keyless reads of the redacted view (services.open311_keyless_reads)",
+    )
+
+
+def _open311(check: Callable[[], Principal]) -> Principal:
+    """The spec answers a missing or wrong key with 403, where the rest of the API says 401."""
+    try:
+        return check()
+    except HTTPException as exc:
+        if exc.status_code != status.HTTP_401_UNAUTHORIZED:
+            raise
+        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc.detail)) from None
 
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")

@@ -31,6 +31,7 @@ class ApiContext:
     readiness: Callable[[], dict[str, Any]]
     alarms_active: Callable[[str], list[str]]
     desk: ServiceDesk
+    open311_keyless_reads: bool = False  # services.open311_keyless_reads
 
 
 def context(request: Request) -> ApiContext:

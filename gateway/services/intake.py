@@ -37,6 +37,7 @@ class NewRequest:
     floor: int | None = None
     unit: str | None = None
     address: str | None = None
+    address_id: str | None = None  # Open311's id of a location in the installer's address list
     lat: float | None = None
     long: float | None = None
     media_url: str | None = None
@@ -132,7 +133,8 @@ def open311_request(catalogue: Catalogue, form: dict[str, Any], now_ms: int) -> 
         building=building,
         floor=_floor(form.get("floor")),
         unit=unit,
-        address=address or address_id or _address(building, unit),
+        address=address or _address(building, unit),
+        address_id=address_id,
         lat=_coordinate(lat, "lat", 90),
         long=_coordinate(long, "long", 180),
         media_url=_text(form.get("media_url"), "media_url", 1000),

@@ -14,6 +14,9 @@ from xml.etree import ElementTree as ET
 
 from gateway.services.catalogue import Catalogue, Service
 
+# The spec's discovery example names XML `text/xml`; answers say so, and that they are UTF-8.
+XML_TYPE = "text/xml"
+
 
 def iso(ms: int | None) -> str | None:
     """W3C date-time, as the spec writes it (UTC with an explicit offset)."""
@@ -69,7 +72,7 @@ def request_entry(request: dict[str, Any], catalogue: Catalogue, lang: str) -> d
         "updated_datetime": iso(request["updated_ms"]),
         "expected_datetime": iso(request["expected_ms"]),
         "address": request["address"],
-        "address_id": None,
+        "address_id": request.get("address_id"),
         "zipcode": None,
         "lat": request["lat"],
         "long": request["long"],
@@ -105,6 +108,8 @@ _ITEM = {
     "errors": "error",
     "attributes": "attribute",
     "values": "value",
+    "endpoints": "endpoint",
+    "formats": "format",
 }
 
 

@@ -74,6 +74,8 @@ MIGRATIONS: list[list[str]] = [
         " SELECT json_object('kind', 'line', 'line', body) FROM outbox_lines ORDER BY id",
         "DROP TABLE outbox_lines",
     ],
+    # 4: Open311's address_id kept as filed (it was folded into the address), so a GET returns it.
+    ["ALTER TABLE requests ADD COLUMN address_id TEXT"],
 ]
 
 MAX_CLOCK_AHEAD_MS = 60_000
@@ -146,9 +148,9 @@ class ServiceStore:
                 """INSERT INTO requests (seq, id, service_code, service_group, state, source, device_id,
                     request_key, description, building, floor, unit, household, address, lat, long,
                     media_url, contact, attributes, requested_ms, updated_ms, expected_ms,
-                    state_since_ms, status_notes)
+                    state_since_ms, status_notes, address_id)
                    VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                           ?, ?)""",
+                           ?, ?, ?)""",
                 (
                     seq,
                     ticket,
@@ -173,6 +175,7 @@ class ServiceStore:
                     ts + service.deadline_ms,
                     ts,
                     "received",
+                    new.address_id,
                 ),
             )
             conn.execute(
@@ -642,6 +645,7 @@ def request_view(row: sqlite3.Row) -> dict[str, Any]:
         "unit": row["unit"],
         "household": row["household"],
         "address": row["address"],
+        "address_id": row["address_id"],
         "lat": row["lat"],
         "long": row["long"],
         "media_url": row["media_url"],

@@ -27,7 +27,9 @@ STREAMS = ("requests", "ratings", "alarms", "commands", "telemetry", "needs", "e
 # Snapshots: the district wants the latest on connecting, so they are published retained.
 SNAPSHOTS = frozenset({"needs", "evaluation"})
 # Request fields that name a home or a person.
-PRIVATE = frozenset({"unit", "household", "address", "lat", "long", "media_url", "contact", "attributes"})
+PRIVATE = frozenset(
+    {"unit", "household", "address", "address_id", "lat", "long", "media_url", "contact", "attributes"}
+)
 
 
 class TelemetryChoice:

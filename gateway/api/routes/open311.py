@@ -2,31 +2,75 @@
 
 Every endpoint of the spec, with its field names, filters (service_request_id, service_code,
 start_date, end_date, status), defaults (the last 90 days, at most 1000 requests) and error
-format (`[{"code": 400, "description": "..."}]`), as `.json` or `.xml`. POST takes the spec's
-form fields (`attribute[code]=value`) or the same as JSON; the token may be passed as `api_key`.
+format (`[{"code": 400, "description": "..."}]`), as `.json` or `.xml` (`text/xml`, as the
+discovery document names it). As the spec's method tables say, discovery, the service list and
+the service definitions need no key; a POST needs one (`api_key` in its form body, or a bearer
+token), refused with 403 as the spec says. Reading requests needs a bearer token, unless the
+installer opens keyless reads (`services.open311_keyless_reads`), which then get the redacted
+view (`entry_for`). An optional parameter sent empty is absent, as clients that always send
+every parameter expect; a list filter given twice is one list; any other parameter given twice
+is refused. `extended_attributes` (the gateway's lifecycle) only with `extensions=true`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
-from gateway.api.auth import Principal, require_api_key
+from gateway.api.auth import Principal, open311_reader, require_api_key
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.services import open311
 from gateway.services.intake import IntakeError, open311_request
 from gateway.services.lifecycle import OPEN311_CLOSED, STATES
 
-router = APIRouter(prefix="/open311/v2", tags=["open311"])
+# Filters the spec lets a client "declare multiple times, comma delimited".
+LIST_FILTERS = frozenset({"service_request_id", "service_code", "status"})
+
+
+def spec_query(raw: bytes) -> bytes:
+    """The query string as the spec means it: empty parameters dropped, list filters given
+    twice joined into one list; any other parameter given twice is refused (400)."""
+    seen: dict[str, list[str]] = {}
+    for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+        if value.strip():
+            seen.setdefault(key, []).append(value)
+    for key, values in seen.items():
+        if len(values) > 1 and key not in LIST_FILTERS:
+            raise HTTPException(400, f"{key[:64]} is given {len(values)} times: give it once")
+    return urlencode([(key, ",".join(values)) for key, values in seen.items()]).encode("latin-1")
+
+
+class Open311Route(APIRoute):
+    """A route that reads its query string as `spec_query` makes it."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            scope = {**request.scope, "query_string": spec_query(request.scope.get("query_string", b""))}
+            return await handler(Request(scope, request.receive))
+
+        return handle
+
+
+router = APIRouter(prefix="/open311/v2", tags=["open311"], route_class=Open311Route)
 Ctx = Annotated[ApiContext, Depends(context)]
-Reader311 = Annotated[Principal, Depends(require_api_key())]
+# None: a keyless reader, admitted only when the installer opened keyless reads.
+Reader311 = Annotated[Principal | None, Depends(open311_reader)]
 Filer311 = Annotated[Principal, Depends(require_api_key("terminal", "operator", "installer"))]
+Extensions = Annotated[
+    bool, Query(description="true: add the gateway's lifecycle as extended_attributes (extension)")
+]
 Format = Annotated[Literal["json", "xml"], Path(description="Response format")]
 Lang = Annotated[Literal["zh", "en"], Query(description="Language of names (Chinese by default)")]
 Jurisdiction = Annotated[str | None, Query(max_length=128, description="Optional: this community's name")]
@@ -89,12 +133,13 @@ class RequestOut(BaseModel):
     lat: float | None
     long: float | None
     media_url: str | None
-    extended_attributes: dict[str, Any] = Field(description="The gateway's lifecycle (extension)")
+    extended_attributes: dict[str, Any] | None = Field(
+        None, description="The gateway's lifecycle (extension; with extensions=true)"
+    )
 
 
 class PostedOut(BaseModel):
-    service_request_id: str | None
-    token: str | None = None
+    service_request_id: str
     service_notice: str | None
     account_id: str | None
 
@@ -123,7 +168,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {
         code: {
             "model": list[Open311Error],
-            "content": {"application/xml": {}},
+            "content": {open311.XML_TYPE: {}},
             "description": "Open311 error list",
         }
         for code in codes
@@ -131,13 +176,36 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _ok(model: Any) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": model, "content": {"application/xml": {}}}}
+    return {200: {"model": model, "content": {open311.XML_TYPE: {}}}}
 
 
-def respond(fmt: str, root: str, data: list[dict[str, Any]] | dict[str, Any], status: int = 200) -> Response:
+def respond(
+    fmt: str,
+    root: str,
+    data: list[dict[str, Any]] | dict[str, Any],
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """An answer (or error list) in the format asked for, with its type and charset."""
     if fmt == "xml":
-        return Response(open311.to_xml(root, data), status_code=status, media_type="application/xml")
-    return JSONResponse(data, status_code=status)
+        body, media = open311.to_xml(root, data), open311.XML_TYPE
+    else:
+        body, media = orjson.dumps(data), "application/json"
+    return Response(body, status_code=status, media_type=f"{media}; charset=utf-8", headers=headers)
+
+
+def entry_for(ctx: ApiContext, who: Principal | None, view: dict[str, Any], lang: str) -> dict[str, Any]:
+    """A request as an Open311 entry, as `who` (None: a keyless reader) may read it.
+
+    The seam for residents' privacy (issue 13, gateway/privacy.py): a keyless reader gets what the
+    lowest reading role gets, and that view is the privacy work's to redact.
+    """
+    return open311.request_entry(view, ctx.desk.catalogue, lang)
+
+
+def shown(entry: dict[str, Any], extensions: bool) -> dict[str, Any]:
+    """The entry as the spec has it; the gateway's `extended_attributes` only when asked for."""
+    return entry if extensions else {k: v for k, v in entry.items() if k != "extended_attributes"}
 
 
 def check_jurisdiction(ctx: ApiContext, jurisdiction_id: str | None) -> None:
@@ -150,9 +218,9 @@ def check_jurisdiction(ctx: ApiContext, jurisdiction_id: str | None) -> None:
 @router.get(
     "/discovery.{fmt}",
     summary="GeoReport discovery: where this endpoint is and what it speaks",
-    responses={**_ok(DiscoveryOut), **_errors(401, 403)},
+    responses={**_ok(DiscoveryOut), **_errors(400)},
 )
-async def discovery(ctx: Ctx, _: Reader311, request: Request, fmt: Format) -> Response:
+async def discovery(ctx: Ctx, request: Request, fmt: Format) -> Response:
     base = str(request.base_url).rstrip("/") + "/open311/v2/"
     return respond(
         fmt,
@@ -167,7 +235,7 @@ async def discovery(ctx: Ctx, _: Reader311, request: Request, fmt: Format) -> Re
                     "url": base,
                     "changeset": "2026-11-25T00:00:00+00:00",
                     "type": "production",
-                    "formats": ["application/json", "text/xml"],
+                    "formats": ["application/json", open311.XML_TYPE],
                 }
             ],
         },
@@ -177,10 +245,10 @@ async def discovery(ctx: Ctx, _: Reader311, request: Request, fmt: Format) -> Re
 @router.get(
     "/services.{fmt}",
     summary="Service list: every service residents can request",
-    responses={**_ok(list[ServiceOut]), **_errors(400, 401, 403, 404)},
+    responses={**_ok(list[ServiceOut]), **_errors(400, 404)},
 )
 async def services(
-    ctx: Ctx, _: Reader311, fmt: Format, jurisdiction_id: Jurisdiction = None, lang: Lang = "zh"
+    ctx: Ctx, fmt: Format, jurisdiction_id: Jurisdiction = None, lang: Lang = "zh"
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
     items = [open311.service_entry(s, lang) for s in ctx.desk.catalogue.services.values()]
@@ -190,11 +258,10 @@ async def services(
 @router.get(
     "/services/{service_code}.{fmt}",
     summary="Service definition: the attributes a request for this service carries",
-    responses={**_ok(DefinitionOut), **_errors(400, 401, 403, 404)},
+    responses={**_ok(DefinitionOut), **_errors(400, 404)},
 )
 async def service_definition(
     ctx: Ctx,
-    _: Reader311,
     service_code: Annotated[str, Path(max_length=128)],
     fmt: Format,
     jurisdiction_id: Jurisdiction = None,
@@ -209,11 +276,11 @@ async def service_definition(
 @router.get(
     "/requests.{fmt}",
     summary="Service requests, filtered as the spec says (newest first, at most 1000)",
-    responses={**_ok(list[RequestOut]), **_errors(400, 401, 403, 404)},
+    responses={**_ok(list[RequestOut]), **_errors(400, 403, 404)},
 )
 async def list_requests(
     ctx: Ctx,
-    _: Reader311,
+    who: Reader311,
     fmt: Format,
     service_request_id: Annotated[
         str | None, Query(max_length=20_000, description="Comma-separated ids")
@@ -226,6 +293,7 @@ async def list_requests(
     ] = None,
     jurisdiction_id: Jurisdiction = None,
     lang: Lang = "zh",
+    extensions: Extensions = False,
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
     if service_request_id is not None:
@@ -235,6 +303,10 @@ async def list_requests(
     else:
         start = epoch_ms(start_date, 400)
         end = epoch_ms(end_date, 400)
+        if end is not None and end_date is not None:
+            # The spec's end_date is the latest moment included; datetimes are shown to the
+            # second, so an end_date without a fraction includes its whole second.
+            end += 1 if end_date.microsecond else 1000
         if start is None and end is None:
             end = int(time.time() * 1000) + 1
             start = end - 90 * DAY_MS
@@ -255,34 +327,35 @@ async def list_requests(
         found = await ctx.desk.requests(
             codes=codes, states=states, start_ms=start, end_ms=end, limit=MAX_RESULTS
         )
-    catalogue = ctx.desk.catalogue
-    return respond(fmt, "service_requests", [open311.request_entry(r, catalogue, lang) for r in found])
+    entries = [shown(entry_for(ctx, who, r, lang), extensions) for r in found]
+    return respond(fmt, "service_requests", entries)
 
 
 @router.get(
     "/requests/{service_request_id}.{fmt}",
     summary="One service request (a list of one, as the spec has it)",
-    responses={**_ok(list[RequestOut]), **_errors(400, 401, 403, 404)},
+    responses={**_ok(list[RequestOut]), **_errors(400, 403, 404)},
 )
 async def get_request(
     ctx: Ctx,
-    _: Reader311,
+    who: Reader311,
     service_request_id: Annotated[str, Path(max_length=128)],
     fmt: Format,
     jurisdiction_id: Jurisdiction = None,
     lang: Lang = "zh",
+    extensions: Extensions = False,
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
     found = await ctx.desk.get(service_request_id)
     if found is None:
         raise HTTPException(404, f"no service request {service_request_id!r}")
-    return respond(fmt, "service_requests", [open311.request_entry(found, ctx.desk.catalogue, lang)])
+    return respond(fmt, "service_requests", [shown(entry_for(ctx, who, found, lang), extensions)])
 
 
 @router.get(
     "/tokens/{token}.{fmt}",
     summary="The service request a POST's token stands for (tickets are issued at once)",
-    responses={**_ok(list[TokenOut]), **_errors(400, 401, 403, 404)},
+    responses={**_ok(list[TokenOut]), **_errors(400, 403, 404)},
 )
 async def get_token(
     ctx: Ctx,
@@ -329,7 +402,7 @@ _POST_SCHEMA = {
 @router.post(
     "/requests.{fmt}",
     summary="File a service request (form fields as in the spec, or JSON)",
-    responses={**_ok(list[PostedOut]), **_errors(400, 401, 403, 404, 429)},
+    responses={**_ok(list[PostedOut]), **_errors(400, 403, 404, 429)},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -354,14 +427,15 @@ async def post_request(
     try:
         new = open311_request(ctx.desk.catalogue, form, int(time.time() * 1000))
     except IntakeError as exc:
-        raise HTTPException(400, str(exc)) from None
+        # The spec: 404 for a service_code it does not know, 400 for any other bad field.
+        raise HTTPException(404 if str(exc).startswith("unknown_service") else 400, str(exc)) from None
     view, created = await ctx.desk.file(new, f"{principal.role}:{principal.token_id}")
     notice = open311.request_entry(view, ctx.desk.catalogue, lang)["service_notice"]
     if not created:
         notice = f"duplicate: already filed as {view['id']}"
-    body = [
-        {"service_request_id": view["id"], "token": view["id"], "service_notice": notice, "account_id": None}
-    ]
+    # The ticket is issued at once, so the answer is a service_request_id, not a token (the spec
+    # gives one or the other).
+    body = [{"service_request_id": view["id"], "service_notice": notice, "account_id": None}]
     return respond(fmt, "service_requests", body, 201 if created else 200)
 
 
@@ -374,7 +448,7 @@ async def _post_fields(request: Request) -> dict[str, Any]:
             raise HTTPException(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise HTTPException(400, "the body must be a JSON object")
-        return body
+        return {k: v for k, v in body.items() if not _blank(v)}
     if not content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
         raise HTTPException(400, "send the fields as application/x-www-form-urlencoded (or JSON)")
     form = await request.form()
@@ -383,6 +457,8 @@ async def _post_fields(request: Request) -> dict[str, Any]:
     for key, value in form.multi_items():
         if not isinstance(value, str):
             raise HTTPException(400, f"{key[:64]} must be a text field, not a file (use media_url)")
+        if _blank(value):
+            continue  # the spec: an optional field sent empty is absent (lat=&long= beside an address)
         if key.startswith("attribute[") and "]" in key:
             code = key[len("attribute[") : key.index("]")]
             if key.endswith("[]"):  # multivaluelist: attribute[code][]=a&attribute[code][]=b
@@ -394,3 +470,7 @@ async def _post_fields(request: Request) -> dict[str, Any]:
     if attributes:
         fields["attributes"] = attributes
     return fields
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())

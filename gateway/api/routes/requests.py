@@ -45,6 +45,7 @@ class RequestOut(BaseModel):
     unit: str | None
     household: str | None
     address: str | None
+    address_id: str | None
     lat: float | None
     long: float | None
     media_url: str | None
