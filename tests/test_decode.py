@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from datetime import UTC, datetime, timedelta, timezone
 
-import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -62,8 +63,6 @@ def test_timestamps() -> None:
     assert parse_timestamp(NOW - 5, NOW, WINDOW) == NOW - 5
     assert parse_timestamp("2026-11-18T09:20:00Z", 1_794_993_600_000, WINDOW) == 1_794_993_600_000
     iso = "2026-11-18T09:20:00+08:00"
-    from datetime import datetime
-
     expected = int(datetime.fromisoformat(iso).timestamp() * 1000)
     assert parse_timestamp(iso, expected, WINDOW) == expected
     for bad in [True, 1.5, "yesterday", "2026-11-18T09:20:00", NOW + 3_600_000, NOW - 30 * 86_400_000, [1]]:
@@ -86,7 +85,7 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
@@ -95,9 +94,44 @@ json_values = st.recursive(
 )
 
 
-@given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
-def test_any_json_object_decodes(obj: dict[str, object]) -> None:
-    assert decode_object(orjson.dumps(obj), 64 * 1024) == orjson.loads(orjson.dumps(obj))
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=6), st.booleans())
+def test_any_json_object_decodes_to_what_was_sent(obj: dict[str, object], ascii_only: bool) -> None:
+    # Encoded by the standard library, not by the library the decoder wraps.
+    payload = json.dumps(obj, ensure_ascii=ascii_only).encode()
+    assert decode_object(payload, 64 * 1024) == obj
+
+
+PAST, FUTURE = NOW - WINDOW.max_past_ms, NOW + WINDOW.max_future_ms
+
+
+@given(
+    st.integers(PAST - 86_400_000, FUTURE + 86_400_000)
+    | st.sampled_from([PAST - 1, PAST, FUTURE, FUTURE + 1])
+)
+def test_an_epoch_ms_is_taken_as_is_inside_the_window_and_refused_outside(ts: int) -> None:
+    if PAST <= ts <= FUTURE:
+        assert parse_timestamp(ts, NOW, WINDOW) == ts
+    else:
+        with pytest.raises(Rejected, match=r"^bad_timestamp: "):
+            parse_timestamp(ts, NOW, WINDOW)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@given(
+    st.integers(PAST - 86_400_000, FUTURE + 86_400_000),
+    st.integers(-14 * 60, 14 * 60).map(lambda minutes: timezone(timedelta(minutes=minutes))),
+    st.booleans(),
+)
+def test_an_rfc3339_time_with_any_offset_is_the_same_instant(ms: int, zone: timezone, zulu: bool) -> None:
+    moment = (EPOCH + timedelta(milliseconds=ms)).astimezone(UTC if zulu else zone)
+    text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z" if zulu else "+00:00")
+    if PAST <= ms <= FUTURE:
+        assert parse_timestamp(text, NOW, WINDOW) == ms, text
+    else:
+        with pytest.raises(Rejected, match=r"^bad_timestamp: "):
+            parse_timestamp(text, NOW, WINDOW)
 
 
 @given(st.one_of(st.integers(), st.text(max_size=50), st.floats(), st.booleans(), st.none()))
