@@ -168,7 +168,8 @@ class Gateway:
                 alarms_active=self.alarms.active,
                 desk=self.desk,
                 open311_keyless_reads=settings.services.open311_keyless_reads,
-            )
+            ),
+            max_body_bytes=settings.api.max_body_bytes,
         )
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()

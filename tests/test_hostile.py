@@ -7,11 +7,18 @@ test_settings.py; the API by schemathesis in test_api.py.)
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 import time
+from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
+import httpx
 import orjson
 import paho.mqtt.client as paho
 import pytest
@@ -37,6 +44,7 @@ from gateway.services.intake import (
 from gateway.settings import PipelineSettings
 from gateway.stats import GatewayMetrics
 from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
+from tests.services import GatewayProcess, MosquittoProcess
 
 PROFILES = load_profiles()
 CATALOGUE = load_catalogue()
@@ -116,9 +124,28 @@ def test_terminal_messages_are_taken_or_refused_with_a_reason(obj: dict[str, Any
         lambda: open311_request(CATALOGUE, obj, ts),
     ):
         try:
-            intake()
+            taken = intake()
         except IntakeError as exc:
             assert ":" in str(exc)
+        else:  # what people typed is kept without a character some output cannot carry
+            for text in strings(vars_of(taken)):
+                assert not CONTROL.search(text), text
+
+
+def vars_of(record: Any) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__ if name != "service"}
+
+
+def strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings(key)
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
 
 
 # Well-formed terminal messages, built from the contract (docs/services.md) and the catalogue:
@@ -352,3 +379,196 @@ async def test_hostile_traffic_over_a_real_broker_is_refused_and_the_gateway_kee
         ).json()
         assert {item["reason_code"] for item in flooded["items"]} == {"rate_limited"}
         assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+# -- HTTP bodies, over a real `cgw run` --------------------------------------------------------------
+
+OPERATOR = "hostile-operator"
+TERMINAL = "hostile-terminal"
+SERVICE = "elderly.home_visit"
+
+
+@pytest.fixture(scope="module")
+def http_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One `cgw run` for the HTTP tests (they only read what they filed themselves)."""
+    folder = tmp_path_factory.mktemp("http")
+    broker = MosquittoProcess(folder / "broker")
+    broker.start()
+    gateway = GatewayProcess(
+        folder / "gateway",
+        {
+            "CGW_MQTT__URL": broker.url,
+            "CGW_AUTH__TOKENS": orjson.dumps({OPERATOR: "operator", TERMINAL: "terminal"}).decode(),
+            "CGW_AUTH__WRITE_RATE_LIMIT": "",
+        },
+    )
+    gateway.start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        broker.kill()
+
+
+def http(gateway: GatewayProcess, token: str = OPERATOR) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def routes(gateway: GatewayProcess) -> list[tuple[str, str]]:
+    """(method, path) of every operation in the OpenAPI document, with sample path values."""
+    document = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()
+    out = []
+    for path, operations in document["paths"].items():
+        concrete = re.sub(r"\{fmt\}", "json", path)
+        concrete = re.sub(r"\{[^}]+\}", "x1", concrete)
+        out.extend((method.upper(), concrete) for method in operations)
+    return out
+
+
+def test_every_route_refuses_a_body_over_the_limit_unread(http_gateway: GatewayProcess) -> None:
+    big = b"x" * (64 * 1024 + 1)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the bound holds as the body arrives
+        for _ in range(40):
+            yield b"y" * 2048
+
+    with http(http_gateway) as client:
+        operations = routes(http_gateway)
+        assert len(operations) > 30
+        for method, path in operations:
+            for body in (big, chunks()):
+                response = client.request(
+                    method, path, content=body, headers={"content-type": "application/json"}
+                )
+                assert response.status_code == 413, (method, path, response.status_code)
+                error = response.json()
+                text = error[0]["description"] if path.startswith("/open311/") else error["detail"]
+                assert "api.max_body_bytes" in text
+        response = client.post("/open311/v2/requests.xml", content=big)
+        assert response.status_code == 413 and b"<errors>" in response.content
+        # Just under the bound is read and judged on its merits.
+        small = client.post("/api/v1/proposals", json={"title": "t", "description": "d" * 4000})
+        assert small.status_code == 201, small.text
+
+
+def nested(depth: int, inner: Any = 1) -> Any:
+    value = inner
+    for level in range(depth):
+        value = [value] if level % 2 else {"a": value}
+    return value
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    depth=st.integers(min_value=1, max_value=5000), wrap=st.sampled_from(["attributes", "description", "top"])
+)
+def test_json_of_any_depth_is_taken_or_refused_never_a_500(
+    http_gateway: GatewayProcess, depth: int, wrap: str
+) -> None:
+    # Built as text: orjson itself refuses to write more than 255 levels.
+    inner = ("[" * depth) + "1" + ("]" * depth)
+    body = {
+        "top": inner,
+        "attributes": '{"service_code":"' + SERVICE + '","building":"1","attributes":' + inner + "}",
+        "description": '{"service_code":"' + SERVICE + '","building":"1","description":' + inner + "}",
+    }[wrap]
+    with http(http_gateway, TERMINAL) as client:
+        for path in ("/open311/v2/requests.json", "/api/v1/proposals", "/api/v1/events/1/ack"):
+            token = TERMINAL if path.startswith("/open311/") else OPERATOR
+            response = client.post(
+                path,
+                content=body,
+                headers={"content-type": "application/json", "Authorization": f"Bearer {token}"},
+            )
+            assert response.status_code < 500, (path, depth, response.text[:200])
+            if depth > 32:
+                assert response.status_code == 400 and "deeper than 32" in response.text
+
+
+# Any text people could type, control characters and lone surrogates included.
+TYPED = st.text(st.characters(codec=None, exclude_categories=()), max_size=60)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(description=TYPED, note=TYPED, title=TYPED)
+def test_typed_text_of_any_kind_leaves_every_output_well_formed(
+    http_gateway: GatewayProcess, description: str, note: str, title: str
+) -> None:
+    with http(http_gateway, TERMINAL) as terminal, http(http_gateway) as operator:
+        form = {"service_code": SERVICE, "building": "1", "description": description}
+        filed = terminal.post("/open311/v2/requests.json", json=form)
+        assert filed.status_code in (200, 201, 400), filed.text
+        if filed.status_code != 400:
+            ticket = filed.json()[0]["service_request_id"]
+            moved = operator.post(
+                f"/api/v1/requests/{ticket}/transitions", json={"to": "triaged", "note": note}
+            )
+            assert moved.status_code in (200, 409, 422), moved.text
+            xml = terminal.get(f"/open311/v2/requests/{ticket}.xml")
+            assert xml.status_code == 200
+            root = ElementTree.fromstring(xml.content)  # well-formed, whatever was typed
+            shown = root.findtext("request/description") or ""
+            assert not CONTROL.search(shown)
+            assert orjson.loads(terminal.get(f"/open311/v2/requests/{ticket}.json").content)
+        proposal = operator.post("/api/v1/proposals", json={"title": title or "x"})
+        assert proposal.status_code in (201, 422), proposal.text
+        plan = operator.get("/api/v1/plan.csv")
+        assert plan.status_code == 200
+        for row in csv.DictReader(io.StringIO(plan.text.lstrip("\ufeff"))):
+            for cell in row.values():
+                assert not (cell or "").startswith(("=", "+", "-", "@", "\t", "\r")), row
+                assert not CONTROL.search(cell or "")
+
+
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def test_a_formula_typed_into_a_proposal_is_plain_text_in_the_csv(http_gateway: GatewayProcess) -> None:
+    with http(http_gateway) as operator:
+        for title in ('=HYPERLINK("http://evil","x")', "+1+1", "-2+3", "@SUM(A1)", "\t=1"):
+            assert operator.post("/api/v1/proposals", json={"title": title}).status_code == 201
+        text = operator.get("/api/v1/plan.csv").text.lstrip("\ufeff")
+        titles = {row["title"] for row in csv.DictReader(io.StringIO(text))}
+        assert '\'=HYPERLINK("http://evil","x")' in titles and "'+1+1" in titles and "'@SUM(A1)" in titles
+        # The JSON keeps what was typed.
+        shown = {p["title"] for p in operator.get("/api/v1/plan.json").json()["proposals"]}
+        assert "+1+1" in shown
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    url=st.one_of(
+        TYPED,
+        st.sampled_from(["javascript:alert(1)", "JavaScript:alert(1)", " javascript:x", "data:text/html,x",
+                         "file:///etc/passwd", "vbscript:x", "//evil.example/x", "http:/x"]),
+        st.builds("{}://{}".format, st.sampled_from(["http", "https", "HTTPS", "ftp", "javascript"]), TYPED),
+    )
+)  # fmt: skip
+def test_media_url_takes_only_web_links(http_gateway: GatewayProcess, url: str) -> None:
+    with http(http_gateway, TERMINAL) as terminal:
+        form = {"service_code": SERVICE, "building": "1", "media_url": url}
+        filed = terminal.post("/open311/v2/requests.json", json=form)
+        if filed.status_code == 400:
+            return
+        assert filed.status_code in (200, 201), filed.text
+        ticket = filed.json()[0]["service_request_id"]
+        kept = terminal.get(f"/open311/v2/requests/{ticket}.json").json()[0]["media_url"]
+        assert kept is None or (kept.lower().startswith(("http://", "https://")) and "://" in kept)
+        assert kept is None or urlsplit(kept).netloc
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(device_id=st.one_of(st.sampled_from(["aq-1", "h-good", "service-desk", "district"]), TYPED))
+def test_an_open311_device_id_never_names_a_real_device(http_gateway: GatewayProcess, device_id: str) -> None:
+    with http(http_gateway, TERMINAL) as terminal, http(http_gateway) as operator:
+        form = {"service_code": SERVICE, "building": "1", "device_id": device_id}
+        filed = terminal.post("/open311/v2/requests.json", json=form)
+        assert filed.status_code in (200, 201, 400), filed.text
+        if filed.status_code == 400:
+            return
+        ticket = filed.json()[0]["service_request_id"]
+        kept = operator.get(f"/api/v1/requests/{ticket}").json()["device_id"]
+        assert kept is None or (kept.startswith("open311:") and not DEVICE_ID.fullmatch(kept))
+
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__, dashboard
+from gateway.api.bodies import BodyGuard
 from gateway.api.context import ApiContext
 from gateway.api.routes import devices, evaluation, events, health, needs, open311, requests, stream
 
@@ -25,7 +26,7 @@ need a role that allows them. `/healthz` and `/readyz` need no token.
 """
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
+def create_app(ctx: ApiContext, *, max_body_bytes: int = 64 * 1024) -> FastAPI:
     app = FastAPI(
         title="cgw: community edge gateway",
         version=__version__,
@@ -51,6 +52,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(needs.router)
     app.include_router(evaluation.router)
     dashboard.mount(app)
+    app.add_middleware(BodyGuard, max_bytes=max_body_bytes, refuse=_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -59,14 +61,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         message = f"{where}: {first.get('msg', 'invalid')}{more}"
         if request.url.path.startswith(OPEN311):
-            return _open311_error(request, 400, message, None)
+            return _open311_error(request.url.path, 400, message, None)
         return JSONResponse({"detail": message}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if request.url.path.startswith(OPEN311):
-            return _open311_error(request, exc.status_code, str(exc.detail), exc.headers)
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return _error(request.url.path, exc.status_code, str(exc.detail), exc.headers)
 
     return app
 
@@ -74,10 +74,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
 OPEN311 = "/open311/"
 
 
-def _open311_error(
-    request: Request, status: int, message: str, headers: Mapping[str, str] | None
-) -> Response:
+def _error(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An error in the format of the part of the API that was asked."""
+    if path.startswith(OPEN311):
+        return _open311_error(path, status, message, headers)
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def _open311_error(path: str, status: int, message: str, headers: Mapping[str, str] | None) -> Response:
     """The GeoReport v2 error format: a list of {code, description}, in the format asked for."""
     errors = [{"code": status, "description": message}]
-    fmt = "xml" if request.url.path.endswith(".xml") else "json"
+    fmt = "xml" if path.endswith(".xml") else "json"
     return open311.respond(fmt, "errors", errors, status, headers)

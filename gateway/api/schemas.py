@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+from gateway.text import clean
 
 SeverityName = Literal["info", "warning", "critical"]
+# What people type: control characters replaced, so every output (XML, CSV, JSON) carries it.
+Text = Annotated[str, AfterValidator(clean)]
 
 
 class ErrorBody(BaseModel):
@@ -115,7 +119,7 @@ class EventList(BaseModel):
 
 
 class AckIn(BaseModel):
-    note: str = Field("", max_length=1000, description="Why, or what was done")
+    note: Text = Field("", max_length=1000, description="Why, or what was done")
 
 
 class DeadLetterOut(BaseModel):

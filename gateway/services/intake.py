@@ -12,13 +12,20 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.services.catalogue import Attribute, Catalogue, Service
+from gateway.text import clean
 
 MAX_DESCRIPTION = 4000
 MAX_TEXT = 2000
 KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 CHOICES = ("yes", "no", "abstain")
+# A photo is a link a browser follows: only to the web, never javascript:, data: or file:.
+MEDIA_SCHEMES = ("http", "https")
+# Open311 clients name their own device; kept under this prefix, which no MQTT device id can
+# carry (`:` is not in [A-Za-z0-9_-]), so a form can never speak for a real device.
+OPEN311_DEVICE = "open311:"
 
 
 class IntakeError(ValueError):
@@ -94,7 +101,7 @@ def terminal_request(
         floor=_floor(location.get("floor")),
         unit=_text(location.get("unit"), "location.unit", 32),
         address=_address(building, _text(location.get("unit"), "location.unit", 32)),
-        contact={"contact": contact[:200]} if contact else {},
+        contact={"contact": clean(contact[:200])} if contact else {},
         attributes=check_attributes(service, obj.get("attributes", {})),
     )
 
@@ -113,11 +120,12 @@ def open311_request(catalogue: Catalogue, form: dict[str, Any], now_ms: int) -> 
         raise IntakeError(
             "schema: a location is required: lat and long, address_string, address_id or building"
         )
-    device_id = _text(form.get("device_id"), "device_id", 128)
+    client_device = _text(form.get("device_id"), "device_id", 128)
+    device_id = OPEN311_DEVICE + client_device if client_device else None
     client_request = form.get("request_id")
     key = None
     if client_request is not None:
-        key = request_key(f"open311:{device_id or 'anonymous'}", client_request)
+        key = request_key(device_id or f"{OPEN311_DEVICE}anonymous", client_request)
     contact = {
         name: value
         for name in ("email", "phone", "first_name", "last_name", "account_id")
@@ -137,7 +145,7 @@ def open311_request(catalogue: Catalogue, form: dict[str, Any], now_ms: int) -> 
         address_id=address_id,
         lat=_coordinate(lat, "lat", 90),
         long=_coordinate(long, "long", 180),
-        media_url=_text(form.get("media_url"), "media_url", 1000),
+        media_url=_media_url(form.get("media_url")),
         contact=contact,
         attributes=check_attributes(service, form.get("attributes", {})),
     )
@@ -270,7 +278,21 @@ def _text(value: object, name: str, limit: int) -> str | None:
         raise IntakeError(f"schema: {name} must be a string")
     if len(value) > limit:
         raise IntakeError(f"schema: {name} is longer than {limit} characters")
-    return value.strip() or None
+    return clean(value).strip() or None
+
+
+def _media_url(value: object) -> str | None:
+    url = _text(value, "media_url", 1000)
+    if url is None:
+        return None
+    refusal = IntakeError(f"schema: media_url must be an http:// or https:// link, got {url[:64]!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [ where an IPv6 address would be
+        raise refusal from None
+    if parts.scheme.lower() not in MEDIA_SCHEMES or not parts.netloc:
+        raise refusal
+    return url
 
 
 def _comment(value: object) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from gateway.services.catalogue import Catalogue, Service
+from gateway.text import clean
 
 # The spec's discovery example names XML `text/xml`; answers say so, and that they are UTF-8.
 XML_TYPE = "text/xml"
@@ -135,8 +136,9 @@ def _fill(element: ET.Element, data: dict[str, Any]) -> None:
                 if isinstance(item, dict):
                     _fill(sub, item)
                 else:
-                    sub.text = str(item)
+                    sub.text = clean(str(item))
         elif isinstance(value, bool):
             child.text = "true" if value else "false"
         elif value is not None:
-            child.text = str(value)
+            # Intake already cleaned what people typed; this keeps older records well-formed too.
+            child.text = clean(str(value))

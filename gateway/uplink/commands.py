@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway import __version__
 from gateway.models import DISTRICT, DeviceEvent
@@ -40,6 +40,7 @@ from gateway.services.lifecycle import State, TransitionError
 from gateway.services.store import DeskError
 from gateway.store import commands as ledger
 from gateway.store.writer import StoreWriter
+from gateway.text import clean
 from gateway.uplink.items import public_request
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Transition(_Command):
     service_request_id: str = Field(min_length=1, max_length=64)
     to: State
     provider_id: str | None = Field(None, max_length=64)
-    note: str = Field("", max_length=1000)
+    note: Annotated[str, AfterValidator(clean)] = Field("", max_length=1000)
     merged_into: str | None = Field(None, max_length=64)
 
 

@@ -18,11 +18,12 @@ from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.routes.requests import REFUSED, refused
-from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody
+from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
 from gateway.durations import parse_duration
 from gateway.services import needs
 from gateway.services.intake import IntakeError, NewVote, household_key
 from gateway.services.store import DeskError
+from gateway.text import csv_cell
 
 router = APIRouter(prefix="/api/v1", tags=["needs and plans"])
 Ctx = Annotated[ApiContext, Depends(context)]
@@ -88,8 +89,8 @@ class NeedsList(BaseModel):
 
 
 class ProposalIn(BaseModel):
-    title: str = Field(min_length=1, max_length=200)
-    description: str = Field("", max_length=4000)
+    title: Text = Field(min_length=1, max_length=200)
+    description: Text = Field("", max_length=4000)
     need_ids: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=100)
     closes: datetime | None = Field(None, description="When voting closes (optional)")
 
@@ -307,7 +308,7 @@ async def plan(
     writer = csv.DictWriter(buffer, fieldnames=PLAN_COLUMNS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "needs": ";".join(row["needs"])})
+        writer.writerow({k: csv_cell(v) for k, v in {**row, "needs": ";".join(row["needs"])}.items()})
     headers = {"Content-Disposition": f'attachment; filename="plan-{ctx.community}.csv"'}
     # A byte-order mark so spreadsheet programs open the Chinese text as UTF-8.
     return Response("\ufeff" + buffer.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
-from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody
+from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
 from gateway.services.intake import NewRating
 from gateway.services.lifecycle import State
 from gateway.services.store import DeskError, TransitionError
@@ -88,7 +88,7 @@ class RequestList(BaseModel):
 
 class TransitionIn(BaseModel):
     to: State = Field(description="The lifecycle stage to move to")
-    note: str = Field("", max_length=2000, description="Why (kept in the audit trail and as status_notes)")
+    note: Text = Field("", max_length=2000, description="Why (kept in the audit trail and as status_notes)")
     provider_id: str | None = Field(None, max_length=64, description="When assigning: who delivers")
     merged_into: str | None = Field(
         None, max_length=128, description="When merging: the request it duplicates"
@@ -98,7 +98,7 @@ class TransitionIn(BaseModel):
 
 class RatingIn(BaseModel):
     score: int = Field(ge=1, le=5)
-    comment: str = Field("", max_length=2000)
+    comment: Text = Field("", max_length=2000)
     ts: datetime | None = None
 
 
@@ -110,8 +110,8 @@ class RatingResult(BaseModel):
 class AssessmentIn(BaseModel):
     provider_id: str = Field(max_length=64)
     score: int = Field(ge=1, le=5)
-    assessor: str = Field(min_length=1, max_length=200, description="Who assessed (a third party)")
-    comment: str = Field("", max_length=2000)
+    assessor: Text = Field(min_length=1, max_length=200, description="Who assessed (a third party)")
+    comment: Text = Field("", max_length=2000)
     service_code: str | None = Field(None, max_length=128)
     service_request_id: str | None = Field(None, max_length=128)
     ts: datetime | None = None
