@@ -145,6 +145,7 @@ class SimRequest:
     steps: list[tuple[int, str]] = field(default_factory=list)  # (ts, state) after submitted
     provider_id: str | None = None
     score: int | None = None
+    merged_into: str | None = None  # the ticket it was merged into
 
 
 @dataclass
@@ -427,7 +428,7 @@ class ServiceSimulation:
                     if response.status_code != 200:
                         raise RuntimeError(f"{r.ticket} → {state}: {response.status_code} {response.text}")
                 if r.steps and r.steps[0][1] == "merged":
-                    r.provider_id = None
+                    r.merged_into, r.provider_id = r.provider_id, None
 
         await asyncio.gather(*(one(r) for r in requests))
 

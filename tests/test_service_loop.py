@@ -9,12 +9,12 @@ here from the simulation's own log, with the definitions of docs/services.md, an
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import statistics
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,85 @@ def assert_figures(actual: dict[str, Any], expected: dict[str, Any], where: str)
             )
 
 
+def signals_of(requests: list[SimRequest]) -> list[tuple[int, str, str, str]]:
+    """Need signals (docs/services.md): one per request filed; the one a sensor's fault filed is
+    the sensor's signal, not a resident's."""
+    return [
+        (r.requested_ms, r.service_group, r.building or "community",
+         "sensor" if r.request_id.startswith("sensor-") else "resident")
+        for r in requests
+    ]  # fmt: skip
+
+
+def poisson_upper_tail(k: int, lam: Decimal) -> Decimal:
+    """P(X >= k), X ~ Poisson(lam), as 1 - P(X < k) in 60-digit decimals (not the gateway's sum)."""
+    term, below = Decimal(1), Decimal(0)
+    for i in range(k):
+        if i:
+            term = term * lam / i
+        below += term
+    return 1 - (-lam).exp() * below
+
+
+def expected_hotspots(
+    requests: list[SimRequest], end_ms: int, window_ms: int, baseline_ms: int, alpha: float = 0.001
+) -> dict[tuple[str, str | None], dict[str, Any]]:
+    """Hotspot cells in the order the API must give them, each with k, b, λ, p and threshold."""
+    start, baseline_start = end_ms - window_ms, end_ms - window_ms - baseline_ms
+    k: Counter[tuple[str, str]] = Counter()
+    b: Counter[tuple[str, str]] = Counter()
+    sources: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for ts, group, building, source in signals_of(requests):
+        if start <= ts < end_ms:
+            k[(group, building)] += 1
+            sources[(group, building)][source] += 1
+        elif baseline_start <= ts < start:
+            b[(group, building)] += 1
+    level = alpha / len(set(k) | set(b))
+    spots = []
+    with localcontext() as ctx:
+        ctx.prec = 60
+        for cell, count in k.items():
+            lam = (b[cell] + Decimal("0.5")) * window_ms / baseline_ms
+            p = poisson_upper_tail(count, lam)
+            if count >= 3 and p < Decimal(level):
+                spots.append((cell, {"k": count, "b": b[cell], "lam": float(lam), "p": float(p),
+                                     "level": level, "sources": dict(sources[cell])}))  # fmt: skip
+    spots.sort(key=lambda s: (-round(-math.log10(s[1]["p"]), 2), -s[1]["k"]))
+    return {(g, None if building == "community" else building): spot for (g, building), spot in spots}
+
+
+def expected_needs_list(requests: list[SimRequest]) -> dict[str, dict[str, Any]]:
+    """Each need's members, households, sensor signals, priority and its score as a function of
+    the time it is computed at: priority × (households + ½ × sensor signals) × (1 + age days / 7)."""
+    data = yaml.safe_load(CATALOGUE.read_text(encoding="utf-8"))
+    priorities = {code: group["priority"] for code, group in data["groups"].items()}
+    final = {r.ticket: outcome(r)[0] for r in requests}
+    members: dict[str, list[SimRequest]] = defaultdict(list)
+    for r in requests:
+        if final[r.ticket] in ACTIVE or (
+            final[r.ticket] == "merged" and final[r.merged_into or ""] in ACTIVE
+        ):
+            members[f"{r.service_code}@{r.building or 'community'}"].append(r)
+    sensors = Counter(
+        f"{r.service_code}@{r.building}" for r in requests if r.request_id.startswith("sensor-")
+    )  # all within the last week (the default `recent`)
+    out = {}
+    for need_id, group in members.items():
+        households = len({f"{r.building}/{r.unit}" if r.unit else r.ticket for r in group})
+        oldest = min(r.requested_ms for r in group)
+        priority = priorities[group[0].service_group]
+
+        def score(now: float, h: int = households, s: int = sensors[need_id], p: int = priority,
+                  o: int = oldest) -> float:  # fmt: skip
+            return round(p * (h + 0.5 * s) * (1 + (now - o) / 86_400_000 / 7), 3)
+
+        out[need_id] = {"requests": sorted(r.ticket for r in group), "households": households,
+                        "sensor_signals": sensors[need_id], "priority": priority, "oldest_ms": oldest,
+                        "score": score}  # fmt: skip
+    return out
+
+
 @pytest.fixture
 async def simulated_week(tmp_path: Path, mosquitto: Any, victoria: Any) -> Any:
     influx = InfluxSettings(url=victoria.url, token="t", org="o", bucket="b", flush_interval_s=0.1)
@@ -138,19 +217,27 @@ async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None
     async with api(gw) as client:
         start, end = iso(log.start_ms - 3_600_000), iso(log.end_ms + 1)
 
-        # 1. The hotspot is found, and said why; a window before it has no such hotspot.
+        # 1. The hotspot is found, with its k, b, λ, p and threshold recomputed from the log; a
+        # window before it has no such hotspot.
         found = (
             await client.get("/api/v1/needs/hotspots", params={"end": iso(log.end_ms), "baseline": "6d"})
         ).json()
+        expected_spots = expected_hotspots(log.requests, log.end_ms, 86_400_000, 6 * 86_400_000)
+        assert [(h["service_group"], h["building"]) for h in found["items"]] == list(expected_spots)
+        assert ("facility", "3") in expected_spots
+        for h in found["items"]:
+            spot = expected_spots[(h["service_group"], h["building"])]
+            assert h["count"] == spot["k"] and h["expected"] == round(spot["lam"], 3)
+            assert h["p_value"] == pytest.approx(spot["p"], rel=1e-9, abs=0)
+            assert h["sources"] == spot["sources"] and f"threshold {spot['level']:.2g}" in h["why"]
         top = found["items"][0]
-        assert (top["service_group"], top["building"]) == ("facility", "3"), found["items"]
-        assert top["count"] >= 25 and top["sources"]["sensor"] == 1 and "building 3" in top["why"]
+        assert top["sources"]["sensor"] == 1 and "building 3" in top["why"]
         earlier = await client.get(
             "/api/v1/needs/hotspots", params={"end": iso(log.end_ms - 2 * 86_400_000), "baseline": "4d"}
         )
-        assert not [
-            h for h in earlier.json()["items"] if (h["service_group"], h["building"]) == ("facility", "3")
-        ]
+        before = expected_hotspots(log.requests, log.end_ms - 2 * 86_400_000, 86_400_000, 4 * 86_400_000)
+        assert ("facility", "3") not in before
+        assert [(h["service_group"], h["building"]) for h in earlier.json()["items"]] == list(before)
 
         # 2. Every evaluation figure, overall and by service and by provider, recomputed here.
         overall = (await client.get("/api/v1/evaluation", params={"start": start, "end": end})).json()["rows"]
@@ -178,27 +265,25 @@ async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None
         for row in by_provider:
             assert_figures(row, expected_figures(providers[row["key"]], assessed[row["key"]]), row["key"])
 
-        # 3. The needs list: open requests merged by service and building, households counted once.
+        # 3. The needs list: open requests (and those merged into them) by service and building,
+        # households counted once, each score recomputed from the formula of docs/services.md.
+        asked = time.time() * 1000
         needs = (await client.get("/api/v1/needs")).json()["items"]
-        final = {r.ticket: outcome(r)[0] for r in log.requests}
-        expected_needs: dict[str, set[str]] = defaultdict(set)
-        merged_into = {}
-        for r in log.requests:
-            for ts, step in r.steps:
-                if step == "merged":
-                    merged_into[r.ticket] = ts
-        for r in log.requests:
-            state = final[r.ticket]
-            if state in ACTIVE:
-                expected_needs[f"{r.service_code}@{r.building}"].add(
-                    f"{r.building}/{r.unit}" if r.unit else r.ticket
-                )
-        got_needs = {n["need_id"]: n for n in needs}
-        for need_id, households in expected_needs.items():
-            assert need_id in got_needs, need_id
-            assert got_needs[need_id]["households"] >= len(households)
+        answered = time.time() * 1000
+        expected_needs = expected_needs_list(log.requests)
+        assert {n["need_id"] for n in needs} == set(expected_needs)
+        for need in needs:
+            expected = expected_needs[need["need_id"]]
+            assert {
+                k: need[k] for k in ("requests", "households", "sensor_signals", "priority", "oldest_ms")
+            } == {
+                k: expected[k] for k in ("requests", "households", "sensor_signals", "priority", "oldest_ms")
+            }, need["need_id"]
+            # The server's clock read lies between the two reads here; the score grows with age.
+            assert expected["score"](asked) <= need["score"] <= expected["score"](answered), need["need_id"]
         assert [n["rank"] for n in needs] == list(range(1, len(needs) + 1))
-        assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(needs))
+        assert needs == sorted(needs, key=lambda n: (-n["score"], n["oldest_ms"]))
+        final = {r.ticket: outcome(r)[0] for r in log.requests}
 
         # 4. Votes: one per household, counted as cast.
         proposal = (await client.get(f"/api/v1/proposals/{log.proposal_id}")).json()
