@@ -3,11 +3,13 @@
 Checks the settings (profiles, inventory, uplink telemetry choice, API tokens), the data
 directory (writable, not lost at reboot, room for the outbox), both stores, the API port, the
 broker and the district uplink (with the configured credentials), the time-series store
-(reachable, token accepted) and the clock. docs/operations.md lists every finding.
+(reachable, token accepted) and the clock. A check changes nothing: a data directory that is not
+there yet is reported as created on first start, not made. docs/operations.md lists every finding.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sqlite3
@@ -86,18 +88,18 @@ def _profiles_and_inventory(settings: Settings) -> Finding:
 
 
 def _data_dir(path: Path) -> Finding:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".cgw-doctor"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
+    """Writable, or creatable by this user; a check creates nothing (the gateway makes it)."""
+    existing = _nearest_existing(path)
+    if existing != path and not existing.is_dir():
         return Finding(
-            False,
-            "data dir",
-            f"{path} is not writable ({exc.strerror}): fix its owner/permissions or set CGW_DATA_DIR",
+            False, "data dir", f"{path} cannot be created: {existing} is not a folder; set CGW_DATA_DIR"
         )
-    free_mb = shutil.disk_usage(path).free // (1024 * 1024)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        return Finding(
+            False, "data dir", f"{path} {what} by this user: fix its owner/permissions or set CGW_DATA_DIR"
+        )
+    free_mb = shutil.disk_usage(existing).free // (1024 * 1024)
     if free_mb < MIN_FREE_MB:
         return Finding(
             False,
@@ -105,7 +107,17 @@ def _data_dir(path: Path) -> Finding:
             f"only {free_mb} MiB free under {path}: free space or move CGW_DATA_DIR "
             f"(want ≥ {MIN_FREE_MB} MiB)",
         )
-    return Finding(True, "data dir", f"{path} writable, {free_mb} MiB free")
+    state = "writable" if existing == path else "will be created on first start"
+    return Finding(True, "data dir", f"{path} {state}, {free_mb} MiB free")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists."""
+    path = path.absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path("/")
 
 
 def _store(check: str, path: Path, known: int) -> Finding:
@@ -129,7 +141,7 @@ def _store(check: str, path: Path, known: int) -> Finding:
 
 
 def _volatile(path: Path) -> Finding:
-    fstype = _filesystem(path)
+    fstype = _filesystem(_nearest_existing(path))
     if fstype in VOLATILE:
         return Finding(
             False,
@@ -161,7 +173,7 @@ def _filesystem(path: Path) -> str | None:
 
 def _outbox_room(settings: Settings) -> Finding:
     try:
-        free = shutil.disk_usage(settings.data_dir).free
+        free = shutil.disk_usage(_nearest_existing(settings.data_dir)).free
     except OSError:
         return Finding(True, "outbox", "the data dir is not there yet")
     bound = settings.outbox.max_bytes
@@ -307,6 +319,16 @@ def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:
     if not s.enabled:
         return [
             Finding(True, "time-series store", "not configured (CGW_INFLUX__URL empty): local store only")
+        ]
+    if not s.token.get_secret_value().strip():
+        return [
+            Finding(
+                False,
+                "time-series store",
+                f"influx.url is {s.url} but the token is empty: InfluxDB v2 needs one that may write "
+                f"to {s.org}/{s.bucket}; set CGW_INFLUX__TOKEN (or empty CGW_INFLUX__URL: no "
+                "time-series sink)",
+            )
         ]
     headers = {"Authorization": f"Token {s.token.get_secret_value()}"}
     try:

@@ -306,6 +306,12 @@ class Settings(BaseSettings):
     modbus: ModbusSettings = ModbusSettings()
     services: ServicesSettings = ServicesSettings()
 
+    @field_validator("data_dir", "inventory", "profiles_dir")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        # `~/...` in a settings file means the user's home, as it does in a shell.
+        return value.expanduser() if value is not None else None
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ from gateway.settings import load_settings
 from tests.services import MosquittoProcess, VictoriaMetricsProcess, free_port
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -146,3 +148,53 @@ def test_the_uplink_is_checked(env: dict[str, str], district_mosquitto: Mosquitt
     env["CGW_UPLINK__URL"] = f"mqtt://127.0.0.1:{free_port()}"
     finding = problem(env, "uplink")
     assert not finding.blocking and "CGW_UPLINK__URL" in finding.detail
+
+
+def test_the_local_example_passes_and_doctor_creates_nothing(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    """README's by-hand path: `cgw doctor -c deploy/cgw.local.yaml` on a user's machine (its home
+    here is a fresh folder; the broker and the API port are this machine's)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "CGW_MQTT__URL": mosquitto.url,
+        "CGW_API__PORT": str(free_port()),
+        "CGW_AUTH__TOKENS": '{"doctor-token": "operator"}',
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "doctor", "-c", str(ROOT / "deploy" / "cgw.local.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+    data = home / ".local" / "share" / "cgw"
+    assert f"ok   data dir: {data} will be created on first start" in result.stdout
+    assert "time-series store: not configured" in result.stdout
+    # A check changes nothing: no data folder, nothing in the home or the working folder.
+    assert list(home.iterdir()) == [] and not data.exists()
+    assert list(work.iterdir()) == []
+
+
+def test_a_data_dir_that_cannot_be_created_fails(env: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env["CGW_DATA_DIR"] = str(blocker / "data")
+    assert "is not a folder" in problem(env, "data dir").detail
+    assert not (blocker / "data").exists()
+
+
+def test_an_empty_influx_token_is_named_as_such(env: dict[str, str]) -> None:
+    env["CGW_INFLUX__TOKEN"] = ""
+    finding = problem(env, "time-series store")
+    assert (
+        finding.blocking and "the token is empty" in finding.detail and "CGW_INFLUX__TOKEN" in finding.detail
+    )
+    assert "cannot reach" not in finding.detail
