@@ -1,8 +1,9 @@
 """The composition root: builds every component from the settings and runs their lifecycles.
 
-`Gateway.run()` opens the store, then runs drivers, pipeline, store writer, maintenance, sinks and
-the API as tasks of one TaskGroup. `stop()` drains in order: drivers stop taking input, the
-pipeline empties, the store and the sinks flush, then the API closes.
+`Gateway.run()` locks the data folder (gateway/store/lock.py), opens the store, then runs
+drivers, pipeline, store writer, maintenance, sinks and the API as tasks of one TaskGroup.
+`stop()` drains in order: drivers stop taking input, the pipeline empties, the store and the
+sinks flush, then the API closes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gateway.settings import Settings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
+from gateway.store.lock import DataDirLock
 from gateway.store.maintenance import StoreMaintenance
 from gateway.store.outbox import Outbox
 from gateway.store.queries import StoreReader
@@ -63,8 +65,17 @@ class _EmbeddedServer(uvicorn.Server):
 class Gateway:
     """One running gateway. Build it, `await run()`, call `stop()` to shut down cleanly."""
 
-    def __init__(self, settings: Settings, extra_drivers: list[Driver] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        extra_drivers: list[Driver] | None = None,
+        data_lock: DataDirLock | None = None,
+    ) -> None:
+        """`data_lock`: the data folder's lock when the caller holds it already (the demo, which
+        starts its broker there first); otherwise `run()` takes and releases its own."""
         self.settings = settings
+        self._own_lock = data_lock is None
+        self.data_lock = data_lock or DataDirLock(settings.data_dir)
         self.metrics = GatewayMetrics()
         self.profiles = load_profiles(settings.profiles_dir)
         self.inventory = (
@@ -222,7 +233,14 @@ class Gateway:
         self._stop.set()
 
     async def run(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_lock.acquire()  # a second gateway on this folder stops here, naming the first
+        try:
+            await self._run()
+        finally:
+            if self._own_lock:
+                self.data_lock.release()
+
+    async def _run(self) -> None:
         self.registry.restore(await self.writer.open())
         self.registry.apply_inventory(self.inventory)
         await self.desk.open(self.router.deliver)

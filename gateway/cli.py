@@ -32,7 +32,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# soft_wrap: a line is never cut at the terminal's width, nor at 80 columns when the output is
+# not a terminal (systemd's journal, a pipe): one error, one line, as docs/operations.md promises.
+console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)  # long commands stay on one line, ready to copy
 
 ConfigOption = Annotated[

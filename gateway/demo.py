@@ -18,6 +18,7 @@ from typing import Any
 from gateway.application import Gateway
 from gateway.broker import LocalBroker, free_port, port_open
 from gateway.settings import Settings
+from gateway.store.lock import DataDirLock
 from simulators.community import TERMINALS, build_community
 from simulators.residents import Hotspot, ServiceSimConfig, ServiceSimulation
 from simulators.run import SimulationConfig, simulate
@@ -67,7 +68,22 @@ async def run_demo(
 ) -> None:
     """Run until `stop` is set, the duration ends, or the task is cancelled."""
     stop = stop or asyncio.Event()
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    # Locked before anything is written there: a second demo on this folder stops here.
+    lock = DataDirLock(options.data_dir)
+    lock.acquire()
+    try:
+        await _run_demo(options, base, on_ready, stop, lock)
+    finally:
+        lock.release()
+
+
+async def _run_demo(
+    options: DemoOptions,
+    base: Settings,
+    on_ready: Callable[[DemoInfo], None],
+    stop: asyncio.Event,
+    lock: DataDirLock,
+) -> None:
     community = build_community(options.community, options.seed, options.buildings, options.floors)
     inventory = options.data_dir / "inventory.yaml"
     community.write_inventory(inventory)
@@ -101,7 +117,7 @@ async def run_demo(
             ),
         }
     )
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, data_lock=lock)
     sim_stop = asyncio.Event()
     sim_config = SimulationConfig(
         broker_url=broker_url,

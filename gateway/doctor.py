@@ -27,6 +27,7 @@ from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
 from gateway.settings import BrokerSettings, Settings
+from gateway.store.lock import holder as lock_holder
 from gateway.store.schema import MIGRATIONS, connect
 
 MIN_FREE_MB = 500
@@ -108,7 +109,9 @@ def _data_dir(path: Path) -> Finding:
             f"(want ≥ {MIN_FREE_MB} MiB)",
         )
     state = "writable" if existing == path else "will be created on first start"
-    return Finding(True, "data dir", f"{path} {state}, {free_mb} MiB free")
+    held = lock_holder(path) if existing == path else None
+    in_use = f"; in use by {held}" if held else ""
+    return Finding(True, "data dir", f"{path} {state}, {free_mb} MiB free{in_use}")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -7,6 +7,7 @@ A bad value becomes one `SettingsError` line that names the setting and what is 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -351,6 +352,45 @@ def _shown(part: int | str) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def _line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the YAML file where the key (or list item) at `loc` is written, if it is."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)]
+            if not found:
+                return line
+            key, node = found[-1]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _nearest(loc: tuple[int | str, ...]) -> str:
+    """`; did you mean ...?` with the closest valid name at that level, or the valid names."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field_info = model.model_fields.get(str(part))
+        annotation = field_info.annotation if field_info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    prefix = ".".join(map(str, loc[:-1]))
+    if close:
+        return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return f" (valid here: {', '.join(names)})"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -398,7 +438,12 @@ def load_settings(
         msg = str(errors[0]["msg"]).removeprefix("Value error, ")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         name = ".".join(map(_shown, loc))
-        raise SettingsError(f"setting {_env_name(loc)} ({name}): {msg}{more}") from exc
+        line = _line_of(config, loc) if config is not None and _env_name(loc) not in environ else None
+        if line is None:
+            raise SettingsError(f"setting {_env_name(loc)} ({name}): {msg}{more}") from exc
+        if errors[0]["type"] == "extra_forbidden":
+            msg = "no such setting" + _nearest(loc)
+        raise SettingsError(f"--config {config} line {line}: {name}: {msg}{more}") from exc
     except _SourceError as exc:
         # A structured value (dict/list) in the environment that is not valid JSON.
         field_name = str(exc).split('"')[1] if '"' in str(exc) else "?"

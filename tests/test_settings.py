@@ -102,6 +102,42 @@ def test_yaml_errors_name_the_file_and_line(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.yaml", env={})
 
 
+def test_a_misspelt_setting_in_the_file_names_the_file_the_line_and_the_nearest_name(tmp_path: Path) -> None:
+    conf = tmp_path / "cgw.yaml"
+    conf.write_text("community: sunrise\nmqtt:\n  url: mqtt://a:1883\n  keepalive: 30\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(conf, env={})
+    assert str(info.value) == (
+        f"--config {conf} line 4: mqtt.keepalive: no such setting; did you mean mqtt.keepalive_s?"
+    )
+    conf.write_text("community: sunrise\ndata_dirr: /srv/cgw\n")
+    with pytest.raises(SettingsError, match=r"line 2: data_dirr: no such setting; did you mean data_dir\?$"):
+        load_settings(conf, env={})
+    conf.write_text("api:\n  port: 99999\n")  # a bad value in the file: the file's line, not CGW_...
+    with pytest.raises(SettingsError, match=r"cgw\.yaml line 2: api\.port: Input should be less than"):
+        load_settings(conf, env={})
+    # The same value from the environment is named as the environment variable.
+    with pytest.raises(SettingsError, match=r"^setting CGW_API__PORT \(api\.port\)"):
+        load_settings(conf, env={"CGW_API__PORT": "99999"})
+
+
+def test_error_lines_are_not_wrapped_when_the_output_is_not_a_terminal(tmp_path: Path) -> None:
+    conf = tmp_path / ("a-settings-file-with-a-rather-long-name-" * 2 + ".yaml")
+    conf.write_text("community: sunrise\nmqtt:\n  keepalive: 30\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "doctor", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "40"},  # a narrow terminal's setting: ignored for a pipe
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"error: --config {conf} line 3: mqtt.keepalive: no such setting; did you mean mqtt.keepalive_s?\n"
+    )
+
+
 def test_loading_does_not_change_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CGW_COMMUNITY", "kept")
     load_settings(env={"CGW_COMMUNITY": "other"}, community="flag")
