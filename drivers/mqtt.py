@@ -110,11 +110,36 @@ class BrokerLink:
             log.warning("%s; reconnecting", self.last_error)
 
 
+# A broker drops the older of two connections with one client id [MQTT-3.1.4-2]; MQTT 3.1.1 says
+# no more than that, so a drop this soon after connecting is reported as a likely takeover.
+TAKEOVER_HINT_S = 10.0
+
+
 class MqttIntake(BrokerLink, Driver):
     """What both device-broker drivers keep (this module's for MQTT 3.1.1, drivers/mqtt5.py's):
     settings, messages received and not yet handed to the pipeline, and the wake-up for that."""
 
     name = "mqtt"
+
+    def _set_connected(self, value: bool) -> None:
+        if value:
+            self._connected_at = time.monotonic()
+        super()._set_connected(value)
+
+    def _closed_soon(self) -> bool:
+        """Lost within TAKEOVER_HINT_S of connecting."""
+        return time.monotonic() - self._connected_at < TAKEOVER_HINT_S
+
+    def _taken_over(self, certain: bool) -> str:
+        """Why the connection was lost when another client connected with our client id."""
+        who = f"another client connected with this gateway's client id {self._client_id!r}"
+        fix = (
+            "(a second gateway for the same community on this broker? give each its own "
+            "CGW_COMMUNITY or CGW_MQTT__CLIENT_ID)"
+        )
+        if certain:
+            return f"{who} and took over its session {fix}"
+        return f"the broker closed the connection soon after it was made, as it does when {who} {fix}"
 
     def __init__(
         self,
@@ -133,6 +158,7 @@ class MqttIntake(BrokerLink, Driver):
         self._generation = 0  # connection count: acks of an earlier connection are void
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected_at = float("-inf")  # monotonic time of the last CONNACK
         self._init_link(
             settings,
             f"the broker {settings.url}",
@@ -229,6 +255,12 @@ class MqttDriver(MqttIntake):
             self._client_id,
             flags.session_present,
         )
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        silent = reason.is_failure and self._closed_soon()
+        self._lost(self._taken_over(certain=False) if silent else str(reason))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:

@@ -247,7 +247,10 @@ class Mqtt5Driver(MqttIntake):
             if self._connection is connection:
                 self._connection = None
                 self._closed.set()
-                self._lost(connection.why_closed)
+                why = connection.why_closed
+                if why == CLOSED_WITHOUT_A_WORD and self._closed_soon():
+                    why = self._taken_over(certain=False)
+                self._lost(why)
             if not transport.is_closing():
                 transport.abort()
 
@@ -293,6 +296,9 @@ class Mqtt5Driver(MqttIntake):
             self._send_outgoing()
 
 
+CLOSED_WITHOUT_A_WORD = "the connection closed"
+
+
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: parses what arrives, hands PUBLISHes over per read."""
 
@@ -306,7 +312,7 @@ class _Connection(asyncio.Protocol):
         self.receive_max = 65535
         self.connack: asyncio.Future[mqtt5.ConnAckPacket] = asyncio.get_running_loop().create_future()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.why_closed = "the connection closed"
+        self.why_closed = CLOSED_WITHOUT_A_WORD
 
     # asyncio.Protocol
 
@@ -359,7 +365,11 @@ class _Connection(asyncio.Protocol):
                 if code.value >= 0x80:  # the codes are Rust enums: compare values
                     log.error("%s refused the subscription to %s: %s", self._driver.target, topic, code.name)
         elif isinstance(packet, mqtt5.DisconnectPacket):
-            self.why_closed = f"the broker disconnected: {packet.reason_code.name.lower().replace('_', ' ')}"
+            if packet.reason_code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER:
+                self.why_closed = self._driver._taken_over(certain=True)
+            else:
+                reason = packet.reason_code.name.lower().replace("_", " ")
+                self.why_closed = f"the broker disconnected: {reason}"
         # PINGRESP only refreshes `_last_in`.
 
     def _fail(self, why: str) -> None:
