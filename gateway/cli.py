@@ -421,11 +421,15 @@ def mqtt_auth(
 
 @app.command()
 def token(
-    role: Annotated[str, typer.Option(help="viewer, terminal, operator or installer.")],
+    role: Annotated[
+        str, typer.Option(help="viewer, terminal, operator, installer, or metrics (reads /metrics only).")
+    ],
     expires: Annotated[
         str | None, typer.Option(help="A duration (90d, 12h) or a moment (2027-06-30T00:00:00+08:00).")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Who holds it, for your records.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Who holds it: your records, and the personal-data access log.")
+    ] = None,
 ) -> None:
     """Make an API token: prints it once, and the hashed entry for the settings file."""
     import hashlib

@@ -39,7 +39,8 @@ from pydantic_settings import SettingsError as _SourceError
 from gateway.durations import Duration
 from gateway.limits import check_spec
 
-Role = Literal["viewer", "terminal", "operator", "installer"]
+# metrics: reads /metrics only (Prometheus); who reads personal data: gateway/privacy.py.
+Role = Literal["viewer", "terminal", "operator", "installer", "metrics"]
 # e.g. "100/second;3000/minute" (gateway/limits.py); empty: no limit
 RateLimit = Annotated[str, AfterValidator(check_spec)]
 ENV_PREFIX = "CGW_"

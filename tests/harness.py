@@ -27,6 +27,9 @@ TOKENS = {
     "installer-token": "installer",
 }
 
+# Headers for a read that needs an operator (dead letters, residents' personal data).
+AS_OPERATOR = {"Authorization": "Bearer operator-token"}
+
 
 def gateway_settings(data_dir: Path, mqtt_url: str, **overrides: Any) -> Settings:
     env = {

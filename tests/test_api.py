@@ -103,7 +103,6 @@ def test_probes_need_no_token(client: TestClient) -> None:
         "/api/v1/devices",
         "/api/v1/events",
         "/api/v1/summary",
-        "/api/v1/dead-letters",
         "/api/v1/profiles",
         "/api/v1/alarms",
     ],

@@ -51,7 +51,7 @@ async def test_a_backup_made_while_running_restores_everything(tmp_path: Path, m
     shutil.rmtree(data)  # the box's disk is replaced
     done = cgw(data, "restore", str(folder), "--yes")
     assert done.returncode == 0, done.stderr
-    async with running(settings) as gw, api(gw) as client:
+    async with running(settings) as gw, api(gw, "operator-token") as client:
         device = (await client.get("/api/v1/devices/keep-1")).json()
         assert device["last_values"] == {"v": 42.0}
         request = (await client.get(f"/api/v1/requests/{filed}")).json()

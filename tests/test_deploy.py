@@ -141,7 +141,10 @@ def test_the_compose_gateway_environment_is_valid_settings() -> None:
     settings = load_settings(env={k: substitute(str(v)) for k, v in env.items()})
     assert settings.mqtt.url == "mqtt://mosquitto:1883" and settings.influx.url == "http://influxdb:8086"
     assert settings.registration == "closed" and not settings.uplink.enabled
-    assert {g.role for g in settings.auth.digests().values()} == {"operator", "viewer"}
+    assert {g.role for g in settings.auth.digests().values()} == {
+        "operator",
+        "metrics",
+    }  # Prometheus scrapes with a metrics token
 
 
 def test_grafana_provisions_the_data_sources_the_dashboards_use() -> None:

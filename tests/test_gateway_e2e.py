@@ -20,7 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.settings import InfluxSettings
-from tests.harness import api, eventually, gateway_settings, live_stream, mosquitto_pub, running
+from tests.harness import AS_OPERATOR, api, eventually, gateway_settings, live_stream, mosquitto_pub, running
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,13 @@ async def test_malformed_messages_are_dead_lettered_and_the_gateway_goes_on(
         await eventually(recovered, 5.0, "the valid message after the bad ones")
 
         async def letters() -> list[dict[str, Any]]:
-            items = (await client.get("/api/v1/dead-letters", params={"device_id": "bad-1"})).json()["items"]
+            items = (
+                await client.get(
+                    "/api/v1/dead-letters",
+                    params={"device_id": "bad-1"},
+                    headers=AS_OPERATOR,
+                )
+            ).json()["items"]
             return items if len(items) >= len(bad) else []
 
         items = await eventually(letters, 5.0, "dead letters")
@@ -293,9 +299,13 @@ async def test_closed_registration_refuses_unknown_devices(tmp_path: Path, mosqu
         assert known["kind"] == "water_leak" and known["building"] == "5"
 
         async def refused() -> list[dict[str, Any]]:
-            items = (await client.get("/api/v1/dead-letters", params={"reason": "unknown_device"})).json()[
-                "items"
-            ]
+            items = (
+                await client.get(
+                    "/api/v1/dead-letters",
+                    params={"reason": "unknown_device"},
+                    headers=AS_OPERATOR,
+                )
+            ).json()["items"]
             return items if len(items) == 2 else []
 
         await eventually(refused, 3.0, "two unknown_device dead letters")

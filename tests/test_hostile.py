@@ -43,7 +43,7 @@ from gateway.services.intake import (
 )
 from gateway.settings import PipelineSettings
 from gateway.stats import GatewayMetrics
-from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
+from tests.harness import AS_OPERATOR, api, eventually, gateway_settings, mosquitto_pub, running
 from tests.services import GatewayProcess, MosquittoProcess
 
 PROFILES = load_profiles()
@@ -360,7 +360,13 @@ async def test_hostile_traffic_over_a_real_broker_is_refused_and_the_gateway_kee
         await eventually(good_device, 15, "the good device")
 
         async def letters() -> Any:
-            body = (await client.get("/api/v1/dead-letters", params={"limit": 100})).json()
+            body = (
+                await client.get(
+                    "/api/v1/dead-letters",
+                    params={"limit": 100},
+                    headers=AS_OPERATOR,
+                )
+            ).json()
             reasons = [item["reason_code"] for item in body["items"]]
             return reasons if "schema" in reasons else None
 
@@ -375,7 +381,11 @@ async def test_hostile_traffic_over_a_real_broker_is_refused_and_the_gateway_kee
         )
         assert limited >= 2000 - 2 * 50  # all but a window or two of the flood
         flooded = (
-            await client.get("/api/v1/dead-letters", params={"device_id": "h-flood", "limit": 5})
+            await client.get(
+                "/api/v1/dead-letters",
+                params={"device_id": "h-flood", "limit": 5},
+                headers=AS_OPERATOR,
+            )
         ).json()
         assert {item["reason_code"] for item in flooded["items"]} == {"rate_limited"}
         assert (await client.get("/healthz")).json() == {"status": "ok"}

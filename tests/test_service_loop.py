@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.settings import InfluxSettings, PipelineSettings, ServicesSettings
 from simulators.residents import Hotspot, ServiceLog, ServiceSimConfig, ServiceSimulation, SimRequest
-from tests.harness import api, eventually, gateway_settings, live_stream, mosquitto_pub, running
+from tests.harness import AS_OPERATOR, api, eventually, gateway_settings, live_stream, mosquitto_pub, running
 
 CATALOGUE = Path(__file__).parent.parent / "gateway" / "services" / "data" / "catalogue.yaml"
 UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -410,7 +410,13 @@ async def test_terminal_refusals_are_acked_and_dead_lettered(tmp_path: Path, mos
         # The acks leave once the desk has committed; the dead letters are in the local store after
         # its next (group) commit, a moment later.
         async def letters() -> set[str] | None:
-            items = (await client.get("/api/v1/dead-letters", params={"device_id": "term-b"})).json()["items"]
+            items = (
+                await client.get(
+                    "/api/v1/dead-letters",
+                    params={"device_id": "term-b"},
+                    headers=AS_OPERATOR,
+                )
+            ).json()["items"]
             return {d["reason_code"] for d in items} if len(items) >= 3 else None
 
         expected = {"unknown_service", "refused", "schema"}

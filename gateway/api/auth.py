@@ -5,6 +5,8 @@ pass it as `api_key`) whose role allows them (roles at least: `terminal`, `opera
 `installer`, `viewer`)... Reads by `viewer` and above; `/healthz` needs none." Open311 keeps its
 spec (section 5): discovery and services need no key, a missing or wrong key is 403, and
 `api_key` is read only from a POST's form body.
+Extended (section 5): a `metrics` role reads `/metrics` and nothing else, and what each
+role reads of residents' personal data is gateway/privacy.py's to say.
 Tokens are held only as SHA-256 digests and compared in constant time; a grant may expire; each
 token's writes are rate-limited (`auth.write_rate_limit`), so a leaked terminal token cannot
 flood the service desk.
@@ -29,7 +31,9 @@ from gateway.settings import Role, TokenGrant
 
 log = logging.getLogger(__name__)
 
-ALL_ROLES: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer")
+ALL_ROLES: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer", "metrics")
+# Every role but `metrics`, which scrapes /metrics only.
+READERS: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer")
 _bearer = HTTPBearer(auto_error=False, description="A token set by the installer (CGW_AUTH__TOKENS)")
 
 
@@ -37,6 +41,17 @@ _bearer = HTTPBearer(auto_error=False, description="A token set by the installer
 class Principal:
     role: Role
     token_id: str  # first 8 hex digits of the digest: enough to tell tokens apart in audit logs
+    name: str | None = None  # the grant's holder, as the installer named it (`cgw token --name`)
+
+    @property
+    def actor(self) -> str:
+        """How the audit trail names this token; also who filed a request (its owner)."""
+        return f"{self.role}:{self.token_id}"
+
+    @property
+    def who(self) -> str:
+        """The holder's name for the access log, or the token id when the grant has none."""
+        return self.name or self.token_id
 
 
 def authenticate(token: str, grants: dict[str, TokenGrant]) -> tuple[str, TokenGrant] | None:
@@ -72,7 +87,7 @@ def check_token(
             status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"}
         )
     digest, grant = found
-    principal = Principal(grant.role, digest[:8])
+    principal = Principal(grant.role, digest[:8], grant.name)
     if grant.expires is not None and grant.expires.timestamp() <= time.time():
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -101,7 +116,7 @@ def _write_limit(request: Request, ctx: ApiContext) -> KeyedRateLimit | None:
 
 def require(*roles: Role) -> Callable[..., Principal]:
     """A dependency admitting tokens whose role is one of `roles`."""
-    allowed = roles or ALL_ROLES
+    allowed = roles or READERS
 
     def check(
         request: Request,
@@ -120,7 +135,7 @@ def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
     Only where the spec puts it: in the body of a form-encoded POST, never in a query string,
     where it would reach proxy and access logs. A missing or wrong key is 403, as the spec has it.
     """
-    allowed = roles or ALL_ROLES
+    allowed = roles or READERS
 
     async def check(
         request: Request,
@@ -149,7 +164,7 @@ def open311_reader(
     """Who reads Open311 requests: a bearer token's principal, or None for a keyless reader when
     the installer opened keyless reads (`services.open311_keyless_reads`); otherwise 403."""
     if credentials is not None:
-        return _open311(lambda: check_token(credentials.credentials, ctx.token_digests, ALL_ROLES))
+        return _open311(lambda: check_token(credentials.credentials, ctx.token_digests, READERS))
     if ctx.open311_keyless_reads:
         return None
     hint = (
@@ -178,5 +193,6 @@ _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 Reader = Annotated[Principal, Depends(require())]
+Scraper = Annotated[Principal, Depends(require(*ALL_ROLES))]  # /metrics
 Operator = Annotated[Principal, Depends(require("operator", "installer"))]
 Terminal = Annotated[Principal, Depends(require("terminal", "operator", "installer"))]

@@ -203,7 +203,15 @@ class ServiceDesk:
             return False
         self._metrics.ratings.labels(score=str(rating.score)).inc()
         out.stream.append(
-            ("rating", {"service_request_id": view["id"], "score": rating.score, "ts_ms": rating.ts_ms})
+            (
+                "rating",
+                {
+                    "service_request_id": view["id"],
+                    "score": rating.score,
+                    "ts_ms": rating.ts_ms,
+                    "filed_by": view["filed_by"],  # scopes a terminal's stream (gateway/privacy.py)
+                },
+            )
         )
         if step is not None:
             out.step(step)

@@ -238,7 +238,8 @@ def _attribute_value(attribute: Attribute, value: object) -> Any:
         except ValueError:
             number = None
         if number is None or not math.isfinite(number):
-            raise IntakeError(f"schema: attribute {code!r} must be a number, got {value!r}")
+            # The value is not echoed: an answer may hold personal data, and refusals are logged.
+            raise IntakeError(f"schema: attribute {code!r} must be a number")
         return number
     if kind == "datetime":
         if not isinstance(value, str):

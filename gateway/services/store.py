@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway import privacy
 from gateway.services import lifecycle
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
@@ -76,6 +77,13 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 4: Open311's address_id kept as filed (it was folded into the address), so a GET returns it.
     ["ALTER TABLE requests ADD COLUMN address_id TEXT"],
+    # 5: who filed each request (the actor of its first step), so a terminal reads only its own
+    # tickets (gateway/privacy.py); older rows take it from their audit trail.
+    [
+        "ALTER TABLE requests ADD COLUMN filed_by TEXT",
+        "UPDATE requests SET filed_by = (SELECT actor FROM transitions t WHERE t.request_id = requests.id"
+        " AND t.from_state IS NULL ORDER BY t.id LIMIT 1)",
+    ],
 ]
 
 MAX_CLOCK_AHEAD_MS = 60_000
@@ -148,9 +156,9 @@ class ServiceStore:
                 """INSERT INTO requests (seq, id, service_code, service_group, state, source, device_id,
                     request_key, description, building, floor, unit, household, address, lat, long,
                     media_url, contact, attributes, requested_ms, updated_ms, expected_ms,
-                    state_since_ms, status_notes, address_id)
+                    state_since_ms, status_notes, address_id, filed_by)
                    VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                           ?, ?, ?)""",
+                           ?, ?, ?, ?)""",
                 (
                     seq,
                     ticket,
@@ -176,6 +184,7 @@ class ServiceStore:
                     ts,
                     "received",
                     new.address_id,
+                    actor,
                 ),
             )
             conn.execute(
@@ -313,6 +322,7 @@ class ServiceStore:
         states: list[str] | None = None,
         provider_id: str | None = None,
         building: str | None = None,
+        filed_by: str | None = None,
         start_ms: int | None = None,
         end_ms: int | None = None,
         limit: int = 1000,
@@ -324,7 +334,7 @@ class ServiceStore:
             if values:
                 where.append(f"{column} IN ({', '.join('?' * len(values))})")
                 args.extend(values)
-        for column, value in (("provider_id", provider_id), ("building", building)):
+        for column, value in (("provider_id", provider_id), ("building", building), ("filed_by", filed_by)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -659,24 +669,31 @@ def request_view(row: sqlite3.Row) -> dict[str, Any]:
         "merged_into": row["merged_into"],
         "completed_ms": row["completed_ms"],
         "overdue": row["overdue_alarm_ms"] is not None,
+        "filed_by": row["filed_by"],  # internal: scopes a terminal's reads (gateway/privacy.py)
     }
 
 
 def step_record(step: Step) -> dict[str, Any]:
-    """A lifecycle step as the desk keeps it for the sinks (gateway/sinks/records.py reads it)."""
+    """A lifecycle step as the desk keeps it for the sinks (gateway/sinks/lineprotocol.py and
+    gateway/uplink/items.py read it): the request's allow-listed fields only, so no outbox on
+    disk ever holds a resident's personal data (gateway/privacy.py)."""
     return {
         "kind": "step",
-        "request": step.request,
+        "request": privacy.uplink_request(step.request),
         "from": step.from_state,
         "to": step.to_state,
         "ts_ms": step.ts_ms,
         "actor": step.actor,
-        "note": step.note,
     }
 
 
 def rating_record(request: dict[str, Any], rating: NewRating) -> dict[str, Any]:
-    return {"kind": "rating", "request": request, "score": rating.score, "ts_ms": rating.ts_ms}
+    return {
+        "kind": "rating",
+        "request": privacy.uplink_request(request),
+        "score": rating.score,
+        "ts_ms": rating.ts_ms,
+    }
 
 
 def _default_note(target: State, provider_id: str | None, merged_into: str | None) -> str:

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from gateway import __version__
+from gateway import __version__, privacy
 from gateway.models import DISTRICT, DeviceEvent
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
@@ -41,7 +41,6 @@ from gateway.services.store import DeskError
 from gateway.store import commands as ledger
 from gateway.store.writer import StoreWriter
 from gateway.text import clean
-from gateway.uplink.items import public_request
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ class DistrictCommands:
                 command.provider_id,
                 command.merged_into,
             )
-            return public_request(request)
+            return privacy.uplink_request(request)
         if isinstance(command, DeviceCommand):
             message = {
                 "id": command.id,

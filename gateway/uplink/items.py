@@ -5,8 +5,9 @@ Each item belongs to a stream (`requests`, `ratings`, `alarms`, `commands`, `tel
 (docs/uplink.md). Every item has a `key` that is the same each time the item is sent, so the
 district can drop the copies at-least-once delivery may make after a fault.
 
-Personal data stays in the community: a request goes up with its building and floor, never the
-unit, household, address, coordinates, photo or contact.
+Personal data stays in the community: a request goes up as an allow-list of fields
+(`gateway/privacy.py` UPLINK_REQUEST_FIELDS, each documented in docs/uplink.md): its building and
+floor, never the unit, household, address, coordinates, photo, contact or any free text.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway import privacy
 from gateway.models import DISTRICT, DeviceEvent, Reading
 from gateway.pipeline.route import event_payload
 from gateway.store.outbox import OutboxRow, rows_of
@@ -26,10 +28,6 @@ if TYPE_CHECKING:
 STREAMS = ("requests", "ratings", "alarms", "commands", "telemetry", "needs", "evaluation")
 # Snapshots: the district wants the latest on connecting, so they are published retained.
 SNAPSHOTS = frozenset({"needs", "evaluation"})
-# Request fields that name a home or a person.
-PRIVATE = frozenset(
-    {"unit", "household", "address", "address_id", "lat", "long", "media_url", "contact", "attributes"}
-)
 
 
 class TelemetryChoice:
@@ -112,15 +110,11 @@ def telemetry_item(reading: Reading, metrics: dict[str, float]) -> dict[str, Any
     }
 
 
-def public_request(request: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in request.items() if k not in PRIVATE}
-
-
 def record_item(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """The desk's service record as an uplink item (None: an older version's bare line)."""
     kind = record["kind"]
     if kind == "step":
-        request = public_request(record["request"])
+        request = privacy.uplink_request(record["request"])
         key = f"{request['id']}:{record['to']}:{record['ts_ms']}"
         step = {
             "from": record["from"],

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 
-from gateway.api.auth import Reader
+from gateway import privacy
+from gateway.api.auth import Principal, Reader
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import (
@@ -37,8 +38,10 @@ RAW_RANGE = timedelta(hours=2)
 TARGET_POINTS = 500
 
 
-def _device_out(ctx: ApiContext, device: Any) -> DeviceOut:
-    return DeviceOut(**device.to_dict(), active_alarms=ctx.alarms_active(device.device_id))
+def _device_out(ctx: ApiContext, who: Principal, device: Any) -> DeviceOut:
+    # A device's unit names the home it sits in: personal data (gateway/privacy.py).
+    shown = privacy.device_for(who.role, device.to_dict())
+    return DeviceOut(**shown, active_alarms=ctx.alarms_active(device.device_id))
 
 
 @router.get(
@@ -46,7 +49,7 @@ def _device_out(ctx: ApiContext, device: Any) -> DeviceOut:
 )
 async def list_devices(
     ctx: Ctx,
-    _: Reader,
+    who: Reader,
     kind: str | None = None,
     building: str | None = None,
     online: bool | None = None,
@@ -64,18 +67,18 @@ async def list_devices(
     return DeviceList(
         total=len(selected),
         online=sum(1 for d in selected if d.online),
-        items=[_device_out(ctx, d) for d in selected[offset : offset + limit]],
+        items=[_device_out(ctx, who, d) for d in selected[offset : offset + limit]],
     )
 
 
 @router.get(
     "/devices/{device_id}", response_model=DeviceOut, summary="One device", responses={**NOT_FOUND, **AUTH}
 )
-async def get_device(ctx: Ctx, _: Reader, device_id: str) -> DeviceOut:
+async def get_device(ctx: Ctx, who: Reader, device_id: str) -> DeviceOut:
     device = ctx.registry.get(device_id)
     if device is None:
         raise HTTPException(404, f"no device {device_id!r}")
-    return _device_out(ctx, device)
+    return _device_out(ctx, who, device)
 
 
 @router.get(

@@ -119,9 +119,7 @@ async def get_event(ctx: Ctx, _: Reader, event_id: EventId) -> EventOut:
 )
 async def acknowledge(ctx: Ctx, who: Operator, event_id: EventId, body: AckIn | None = None) -> EventOut:
     note = body.note if body is not None else ""
-    event = await ctx.reader.acknowledge(
-        event_id, f"{who.role}:{who.token_id}", note, int(time.time() * 1000)
-    )
+    event = await ctx.reader.acknowledge(event_id, who.actor, note, int(time.time() * 1000))
     if event is None:
         raise HTTPException(404, f"no event {event_id}")
     ctx.hub.publish("ack", {"id": event_id, "acked_by": event["acked_by"], "acked_ms": event["acked_ms"]})
@@ -129,11 +127,14 @@ async def acknowledge(ctx: Ctx, who: Operator, event_id: EventId, body: AckIn | 
 
 
 @router.get(
-    "/dead-letters", response_model=DeadLetterList, summary="Refused messages with the reason", responses=AUTH
+    "/dead-letters",
+    response_model=DeadLetterList,
+    summary="Refused messages with the reason (operator, installer)",
+    responses=AUTH,
 )
 async def dead_letters(
     ctx: Ctx,
-    _: Reader,
+    _: Operator,
     device_id: str | None = None,
     reason: Annotated[str | None, Query(description="Reason code, e.g. bad_json, out_of_range")] = None,
     limit: Limit = 100,

@@ -1,7 +1,8 @@
 """Liveness, readiness and Prometheus metrics.
 
 docs/contract.md section 4: "`/healthz` (alive), `/readyz` (broker connected, stores writable),
-`/metrics` (Prometheus text)." Probes need no token; /metrics needs any valid token.
+`/metrics` (Prometheus text)." Probes need no token; /metrics needs any valid token, and is
+the only route a `metrics` token reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.auth import Reader
+from gateway.api.auth import Scraper
 from gateway.api.context import ApiContext, context
 from gateway.api.schemas import Health, Ready
 
@@ -43,5 +44,5 @@ async def readyz(ctx: Annotated[ApiContext, Depends(context)]) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(ctx: Annotated[ApiContext, Depends(context)], _: Reader) -> Response:
+async def metrics(ctx: Annotated[ApiContext, Depends(context)], _: Scraper) -> Response:
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -203,7 +203,7 @@ async def proposals(ctx: Ctx, _: Reader) -> ProposalList:
 )
 async def create_proposal(ctx: Ctx, who: Operator, body: ProposalIn) -> Proposal:
     created = await ctx.desk.create_proposal(
-        body.title, body.description, body.need_ids, epoch_ms(body.closes), f"{who.role}:{who.token_id}"
+        body.title, body.description, body.need_ids, epoch_ms(body.closes), who.actor
     )
     return Proposal.model_validate(created)
 

@@ -10,6 +10,9 @@ installer opens keyless reads (`services.open311_keyless_reads`), which then get
 view (`entry_for`). An optional parameter sent empty is absent, as clients that always send
 every parameter expect; a list filter given twice is one list; any other parameter given twice
 is refused. `extended_attributes` (the gateway's lifecycle) only with `extensions=true`.
+Requests are shown as gateway/privacy.py says for the reader's role: operators and installers
+see everything, others (keyless readers too) the redacted entry; a terminal lists only the
+tickets it filed, and the others answer 404 to it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from gateway import privacy
 from gateway.api.auth import Principal, open311_reader, require_api_key
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
@@ -195,12 +199,23 @@ def respond(
 
 
 def entry_for(ctx: ApiContext, who: Principal | None, view: dict[str, Any], lang: str) -> dict[str, Any]:
-    """A request as an Open311 entry, as `who` (None: a keyless reader) may read it.
+    """A request as an Open311 entry, as `who` (None: a keyless reader) may read it: a keyless
+    reader gets what the lowest reading role gets, the redacted entry (gateway/privacy.py)."""
+    entry = open311.request_entry(view, ctx.desk.catalogue, lang)
+    return privacy.open311_for(who.role if who is not None else None, entry)
 
-    The seam for residents' privacy (issue 13, gateway/privacy.py): a keyless reader gets what the
-    lowest reading role gets, and that view is the privacy work's to redact.
-    """
-    return open311.request_entry(view, ctx.desk.catalogue, lang)
+
+def own(who: Principal | None) -> str | None:
+    """The filer whose tickets alone `who` may list: a terminal's own; None for everyone else."""
+    return who.actor if who is not None and who.role == "terminal" else None
+
+
+async def readable(ctx: ApiContext, who: Principal | None, ticket: str) -> dict[str, Any] | None:
+    """The request, if `who` may know it exists (a terminal: only the tickets it filed)."""
+    found = await ctx.desk.get(ticket)
+    if found is None or (own(who) is not None and found.get("filed_by") != own(who)):
+        return None
+    return found
 
 
 def shown(entry: dict[str, Any], extensions: bool) -> dict[str, Any]:
@@ -299,7 +314,7 @@ async def list_requests(
     if service_request_id is not None:
         # The spec: when ids are given, the other filters are ignored.
         ids = [i.strip() for i in service_request_id.split(",") if i.strip()][:MAX_RESULTS]
-        found = await ctx.desk.requests(ids=ids, limit=MAX_RESULTS) if ids else []
+        found = await ctx.desk.requests(ids=ids, filed_by=own(who), limit=MAX_RESULTS) if ids else []
     else:
         start = epoch_ms(start_date, 400)
         end = epoch_ms(end_date, 400)
@@ -325,7 +340,7 @@ async def list_requests(
                 states = [s for s in STATES if (s in OPEN311_CLOSED) == closed]
         codes = [c.strip() for c in service_code.split(",") if c.strip()] if service_code else None
         found = await ctx.desk.requests(
-            codes=codes, states=states, start_ms=start, end_ms=end, limit=MAX_RESULTS
+            codes=codes, states=states, filed_by=own(who), start_ms=start, end_ms=end, limit=MAX_RESULTS
         )
     entries = [shown(entry_for(ctx, who, r, lang), extensions) for r in found]
     return respond(fmt, "service_requests", entries)
@@ -346,7 +361,7 @@ async def get_request(
     extensions: Extensions = False,
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
-    found = await ctx.desk.get(service_request_id)
+    found = await readable(ctx, who, service_request_id)
     if found is None:
         raise HTTPException(404, f"no service request {service_request_id!r}")
     return respond(fmt, "service_requests", [shown(entry_for(ctx, who, found, lang), extensions)])
@@ -359,13 +374,13 @@ async def get_request(
 )
 async def get_token(
     ctx: Ctx,
-    _: Reader311,
+    who: Reader311,
     token: Annotated[str, Path(max_length=128)],
     fmt: Format,
     jurisdiction_id: Jurisdiction = None,
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
-    if await ctx.desk.get(token) is None:
+    if await readable(ctx, who, token) is None:
         raise HTTPException(404, f"no token {token!r}")
     return respond(fmt, "service_requests", [{"service_request_id": token, "token": token}])
 

@@ -1,5 +1,8 @@
 """Service requests for operators: list, one with its audit trail, lifecycle transitions, ratings;
 the catalogue, providers with their workloads, and third-party assessments.
+
+What each role reads of a request is gateway/privacy.py's: operators and installers all of it,
+viewers the redacted view, a terminal the status of the tickets it filed (others are 404 to it).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
-from gateway.api.auth import Operator, Reader, Terminal
+from gateway import privacy
+from gateway.api.auth import Operator, Principal, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
@@ -146,7 +150,7 @@ def refused(exc: Exception) -> HTTPException:
 @router.get("/requests", response_model=RequestList, summary="Service requests, newest first", responses=AUTH)
 async def list_requests(
     ctx: Ctx,
-    _: Reader,
+    who: Reader,
     state: Annotated[list[State] | None, Query()] = None,
     service_code: Annotated[str | None, Query(max_length=128)] = None,
     provider_id: Annotated[str | None, Query(max_length=64)] = None,
@@ -161,12 +165,22 @@ async def list_requests(
         codes=[service_code] if service_code else None,
         provider_id=provider_id,
         building=building,
+        filed_by=who.actor if who.role == "terminal" else None,
         start_ms=epoch_ms(since),
         end_ms=epoch_ms(until),
         limit=limit,
         offset=offset,
     )
-    return RequestList(items=[RequestOut.model_validate(r) for r in items])
+    return RequestList(items=[request_out(who, r) for r in items])
+
+
+def request_out(who: Principal, view: dict[str, Any]) -> RequestOut:
+    return RequestOut.model_validate(privacy.request_for(who.role, view))
+
+
+def visible(who: Principal, view: dict[str, Any] | None) -> bool:
+    """Whether `who` may know the request exists: a terminal only knows the tickets it filed."""
+    return view is not None and (who.role != "terminal" or view.get("filed_by") == who.actor)
 
 
 @router.get(
@@ -175,13 +189,17 @@ async def list_requests(
     summary="One request with its audit trail (who, when, why) and rating",
     responses={**AUTH, 404: {"model": ErrorBody}},
 )
-async def get_request(ctx: Ctx, _: Reader, ticket: Ticket) -> RequestDetail:
+async def get_request(ctx: Ctx, who: Reader, ticket: Ticket) -> RequestDetail:
     found = await ctx.desk.get(ticket)
-    if found is None:
+    if found is None or not visible(who, found):
         raise HTTPException(404, f"no service request {ticket!r}")
     history = await ctx.desk.history(ticket)
     rating = await ctx.desk.rating_of(ticket)
-    return RequestDetail.model_validate({**found, "history": history, "rating": rating})
+    if not privacy.reads_personal(who.role):
+        history = privacy.redact_steps(history)
+        rating = privacy.redact_rating(rating) if rating is not None else None
+    view = privacy.request_for(who.role, found)
+    return RequestDetail.model_validate({**view, "history": history, "rating": rating})
 
 
 @router.post(
@@ -195,7 +213,7 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
         view = await ctx.desk.transition(
             ticket,
             body.to,
-            f"{who.role}:{who.token_id}",
+            who.actor,
             body.note,
             body.provider_id,
             body.merged_into,
@@ -215,12 +233,10 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
 async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> RatingResult:
     when = epoch_ms(body.ts, default=int(time.time() * 1000))
     try:
-        view, first = await ctx.desk.rate(
-            NewRating(ticket, body.score, body.comment, when, f"{who.role}:{who.token_id}")
-        )
+        view, first = await ctx.desk.rate(NewRating(ticket, body.score, body.comment, when, who.actor))
     except (DeskError, TransitionError) as exc:
         raise refused(exc) from None
-    return RatingResult(status="accepted" if first else "duplicate", request=RequestOut.model_validate(view))
+    return RatingResult(status="accepted" if first else "duplicate", request=request_out(who, view))
 
 
 @router.post(

@@ -3,7 +3,9 @@
 Event names: `alarm` (warning/critical events), `event` (info events), `presence`, `ack`, and
 from the service loop `request` (each lifecycle step), `rating` and `vote`.
 Clients may pass `types=alarm,presence` to receive only some; a comment ping every 15 s keeps
-proxies from closing an idle stream.
+proxies from closing an idle stream. Each subscriber receives what its role may read
+(gateway/privacy.py): `request` items redacted for viewers, and a terminal only the requests and
+ratings of the tickets it filed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from gateway import privacy
 from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
 
@@ -30,7 +33,7 @@ STREAM_TYPES = ("alarm", "event", "presence", "ack", "request", "rating", "vote"
 )
 async def stream(
     ctx: Annotated[ApiContext, Depends(context)],
-    _: Reader,
+    who: Reader,
     types: Annotated[str | None, Query(description="Comma-separated: " + ",".join(STREAM_TYPES))] = None,
 ) -> EventSourceResponse:
     wanted = set(STREAM_TYPES)
@@ -45,7 +48,10 @@ async def stream(
             yield ServerSentEvent(comment="connected")
             while True:
                 name, data = await queue.get()
-                if name in wanted:
-                    yield ServerSentEvent(data=orjson.dumps(data).decode(), event=name)
+                if name not in wanted:
+                    continue
+                shown = privacy.stream_item(name, data, who.role, who.actor)
+                if shown is not None:
+                    yield ServerSentEvent(data=orjson.dumps(shown).decode(), event=name)
 
     return EventSourceResponse(events(), ping=15)

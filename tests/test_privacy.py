@@ -1,0 +1,261 @@
+"""Residents' personal data seen only by the roles whose work needs it (docs/privacy.md).
+
+Over a real Mosquitto and the real HTTP API: a resident files at a service terminal over MQTT and
+through Open311 with a terminal token; then every role reads every route that can return
+personal data, and the redaction is checked field by field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway import privacy
+from gateway.settings import Settings
+from tests.harness import TOKENS, api, eventually, gateway_settings, live_stream, mosquitto_pub, running
+
+PHONE = "13800138000"
+SECRET_TEXT = "my neighbour in 2-301 shouts at night"
+ROLES = {**TOKENS, "terminal2-token": "terminal", "metrics-token": "metrics"}
+
+
+def privacy_settings(tmp_path: Path, url: str, **overrides: Any) -> Settings:
+    settings = gateway_settings(tmp_path, url, **overrides)
+    auth = settings.auth.model_copy(update={"tokens": dict(ROLES)})
+    return settings.model_copy(update={"auth": auth})
+
+
+class Acks:
+    """A device's `ack` topic, read with a real MQTT client."""
+
+    def __init__(self, port: int, device_id: str) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._client = paho.Client(CallbackAPIVersion.VERSION2)
+        self._client.on_message = lambda c, u, m: self.items.append(orjson.loads(m.payload))
+        self._subscribed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._client.on_subscribe = lambda *a: loop.call_soon_threadsafe(self._subscribed.set)
+        self._client.connect("127.0.0.1", port)
+        self._client.subscribe(f"cgw/v1/{device_id}/ack", qos=1)
+        self._client.loop_start()
+
+    async def ready(self) -> None:
+        await asyncio.wait_for(self._subscribed.wait(), 5)
+
+    async def next(self, key: str, value: str) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((a for a in self.items if a.get(key) == value), None)
+
+        return await eventually(found, 5.0, f"ack with {key}={value}")
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def client_for(gw: Any, token: str) -> httpx.AsyncClient:
+    return api(gw, token)
+
+
+def assert_redacted(item: dict[str, Any]) -> None:
+    """Every personal field of a REST request view emptied; building and floor kept."""
+    for field, empty in privacy.REQUEST_PERSONAL.items():
+        if field in item:
+            assert item[field] == empty, (field, item[field])
+    assert "filed_by" not in item and "contact" not in item
+
+
+async def file_two_requests(gw: Any, port: int) -> tuple[str, str]:
+    """One request over MQTT from a service terminal, one over Open311 with a terminal token."""
+    acks = Acks(port, "kiosk-1")
+    try:
+        await acks.ready()
+        birth = {"state": "online", "kind": "service_terminal", "location": {"building": "3"}}
+        mosquitto_pub(port, "cgw/v1/kiosk-1/status", orjson.dumps(birth))
+        request = {
+            "request_id": "r-1",
+            "service_code": "dispute.neighbours",
+            "description": SECRET_TEXT,
+            "location": {"building": "3", "floor": 2, "unit": "2-301"},
+            "contact": PHONE,
+        }
+        mosquitto_pub(port, "cgw/v1/kiosk-1/request", orjson.dumps(request))
+        mqtt_ticket = (await acks.next("request_id", "r-1"))["service_request_id"]
+    finally:
+        acks.close()
+    async with client_for(gw, "terminal-token") as terminal:
+        posted = await terminal.post(
+            "/open311/v2/requests.json",
+            data={
+                "service_code": "repair.plumbing",
+                "lat": "31.2",
+                "long": "121.4",
+                "address_string": "Lane 5, No. 3, room 2-301",
+                "phone": PHONE,
+                "first_name": "Li",
+                "description": SECRET_TEXT,
+                "media_url": "http://photos.local/leak.jpg",
+                "building": "3",
+                "floor": "2",
+                "unit": "2-301",
+            },
+        )
+        assert posted.status_code == 201, posted.text
+        http_ticket = posted.json()[0]["service_request_id"]
+    async with client_for(gw, "operator-token") as operator:
+        moved = await operator.post(
+            f"/api/v1/requests/{http_ticket}/transitions",
+            json={"to": "triaged", "note": f"called back on {PHONE}"},
+        )
+        assert moved.status_code == 200, moved.text
+    return mqtt_ticket, http_ticket
+
+
+async def test_each_role_reads_what_its_work_needs(tmp_path: Path, mosquitto: Any) -> None:
+    async with running(privacy_settings(tmp_path, mosquitto.url)) as gw:
+        mqtt_ticket, http_ticket = await file_two_requests(gw, mosquitto.port)
+        tickets = {mqtt_ticket, http_ticket}
+
+        # Operators and installers: everything.
+        for token in ("operator-token", "installer-token"):
+            async with client_for(gw, token) as client:
+                items = {r["id"]: r for r in (await client.get("/api/v1/requests")).json()["items"]}
+                assert set(items) == tickets
+                assert (
+                    items[mqtt_ticket]["unit"] == "2-301" and items[mqtt_ticket]["description"] == SECRET_TEXT
+                )
+                assert items[http_ticket]["lat"] == 31.2 and items[http_ticket]["media_url"]
+                one = (await client.get(f"/api/v1/requests/{http_ticket}")).json()
+                assert one["status_notes"] == f"called back on {PHONE}"
+                assert one["history"][-1]["note"] == f"called back on {PHONE}"
+                entry = (
+                    await client.get(
+                        f"/open311/v2/requests/{http_ticket}.json", params={"extensions": "true"}
+                    )
+                ).json()[0]
+                assert entry["address"] == "Lane 5, No. 3, room 2-301" and entry["lat"] == 31.2
+                assert entry["extended_attributes"]["unit"] == "2-301"
+
+        # A viewer: the redacted view, field by field, on every route.
+        async with client_for(gw, "viewer-token") as viewer:
+            items = (await viewer.get("/api/v1/requests")).json()["items"]
+            assert {r["id"] for r in items} == tickets
+            for item in items:
+                assert_redacted(item)
+                assert item["building"] == "3" and item["floor"] == 2
+            one = (await viewer.get(f"/api/v1/requests/{http_ticket}")).json()
+            assert_redacted(one)
+            assert all(step["note"] == "" for step in one["history"])
+            for path in (f"/open311/v2/requests/{http_ticket}.json", "/open311/v2/requests.json"):
+                for entry in (await viewer.get(path, params={"extensions": "true"})).json():
+                    for field, empty in privacy.OPEN311_PERSONAL.items():
+                        assert entry[field] == empty, (path, field)
+                    assert entry["extended_attributes"]["unit"] is None
+                    assert entry["extended_attributes"]["building"] == "3"
+            xml = (await viewer.get("/open311/v2/requests.xml")).text
+            assert PHONE not in xml and SECRET_TEXT not in xml and "2-301" not in xml
+            root = ET.fromstring(xml)
+            assert {e.findtext("service_request_id") for e in root} == tickets
+            device = (await viewer.get("/api/v1/devices/kiosk-1")).json()
+            assert device["unit"] is None and device["building"] == "3"
+            assert (await viewer.get("/api/v1/dead-letters")).status_code == 403
+
+        # A terminal: only the status of the tickets it filed; others do not exist for it.
+        async with client_for(gw, "terminal-token") as terminal:
+            items = (await terminal.get("/api/v1/requests")).json()["items"]
+            assert [r["id"] for r in items] == [http_ticket]
+            status = items[0]
+            assert status["state"] == "triaged" and status["status"] == "open"
+            assert_redacted(status)
+            assert status["provider_id"] is None
+            assert (await terminal.get(f"/api/v1/requests/{mqtt_ticket}")).status_code == 404
+            assert (await terminal.get(f"/open311/v2/requests/{mqtt_ticket}.json")).status_code == 404
+            assert (await terminal.get(f"/open311/v2/tokens/{mqtt_ticket}.json")).status_code == 404
+            listed = (await terminal.get("/open311/v2/requests.json")).json()
+            assert [e["service_request_id"] for e in listed] == [http_ticket]
+            assert listed[0]["address"] is None and listed[0]["description"] == ""
+            everything = (await terminal.get("/open311/v2/requests.xml")).text
+            assert PHONE not in everything and mqtt_ticket not in everything
+            assert (await terminal.get("/api/v1/dead-letters")).status_code == 403
+        async with client_for(gw, "terminal2-token") as other:
+            assert (await other.get("/api/v1/requests")).json()["items"] == []
+            assert (await other.get(f"/api/v1/requests/{http_ticket}")).status_code == 404
+
+        # The metrics role: /metrics and nothing else.
+        async with client_for(gw, "metrics-token") as scraper:
+            assert (await scraper.get("/metrics")).status_code == 200
+            for path in (
+                "/api/v1/requests",
+                f"/api/v1/requests/{http_ticket}",
+                "/open311/v2/requests.json",
+                "/api/v1/devices",
+                "/api/v1/events",
+                "/api/v1/dead-letters",
+                "/api/v1/stream",
+                "/api/v1/needs",
+            ):
+                assert (await scraper.get(path)).status_code == 403, path
+
+
+@pytest.mark.parametrize(
+    ("token", "sees"),
+    [
+        ("operator-token", "all"),
+        ("viewer-token", "redacted"),
+        ("terminal-token", "own"),
+        ("terminal2-token", "none"),
+    ],
+)
+async def test_the_live_stream_shows_each_role_its_view(
+    tmp_path: Path, mosquitto: Any, token: str, sees: str
+) -> None:
+    async with running(privacy_settings(tmp_path, mosquitto.url)) as gw, client_for(gw, token) as client:
+        async with live_stream(client, "request") as received:
+            _, http_ticket = await file_two_requests(gw, mosquitto.port)
+            # The last item every subscriber that may see anything receives: the operator's step.
+            async with client_for(gw, "operator-token") as operator:
+                await operator.post(
+                    f"/api/v1/requests/{http_ticket}/transitions",
+                    json={"to": "assigned", "provider_id": "handy-coop"},
+                )
+            if sees != "none":
+
+                def done() -> bool:
+                    return any(d["id"] == http_ticket and d["state"] == "assigned" for _, d in received)
+
+                await eventually(done, 5.0, "the assignment on the stream")
+            else:
+                # Another subscriber (an operator) seeing the last step proves the hub has sent it.
+                async with (
+                    client_for(gw, "operator-token") as operator,
+                    live_stream(operator, "request") as seen,
+                ):
+                    await operator.post(
+                        f"/api/v1/requests/{http_ticket}/transitions", json={"to": "in_service"}
+                    )
+                    await eventually(lambda: any(d["state"] == "in_service" for _, d in seen), 5.0, "step")
+        text = orjson.dumps(received).decode()
+        if sees == "all":
+            assert PHONE in text and SECRET_TEXT in text
+            assert len({d["id"] for _, d in received}) == 2
+        elif sees == "redacted":
+            assert PHONE not in text and SECRET_TEXT not in text and "2-301" not in text
+            assert len({d["id"] for _, d in received}) == 2
+            for _, item in received:
+                assert_redacted(item)
+        elif sees == "own":
+            assert {d["id"] for _, d in received} == {http_ticket}
+            assert PHONE not in text and SECRET_TEXT not in text and "2-301" not in text
+            for _, item in received:
+                assert_redacted(item)
+                assert set(item["step"]) == {"from", "to", "ts_ms"}
+        else:
+            assert received == []
