@@ -209,8 +209,20 @@ async def test_the_spec_post_by_hand_field_by_field(open_reads: str) -> None:
         assert answer["service_notice"] == "目标办结时限 24 h"
         ticket = answer["service_request_id"]
 
-        request = await asyncio.to_thread(stock(open_reads, fmt).get_service_request, ticket)
-        assert set(request) == REQUEST_FIELDS  # no extension unless asked for
+        # A keyless reader (the published client) gets the redacted entry (docs/privacy.md) ...
+        keyless = await asyncio.to_thread(stock(open_reads, fmt).get_service_request, ticket)
+        assert set(keyless) == REQUEST_FIELDS  # no extension unless asked for
+        assert not keyless["description"] and keyless["address"] is None and keyless["lat"] is None
+        assert keyless["address_id"] is None and keyless["media_url"] is None
+        assert keyless["status_notes"] is None and keyless["status"] == "open"
+        # ... an operator the whole request, as filed.
+        read = await get(open_reads, f"/open311/v2/requests/{ticket}.{fmt}", token="operator-token")
+        request = (
+            read.json()[0]
+            if fmt == "json"
+            else dict(xmltodict.parse(read.content)["service_requests"]["request"])
+        )
+        assert set(request) == REQUEST_FIELDS
         text = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in request.items()}
         assert text["service_request_id"] == ticket
         assert text["status"] == "open" and text["status_notes"] == "received"
@@ -267,7 +279,11 @@ async def test_empty_optional_parameters_are_absent(open_reads: str) -> None:
     posted = await file(open_reads, **blank)
     assert posted.status_code == 201, posted.text
     ticket = posted.json()[0]["service_request_id"]
-    [request] = (await get(open_reads, f"/open311/v2/requests/{ticket}.json", {"jurisdiction_id": ""})).json()
+    [request] = (
+        await get(
+            open_reads, f"/open311/v2/requests/{ticket}.json", {"jurisdiction_id": ""}, "operator-token"
+        )
+    ).json()
     assert request["lat"] is None and request["long"] is None and request["media_url"] is None
     assert request["address"] == "Building 3, unit 2-301"
 
