@@ -24,6 +24,7 @@ from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProc
 pytestmark = pytest.mark.integration
 
 VIEWER = "fault-viewer"
+OPERATOR = "fault-operator"  # reads residents' descriptions (docs/privacy.md)
 
 
 def start_gateway(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetricsProcess,
@@ -36,7 +37,7 @@ def start_gateway(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetr
             "CGW_INFLUX__URL": victoria.url,
             "CGW_INFLUX__TOKEN": "t",
             "CGW_INFLUX__FLUSH_INTERVAL_S": "0.1",
-            "CGW_AUTH__TOKENS": orjson.dumps({VIEWER: "viewer"}).decode(),
+            "CGW_AUTH__TOKENS": orjson.dumps({VIEWER: "viewer", OPERATOR: "operator"}).decode(),
             "CGW_LOG_LEVEL": "info",
             "CGW_PIPELINE__DEVICE_RATE_LIMIT": "100000/second",  # this load is wanted
             **env,
@@ -93,7 +94,7 @@ def assert_exactly_once(
     requests = httpx.get(
         f"{gateway.url}/api/v1/requests",
         params={"limit": 1000},
-        headers={"Authorization": f"Bearer {VIEWER}"},
+        headers={"Authorization": f"Bearer {OPERATOR}"},
         timeout=10,
     ).json()["items"]
     assert sorted(r["description"] for r in requests) == sorted(pub.requests)
