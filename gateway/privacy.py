@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 # The roles whose work needs residents' personal data.
 PERSONAL_READERS = frozenset({"operator", "installer"})
 
@@ -74,6 +76,32 @@ RATING_PERSONAL: Mapping[str, Any] = {"comment": ""}
 DEVICE_PERSONAL: Mapping[str, Any] = {"unit": None}
 # Internal bookkeeping that no reader needs: who filed (a token id or terminal), kept for scoping.
 INTERNAL = frozenset({"filed_by"})
+
+# A dead letter keeps at most this much of what was refused, whatever the reason: enough to see
+# what a device got wrong, too little to hold a copy of anything (docs/privacy.md).
+DEAD_LETTER_KEEP_BYTES = 256
+# Of a refused terminal message (request, rating, vote), only the keys that name no one: the
+# message's own ids, the service, the building and floor, the score, the proposal.
+TERMINAL_CHANNELS = frozenset({"request", "rating", "vote"})
+DEAD_LETTER_KEYS = frozenset(
+    {
+        "request_id",
+        "rating_id",
+        "vote_id",
+        "service_request_id",
+        "proposal_id",
+        "service_code",
+        "score",
+        "ts",
+        "state",
+        "kind",
+        "type",
+        "severity",
+        "seq",
+        "fw",
+    }
+)
+LOCATION_KEYS = frozenset({"building", "floor"})
 
 # Request fields the district may receive (each documented in docs/uplink.md): where it stands
 # and who delivers it; everything else stays in the community.
@@ -175,3 +203,39 @@ def stream_item(
     if name == "rating":
         return {k: v for k, v in data.items() if k not in INTERNAL}
     return redact_request(data)
+
+
+def dead_letter_payload(channel: str | None, payload: bytes) -> bytes:
+    """What a dead letter keeps of a refused payload: redacted, then cut to DEAD_LETTER_KEEP_BYTES.
+
+    A JSON object keeps only the keys that name no one (a device's location keeps its building
+    and floor). A terminal's message that is not a JSON object is withheld whole: it was typed
+    by a resident and may be anything. Other channels' payloads (devices') keep their first bytes.
+    """
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        kept = {k: v for k, v in value.items() if k in DEAD_LETTER_KEYS and _scalar(v)}
+        location = value.get("location")
+        if isinstance(location, dict):
+            kept["location"] = {k: v for k, v in location.items() if k in LOCATION_KEYS and _scalar(v)}
+        if channel not in TERMINAL_CHANNELS:
+            # A device's readings and events say nothing about a resident: kept as sent.
+            kept = {**value, **({"location": kept["location"]} if "location" in kept else {})}
+        withheld = sorted(set(value) - set(kept))
+        if withheld:
+            kept["_withheld"] = withheld[:16]
+        return orjson.dumps(kept, default=str)[:DEAD_LETTER_KEEP_BYTES]
+    if channel in TERMINAL_CHANNELS:
+        return f"(withheld: {len(payload)} bytes that are not a JSON object)".encode()
+    return payload[:DEAD_LETTER_KEEP_BYTES]
+
+
+def _scalar(value: object) -> bool:
+    return (
+        value is None
+        or isinstance(value, bool | int | float)
+        or (isinstance(value, str) and len(value) <= 128)
+    )

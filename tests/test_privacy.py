@@ -259,3 +259,66 @@ async def test_the_live_stream_shows_each_role_its_view(
                 assert set(item["step"]) == {"from", "to", "ts_ms"}
         else:
             assert received == []
+
+
+async def test_dead_letters_keep_no_personal_data_and_a_few_hundred_bytes(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    async with (
+        running(privacy_settings(tmp_path, mosquitto.url)) as gw,
+        client_for(gw, "operator-token") as operator,
+    ):
+        acks = Acks(mosquitto.port, "kiosk-9")
+        try:
+            await acks.ready()
+            birth = {
+                "state": "online",
+                "kind": "service_terminal",
+                "location": {"building": "3", "unit": "2-301"},
+            }
+            mosquitto_pub(mosquitto.port, "cgw/v1/kiosk-9/status", orjson.dumps(birth))
+            refused = {
+                "request_id": "r-bad",
+                "service_code": "no.such.service",
+                "description": SECRET_TEXT,
+                "location": {"building": "3", "floor": 2, "unit": "2-301"},
+                "contact": PHONE,
+            }
+            mosquitto_pub(mosquitto.port, "cgw/v1/kiosk-9/request", orjson.dumps(refused))
+            assert (await acks.next("request_id", "r-bad"))["status"] == "rejected"
+        finally:
+            acks.close()
+        # Not JSON, typed at a terminal: withheld whole.
+        mosquitto_pub(mosquitto.port, "cgw/v1/kiosk-9/rating", f"call me {PHONE}")
+        # A device's oversize status with its unit: redacted, and cut whatever the reason.
+        big = {
+            "state": "sideways",
+            "location": {"building": "3", "unit": "2-301"},
+            "fw": "x",
+            "pad": "y" * 5000,
+        }
+        mosquitto_pub(mosquitto.port, "cgw/v1/sensor-9/status", orjson.dumps(big))
+
+        async def letters() -> list[dict[str, Any]] | None:
+            items = (await operator.get("/api/v1/dead-letters", params={"limit": 100})).json()["items"]
+            return items if len(items) >= 3 else None
+
+        items = await eventually(letters, 10.0, "three dead letters")
+        by_channel = {(d["device_id"], d["channel"]): d for d in items}
+        for letter in items:
+            assert letter["payload_bytes"] <= privacy.DEAD_LETTER_KEEP_BYTES
+            assert PHONE not in letter["payload"] and SECRET_TEXT not in letter["payload"]
+            assert "2-301" not in letter["payload"]
+        request = orjson.loads(by_channel[("kiosk-9", "request")]["payload"])
+        assert request["request_id"] == "r-bad" and request["service_code"] == "no.such.service"
+        assert request["location"] == {"building": "3", "floor": 2}
+        assert set(request["_withheld"]) == {"contact", "description"}
+        assert by_channel[("kiosk-9", "rating")]["payload"].startswith("(withheld:")
+        status = by_channel[("sensor-9", "status")]["payload"]
+        assert status.startswith('{"state":"sideways"') and '"unit"' not in status
+        # Only operators and installers read them.
+        for token in ("viewer-token", "terminal-token", "metrics-token"):
+            async with client_for(gw, token) as other:
+                assert (await other.get("/api/v1/dead-letters")).status_code == 403, token
+        async with client_for(gw, "installer-token") as installer:
+            assert (await installer.get("/api/v1/dead-letters")).status_code == 200

@@ -130,8 +130,11 @@ class DeadLetterOut(BaseModel):
     channel: str | None
     reason_code: str
     reason: str
-    payload: str = Field(description="The refused payload (first 4 KiB, invalid UTF-8 replaced)")
-    payload_bytes: int
+    payload: str = Field(
+        description="What is kept of the refused payload: redacted of personal data, at most 256 bytes"
+        " (docs/privacy.md; invalid UTF-8 replaced)"
+    )
+    payload_bytes: int = Field(description="Bytes kept (at most 256; an oversize reason names the size sent)")
 
 
 class DeadLetterList(BaseModel):

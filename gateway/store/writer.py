@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway import privacy
 from gateway.models import event_id
 from gateway.pipeline.process import Processed
 from gateway.registry import Device
@@ -224,7 +225,8 @@ class StoreWriter:
                         d.channel,
                         d.reason_code,
                         d.reason,
-                        d.payload,
+                        # Redacted and cut whatever the reason (gateway/privacy.py).
+                        privacy.dead_letter_payload(d.channel, d.payload),
                     )
                 )
             for device in batch.devices:
