@@ -272,6 +272,7 @@ class Gateway:
                 await self._shutdown(inputs, background, api)
         finally:
             await self._close()
+        log.info("gateway for community %s stopped", self.settings.community)
 
     async def _shutdown(
         self, inputs: list[asyncio.Task[None]], background: list[asyncio.Task[None]], api: asyncio.Task[None]

@@ -121,10 +121,16 @@ def run(config: ConfigOption = None) -> None:
 @app.command()
 def demo(
     config: ConfigOption = None,
-    data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its store and broker data.")] = Path(
-        "./cgw-demo-data"
-    ),
-    community: Annotated[str, typer.Option(help="Community name.")] = "sunrise",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the demo keeps its store and broker data [default: CGW_DATA_DIR, the file's "
+            "data_dir, or ./cgw-demo-data]."
+        ),
+    ] = None,
+    community: Annotated[
+        str | None, typer.Option(help="Community name [default: CGW_COMMUNITY, the file's, or sunrise].")
+    ] = None,
     buildings: Annotated[int, typer.Option(min=1, max=50, help="Residential buildings.")] = 6,
     floors: Annotated[int, typer.Option(min=1, max=60, help="Floors per building.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed of the simulated community.")] = 42,
@@ -141,17 +147,29 @@ def demo(
     embedded_broker: Annotated[
         bool, typer.Option(help="Use the in-process amqtt broker even if Mosquitto is installed.")
     ] = False,
-    host: Annotated[str, typer.Option(help="API address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="API port (a free one is used if taken).")] = 8080,
+    host: Annotated[
+        str | None, typer.Option(help="API address [default: CGW_API__HOST, the file's, or 127.0.0.1].")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="API port, a free one if taken [default: CGW_API__PORT, the file's, or 8080]."),
+    ] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     service_days: Annotated[
         int, typer.Option(min=0, max=30, help="Days of simulated service history filled in on first start.")
     ] = 7,
 ) -> None:
-    """Start a complete simulated community on this machine, with no outside services."""
+    """Start a complete simulated community on this machine, with no outside services.
+
+    A flag wins over the environment, the environment over the settings file, the file over the
+    demo's defaults.
+    """
     base = _settings(config)
+    # Quiet by default: the demo's own lines (gateway.demo) and what needs attention.
     _logging("warning" if base.log_level == "info" else base.log_level, base.log_format)
-    from gateway.demo import DemoInfo, DemoOptions, run_demo
+    if base.log_level == "info":
+        logging.getLogger("gateway.demo").setLevel(logging.INFO)
+    from gateway.demo import DemoInfo, DemoOptions, chosen, run_demo
     from simulators.run import parse_faults
 
     try:
@@ -159,9 +177,10 @@ def demo(
     except ValueError as exc:
         console.print(f"[red]error:[/red] --faults: {exc}", highlight=False)
         raise typer.Exit(2) from None
+    place = chosen(base, data_dir=data_dir, community=community, api_host=host, api_port=port)
     options = DemoOptions(
-        data_dir=data_dir,
-        community=community,
+        data_dir=place.data_dir,
+        community=place.community,
         buildings=buildings,
         floors=floors,
         seed=seed,
@@ -169,8 +188,8 @@ def demo(
         interval_scale=interval_scale,
         faults=fault_rates,
         broker_url=broker,
-        api_host=host,
-        api_port=port,
+        api_host=place.api_host,
+        api_port=place.api_port,
         duration_s=duration,
         prefer_mosquitto=not embedded_broker,
         service_days=service_days,
@@ -179,7 +198,7 @@ def demo(
     def ready(info: DemoInfo) -> None:
         viewer, operator = info.tokens["viewer"], info.tokens["operator"]
         out.print(
-            f"\n[bold green]cgw demo is running[/bold green] — community [bold]{community}[/bold], "
+            f"\n[bold green]cgw demo is running[/bold green] — community [bold]{options.community}[/bold], "
             f"{info.devices} simulated devices",
             highlight=False,
         )
@@ -226,6 +245,10 @@ def demo(
         out.print("Stop with Ctrl-C.\n", highlight=False)
 
     _run_until_signal(lambda stop: run_demo(options, base, ready, stop))
+    out.print(
+        f"cgw demo stopped; its data stays in {options.data_dir} (the next `cgw demo` there goes on from it)",
+        highlight=False,
+    )
 
 
 @app.command()

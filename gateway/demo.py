@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from gateway.application import Gateway
 from gateway.broker import LocalBroker, free_port, port_open
 from gateway.settings import Settings
@@ -42,6 +44,44 @@ class DemoOptions:
     duration_s: float | None = None
     prefer_mosquitto: bool = True
     service_days: int = 7  # a simulated history of the service loop, filled in on first start
+
+
+@dataclass(frozen=True)
+class DemoPlace:
+    """Where the demo runs: what the flags, the environment and the settings file chose."""
+
+    data_dir: Path
+    community: str
+    api_host: str
+    api_port: int
+
+
+# The demo's own defaults, the lowest layer (below the settings file and the environment).
+DEMO_PLACE = DemoPlace(Path("./cgw-demo-data"), "sunrise", "127.0.0.1", 8080)
+
+
+def chosen(
+    base: Settings,
+    *,
+    data_dir: Path | None = None,
+    community: str | None = None,
+    api_host: str | None = None,
+    api_port: int | None = None,
+) -> DemoPlace:
+    """A flag (not None) wins over the environment, the environment over the settings file
+    (both already in `base`, environment first), the file over the demo's defaults."""
+
+    def pick(flag: Any, section: BaseModel, name: str, default: Any) -> Any:
+        if flag is not None:
+            return flag
+        return getattr(section, name) if name in section.model_fields_set else default
+
+    return DemoPlace(
+        data_dir=pick(data_dir, base, "data_dir", DEMO_PLACE.data_dir),
+        community=pick(community, base, "community", DEMO_PLACE.community),
+        api_host=pick(api_host, base.api, "host", DEMO_PLACE.api_host),
+        api_port=pick(api_port, base.api, "port", DEMO_PLACE.api_port),
+    )
 
 
 @dataclass
@@ -99,7 +139,7 @@ async def _run_demo(
     api_port = options.api_port
     if api_port and port_open(options.api_host, api_port):
         api_port = free_port(options.api_host)
-        log.warning("port %d is taken; the demo API uses %d instead", options.api_port, api_port)
+        log.info("port %d is taken; the demo API uses %d instead", options.api_port, api_port)
     tokens = demo_tokens()
     settings = base.model_copy(
         update={
@@ -134,6 +174,7 @@ async def _run_demo(
             gw_task = tg.create_task(gateway.run(), name="gateway")
             await _first(gateway.ready.wait(), gw_task)
             sim_task = tg.create_task(simulate(sim_config, sim_stop), name="simulator")
+            history_task: asyncio.Task[None] | None = None
             if options.service_days and not await gateway.desk.requests(limit=1):
                 spot = min(3, options.buildings)  # building 3's elevator breaks on the last day
                 history = ServiceSimConfig(
@@ -147,7 +188,7 @@ async def _run_demo(
                     floors=options.floors,
                     hotspot=Hotspot(building=str(spot), device_id=f"b{spot:02d}-elev-1"),
                 )
-                tg.create_task(_service_history(history), name="service-history")
+                history_task = tg.create_task(_service_history(history), name="service-history")
             on_ready(
                 DemoInfo(
                     api_url=f"http://{options.api_host}:{gateway.api_port}",
@@ -164,6 +205,11 @@ async def _run_demo(
                     await stop.wait()
             except TimeoutError:
                 pass
+            if history_task is not None and not history_task.done():
+                # Stopped before the history was filled in: the next start fills in none (the
+                # desk is no longer empty), which is said here rather than failing mid-request.
+                history_task.cancel()
+                log.info("stopped before the service history was complete")
             # Devices go offline cleanly first, so the gateway records it, then the gateway drains.
             sim_stop.set()
             await sim_task
@@ -181,7 +227,7 @@ async def _service_history(config: ServiceSimConfig) -> None:
     except Exception:  # the demo goes on without history; the reason is in the log
         log.exception("could not fill in the simulated service history")
         return
-    log.warning("service history ready: %d requests over %d days", len(result.requests), config.days)
+    log.info("service history ready: %d requests over %d days", len(result.requests), config.days)
 
 
 async def _first(waiter: Coroutine[Any, Any, Any], task: asyncio.Task[None]) -> None:

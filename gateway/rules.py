@@ -4,11 +4,15 @@ Evaluated on the readings' own timestamps, so a replayed backlog raises the same
 same times as live data would. A condition that starts at t0 raises once at the first reading
 where it still holds and t - t0 >= `for`; it clears (an info event `<rule>_cleared`) only past
 the clear level. Readings older than the newest seen for a metric are ignored here.
+
+A rule with `event` is one happening reported two ways: the device's event of that type raises
+it (and stays the alarm), and the metric crossing then raises nothing more; when the metric
+crossed first, the device's event is recorded as information, not a second alarm.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.models import DeviceEvent, Reading
 from gateway.profiles import AlarmRule, DeviceProfile, ProfileSet
@@ -18,6 +22,7 @@ from gateway.profiles import AlarmRule, DeviceProfile, ProfileSet
 class _RuleState:
     since_ms: int | None = None  # when the condition began holding (pending or raised)
     raised: bool = False
+    by_event: bool = False  # raised by the device's own event (a rule with `event`)
 
 
 class AlarmEngine:
@@ -50,6 +55,20 @@ class AlarmEngine:
                     self._apply(rule, profile, reading, current, events)
         return events
 
+    def reported(self, event: DeviceEvent) -> DeviceEvent:
+        """A device's event as recorded: information when a rule already raised the same
+        happening from the metric; otherwise the alarm, and the rule raised with it."""
+        profile = self._profiles.get(event.kind) or self._profiles.generic
+        for rule in profile.rules:
+            if rule.event != event.type:
+                continue
+            state = self._rules.setdefault((event.device_id, rule.id), _RuleState())
+            if state.raised and not state.by_event:
+                return replace(event, severity="info", data={**event.data, "alarm": rule.id})
+            state.raised, state.by_event = True, True
+            state.since_ms = state.since_ms or event.ts_ms
+        return event
+
     def active(self, device_id: str) -> list[str]:
         """Rule ids raised now for a device."""
         return sorted(rule for (dev, rule), state in self._rules.items() if dev == device_id and state.raised)
@@ -65,7 +84,7 @@ class AlarmEngine:
         state = self._rules.setdefault((reading.device_id, rule.id), _RuleState())
         if state.raised:
             if rule.cleared(value):
-                state.raised, state.since_ms = False, None
+                state.raised, state.since_ms, state.by_event = False, None, False
                 out.append(self._event(rule, profile, reading, value, cleared=True))
             return
         if not rule.breached(value):

@@ -17,18 +17,23 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.demo import DEMO_PLACE, DemoPlace, chosen
+from gateway.settings import load_settings
+
 pytestmark = pytest.mark.integration
 
 CGW = [sys.executable, "-m", "gateway.cli"]
 
 
-def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str, dict[str, str]]:
+def start_demo(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str, dict[str, str]]:
     process = subprocess.Popen(
         [*CGW, "demo", "--data-dir", str(tmp_path / "demo"), "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "COLUMNS": "300"},
+        env={**os.environ, "COLUMNS": "300", **(env or {})},
     )
     assert process.stdout is not None
     lines: list[str] = []
@@ -46,6 +51,8 @@ def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str, 
             tokens = {**tokens, **dict(re.findall(r"(\w+)=(\S+)", line))}
         if match := re.search(r"Dashboard\s+(http://\S+)", line):
             tokens["dashboard link"] = match[1]
+        if match := re.search(r"community (\S+), \d+ simulated devices", line):
+            tokens["community"] = match[1]
         if "Stop with Ctrl-C" in line:
             return process, url, tokens
     process.kill()
@@ -53,9 +60,12 @@ def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str, 
 
 
 def stop_demo(process: subprocess.Popen[str]) -> str:
+    """Stop it as Ctrl-C does: a healthy demo logs no WARNING, and its last line says it stopped."""
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
+    assert " WARNING " not in output and " ERROR " not in output, output
+    assert output.splitlines()[-1].startswith("cgw demo stopped; its data stays in "), output
     return output
 
 
@@ -131,10 +141,34 @@ def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path)
 
 def test_demo_runs_on_the_embedded_broker_without_mosquitto(tmp_path: Path) -> None:
     process, url, tokens = start_demo(
-        tmp_path, "--embedded-broker", "--buildings", "1", "--floors", "2", "--interval-scale", "0.3"
+        tmp_path,
+        *("--embedded-broker", "--buildings", "1", "--floors", "2", "--interval-scale", "0.3"),
+        env={"CGW_COMMUNITY": "envville"},  # the environment wins over the demo's default
     )
     try:
+        assert tokens["community"] == "envville"
         summary = wait_online(url, tokens["viewer"], 10 + 5 + 3)
         assert summary["devices"] == 2 * 5 + 5 + 3
+        # A second demo on the same folder is refused, naming the first.
+        second = subprocess.run(
+            [*CGW, "demo", "--data-dir", str(tmp_path / "demo"), "--port", "0", "--embedded-broker"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"is in use by pid {process.pid} (cgw demo --data-dir" in second.stderr, second.stderr
     finally:
         stop_demo(process)
+
+
+def test_demo_flags_win_over_the_environment_over_the_file_over_its_defaults(tmp_path: Path) -> None:
+    assert chosen(load_settings(env={})) == DEMO_PLACE
+    conf = tmp_path / "cgw.yaml"
+    conf.write_text("community: fromfile\ndata_dir: /srv/file\napi:\n  port: 9001\n")
+    assert chosen(load_settings(conf, env={})) == DemoPlace(Path("/srv/file"), "fromfile", "127.0.0.1", 9001)
+    env = {"CGW_COMMUNITY": "fromenv", "CGW_API__PORT": "9002", "CGW_DATA_DIR": "/srv/env"}
+    base = load_settings(conf, env=env)
+    assert chosen(base) == DemoPlace(Path("/srv/env"), "fromenv", "127.0.0.1", 9002)
+    flags = {"data_dir": Path("/srv/flag"), "community": "flag", "api_host": "0.0.0.0", "api_port": 9003}
+    assert chosen(base, **flags) == DemoPlace(Path("/srv/flag"), "flag", "0.0.0.0", 9003)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.models import Reading
+from gateway.models import DeviceEvent, Reading, Severity
 from gateway.profiles import ProfileError, load_profiles
 from gateway.rules import AlarmEngine
+from simulators.community import build_community
+from simulators.signals import signal_for
 
 PROFILES = load_profiles()
 KINDS = {
@@ -131,3 +133,52 @@ def test_forget_drops_a_devices_state() -> None:
     assert engine.active("dev-1") == ["pm25_high"]
     engine.forget("dev-1")
     assert engine.active("dev-1") == []
+
+
+def press(ts_ms: int, severity: Severity = "critical") -> DeviceEvent:
+    return DeviceEvent(
+        "dev-1", "emergency_button", ts_ms, "emergency_press", severity, "pressed", {}, "device", "3"
+    )
+
+
+def alarms(events: list[DeviceEvent]) -> list[str]:
+    return [e.type for e in events if e.alarm]
+
+
+def test_one_emergency_press_is_one_critical_alarm() -> None:
+    """The simulated button reports a press both ways (its event and `pressed` = 1), as real
+    ones do: one alarm to acknowledge, whichever arrives first."""
+    button = next(d for d in build_community("sunrise", 42, 1, 1).devices if d.kind == "emergency_button")
+    signal = signal_for(button, seed=42)
+    t = 0.0
+    while True:  # until the simulated resident presses it
+        metrics, events = signal.step(t)
+        if events:
+            break
+        t += 30
+    engine = AlarmEngine(PROFILES)
+    [event] = events
+    recorded = [
+        engine.reported(
+            DeviceEvent(
+                button.device_id, button.kind, 1000, event["type"], event["severity"], "", {}, "device"
+            )
+        ),
+        *engine.observe(Reading(button.device_id, button.kind, 1000, metrics, 1, "1")),
+    ]
+    assert alarms(recorded) == ["emergency_press"] and recorded[0].severity == "critical"
+    # Released: the rule clears (information), and the next press is an alarm again.
+    [cleared] = engine.observe(Reading(button.device_id, button.kind, 70_000, {"pressed": 0.0}, 2, "1"))
+    assert (cleared.type, cleared.severity) == ("emergency_pressed_cleared", "info")
+    assert engine.reported(press(80_000)).severity == "critical"
+
+
+def test_a_press_seen_first_as_the_metric_makes_the_event_information() -> None:
+    engine = AlarmEngine(PROFILES)
+    [raised] = engine.observe(reading(0, "emergency_button", pressed=1))
+    assert (raised.type, raised.severity) == ("emergency_pressed", "critical")
+    late = engine.reported(press(10))
+    assert late.severity == "info" and late.data["alarm"] == "emergency_pressed"
+    # A button that reports only events: each press is its own alarm.
+    engine = AlarmEngine(PROFILES)
+    assert [engine.reported(press(t)).severity for t in (0, MIN, 2 * MIN)] == ["critical"] * 3

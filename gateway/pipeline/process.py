@@ -188,7 +188,7 @@ class Processor:
             raise Rejected("schema: event.data must be an object")
         ts_ms = parse_timestamp(obj.get("ts"), received_ms, self._window)
         profile = self._profiles.get(device.kind) or self._profiles.generic
-        out.events.append(
+        event = self._alarms.reported(
             DeviceEvent(
                 device_id=device_id,
                 kind=device.kind,
@@ -201,6 +201,7 @@ class Processor:
                 building=device.building,
             )
         )
+        out.events.append(event)
 
     def _terminal(
         self,

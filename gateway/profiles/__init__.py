@@ -62,6 +62,9 @@ class AlarmRule(BaseModel):
     clear: float | None = None
     severity: Severity = "warning"
     message: str = ""
+    # A device event of this type reports the same happening (an emergency press is both an
+    # event and `pressed` = 1): one alarm to acknowledge, not two (gateway/rules.py).
+    event: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     @model_validator(mode="after")
     def _shape(self) -> AlarmRule:

@@ -165,7 +165,9 @@ class ServiceDesk:
                 )
                 out.dead_letters.append(letter)
                 self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
-                log.warning("refused %s from %s: %s", message.channel, message.device_id, reason)
+                # Answered to the terminal, dead-lettered and counted: a resident's outcome (a second
+                # vote, a missing field), not the operator's problem, so not a WARNING.
+                log.info("refused %s from %s: %s", message.channel, message.device_id, reason)
                 out.acks.append((device_topic(message.device_id, "ack"), _refusal(message, reason)))
         for event in events:
             self._sensor_event(event, out)
