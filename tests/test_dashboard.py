@@ -9,6 +9,7 @@ test-artifacts/dashboard/ (docs/testing.md).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tests.services import GatewayProcess, MosquittoProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
+DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")  # the page's one date format
 OPERATOR = "dash-operator"
 VIEWER = "dash-viewer"
 ARTIFACTS = (
@@ -101,12 +103,14 @@ def _devices(broker: MosquittoProcess, gateway: GatewayProcess) -> None:
     wait_for(lambda: _api(gateway, "/api/v1/summary").get("devices") == 7, 20, "seven devices")
 
 
-def _open(browser: Browser, gateway: GatewayProcess, token: str = OPERATOR) -> tuple[Page, list[str]]:
+def _open(
+    browser: Browser, gateway: GatewayProcess, token: str = OPERATOR, fragment: str = ""
+) -> tuple[Page, list[str]]:
     """A fresh page signed in through the link `cgw demo` prints; also returns every URL it asked for."""
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     asked: list[str] = []
     page.on("request", lambda request: asked.append(request.url))
-    page.goto(f"{gateway.url}/dashboard/#token={token}")
+    page.goto(f"{gateway.url}/dashboard/#token={token}{fragment}")
     return page, asked
 
 
@@ -145,6 +149,9 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
     page.select_option("#tm-metric", "pm25")
     expect(page.locator("#chart")).to_have_attribute("data-points", "5")
     expect(page.locator("#chart canvas")).to_have_count(1)
+    # The chart's time is the page's one date format (not uPlot's US month/day and am/pm).
+    page.hover("#chart .u-over")
+    expect(page.locator("#chart .u-legend .u-series").first.locator(".u-value")).to_have_text(DATE_TIME)
     _shot(page, "telemetry-zh")
 
     page.click("nav button[data-tab=requests]")
@@ -156,6 +163,7 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
     expect(page.locator("[data-cell='2/repair']")).to_have_text("1")
     expect(page.locator("#needs-rows tr")).to_have_count(1)
     expect(page.locator("#needs-rows tr td").last).to_contain_text("1 户")
+    assert page.url.endswith("/dashboard/#view=needs&lang=zh")  # the view can be linked to
     _shot(page, "needs-zh")
 
     page.click("nav button[data-tab=evaluation]")
@@ -165,12 +173,34 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
     page.click("#lang")
     expect(page.locator("nav button[data-tab=overview]")).to_have_text("Overview")
     expect(page.locator("#eval-head-service th").first).to_have_text("Service")
+    assert page.url.endswith("#view=evaluation&lang=en")
+    page.click("nav button[data-tab=needs]")
+    # Counted words agree with their number, in English as in Chinese.
+    why = page.locator("#needs-rows tr td").last
+    expect(why).to_contain_text("1 household, ")
+    expect(why).to_have_text(
+        re.compile(r"^1 household, \d+ sensor signals?, priority \w+, open \d+\.\d days?$")
+    )
     page.click("nav button[data-tab=overview]")
     expect(page.locator(".building h3").first).to_have_text("Building 1")
     _shot(page, "overview-en")
-    # The choice of language is remembered.
+    # The choice of language is remembered, and the address keeps the view and the language.
     page.reload()
     expect(page.locator("nav button[data-tab=overview]")).to_have_text("Overview")
+
+    # A link opens the view and the language it names (and signs in, as `cgw demo`'s does).
+    linked, _ = _open(browser, gateway, fragment="&view=needs&lang=en")
+    linked.on("pageerror", lambda error: errors.append(str(error)))
+    expect(linked.locator("#needs")).to_have_class(re.compile(r"\bactive\b"))
+    expect(linked.locator("nav button[data-tab=needs]")).to_have_class(re.compile(r"\bactive\b"))
+    expect(linked.locator("nav button[data-tab=needs]")).to_have_text("Needs and hotspots")
+    expect(linked.locator("#needs-rows tr")).to_have_count(1)
+    assert linked.url.endswith("/dashboard/#view=needs&lang=en")  # the token left the address bar
+    # Following another link on the open page switches view and language.
+    linked.evaluate("location.hash = 'view=requests&lang=zh'")
+    expect(linked.locator("nav button[data-tab=requests]")).to_have_class(re.compile(r"\bactive\b"))
+    expect(linked.locator("nav button[data-tab=overview]")).to_have_text("社区概览")
+    linked.close()
 
     host = urlsplit(gateway.url).netloc
     elsewhere = [url for url in asked if urlsplit(url).netloc != host and not url.startswith("data:")]
@@ -212,6 +242,10 @@ def test_live_alarm_presence_and_request_then_acknowledge(
     row = page.locator("#alarm-rows tr")
     expect(row).to_have_count(1)
     expect(row).to_contain_text("smoke on floor 2")
+    expect(row.locator("td").first).to_have_text(DATE_TIME)  # the same format in both languages
+    page.click("#lang")
+    expect(row.locator("td").first).to_have_text(DATE_TIME)
+    page.click("#lang")
     _shot(page, "alarms-live")
     row.locator("button.ack").click()
     expect(row).to_have_count(0)

@@ -299,8 +299,12 @@ async function loadTelemetry() {
   if (!points.length) return;
   app.chart = new uPlot({
     width: Math.max(320, box.clientWidth - 16), height: 320,
-    series: [{}, { label: `${device} · ${metric}`, stroke: "#2563eb", width: 2, points: { show: points.length < 60 } }],
-    axes: [{}, { size: 60 }],
+    // The time axis and legend in the page's one date format (`when`), not uPlot's US default.
+    series: [
+      { label: t("time"), value: (u, v) => (v == null ? "—" : when(v * 1000)) },
+      { label: `${device} · ${metric}`, stroke: "#2563eb", width: 2, points: { show: points.length < 60 } },
+    ],
+    axes: [{ space: 80, values: (u, splits) => splits.map((s) => clock(s * 1000, splits[1] - splits[0] < 60)) }, { size: 60 }],
   }, [xs, ys], box);
 }
 
@@ -354,8 +358,8 @@ async function loadNeeds() {
     rows.append(el("tr", { "data-need": n.need_id },
       el("td", {}, String(n.rank)), el("td", {}, serviceName(n.service_code)), el("td", {}, buildingLabel(n.building)),
       el("td", {}, String(n.households)), el("td", {}, n.score.toFixed(1)), el("td", { class: "muted" }, t("why_text", {
-        households: n.households, signals: n.sensor_signals, priority: n.priority,
-        days: ((Date.now() - n.oldest_ms) / 86_400_000).toFixed(1),
+        households: I18N.count("households_n", n.households), signals: I18N.count("signals_n", n.sensor_signals),
+        priority: n.priority, days: I18N.count("days_n", (Date.now() - n.oldest_ms) / 86_400_000, 1),
       }))));
   }
   const box = $("proposals");
@@ -366,7 +370,7 @@ async function loadNeeds() {
     const item = el("div", { class: "proposal", "data-proposal": p.id });
     item.append(
       el("strong", {}, p.title), " ", el("span", { class: "muted" }, t("result_" + p.result)),
-      el("div", {}, Object.entries(p.votes).map(([choice, n]) => `${choice}: ${n}`).join(" · ") + ` (${total} ${t("votes")})`),
+      el("div", {}, Object.entries(p.votes).map(([choice, n]) => `${choice}: ${n}`).join(" · ") + ` (${I18N.count("votes_n", total)})`),
     );
     if (p.approval !== null) {
       const bar = el("div", { class: "bar", title: `${t("approval")} ${(p.approval * 100).toFixed(0)}%` });
@@ -429,6 +433,7 @@ const LOADERS = { overview: loadOverview, alarms: loadOverview, telemetry: loadT
 
 async function show(tab) {
   app.tab = tab;
+  remember();
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === tab);
   for (const v of document.querySelectorAll(".view")) v.classList.toggle("active", v.id === tab);
   $("message").textContent = "";
@@ -474,8 +479,17 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// One date format in both languages, local time: 2026-12-02 15:39:03 (and 15:39 on chart axes).
+const pad = (n) => String(n).padStart(2, "0");
+
 function when(ms) {
-  return new Date(ms).toLocaleString(I18N.lang === "en" ? "en-GB" : "zh-CN", { hour12: false });
+  const d = new Date(ms);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${clock(ms, true)}`;
+}
+
+function clock(ms, seconds = false) {
+  const d = new Date(ms);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}${seconds ? `:${pad(d.getSeconds())}` : ""}`;
 }
 
 function naturalCompare(a, b) {
@@ -496,15 +510,31 @@ function relabel() {
   }
 }
 
+// The address says the view and the language (#view=needs&lang=en), so either can be linked to,
+// bookmarked or reloaded; the fragment never leaves the browser.
+function remember() {
+  history.replaceState(null, "", `${location.pathname}${location.search}#view=${app.tab}&lang=${I18N.lang}`);
+}
+
+// What a link asks for: a view, a language, and (what `cgw demo` prints) a token to sign in with.
+function followLink() {
+  const asked = new URLSearchParams(location.hash.slice(1));
+  const token = asked.get("token");
+  if (token) localStorage.setItem("cgw.token", token);
+  if (asked.get("lang")) I18N.set(asked.get("lang"));
+  if (LOADERS[asked.get("view")]) app.tab = asked.get("view");
+  remember();  // the token, if any, leaves the address bar at once
+}
+
 document.addEventListener("DOMContentLoaded", () => {
-  // `#token=…` (what `cgw demo` prints) signs in without typing; the fragment never leaves the browser.
-  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromLink) {
-    localStorage.setItem("cgw.token", fromLink);
-    history.replaceState(null, "", location.pathname);
-  }
+  followLink();
+  window.addEventListener("hashchange", () => {
+    const before = I18N.lang;
+    followLink();
+    if (I18N.lang !== before) relabel(); else if (app.token) show(app.tab);
+  });
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => show(b.dataset.tab));
-  $("lang").addEventListener("click", () => { I18N.toggle(); relabel(); });
+  $("lang").addEventListener("click", () => { I18N.toggle(); remember(); relabel(); });
   $("logout").addEventListener("click", () => signOut());
   $("tm-device").addEventListener("change", () => { fillMetricSelect(); loadTelemetry().catch(showError); });
   $("tm-metric").addEventListener("change", () => loadTelemetry().catch(showError));

@@ -18,7 +18,8 @@ const WORDS = {
     metric: "指标", range: "时间范围", last_1h: "最近 1 小时", last_6h: "最近 6 小时", last_24h: "最近 24 小时",
     no_data: "该时间范围内没有数据。",
     heatmap: "需求热力图（楼栋 × 服务类别，近 7 天）", needs_list: "需求清单（按优先级排序）",
-    why_text: "{households} 户，{signals} 个传感信号，优先级 {priority}，已等待 {days} 天",
+    why_text: "{households}，{signals}，优先级 {priority}，已等待 {days}",
+    households_n: "{n} 户", signals_n: "{n} 个传感信号", days_n: "{n} 天", votes_n: "{n} 票",
     service: "服务", provider: "服务提供方", households: "户数", score: "得分", why: "依据",
     proposals: "居民议事提案与投票", no_proposals: "暂无提案。", votes: "票", approval: "赞成率",
     result_open: "投票中", result_passed: "已通过", result_rejected: "未通过",
@@ -49,7 +50,12 @@ const WORDS = {
     metric: "Metric", range: "Range", last_1h: "Last hour", last_6h: "Last 6 hours", last_24h: "Last 24 hours",
     no_data: "No data in this range.",
     heatmap: "Needs heat map (building × service group, last 7 days)", needs_list: "Needs list (ranked)",
-    why_text: "{households} households, {signals} sensor signals, priority {priority}, open {days} days",
+    why_text: "{households}, {signals}, priority {priority}, open {days}",
+    // Counted words: one form per plural category of the language (Intl.PluralRules).
+    households_n: { one: "{n} household", other: "{n} households" },
+    signals_n: { one: "{n} sensor signal", other: "{n} sensor signals" },
+    days_n: { one: "{n} day", other: "{n} days" },
+    votes_n: { one: "{n} vote", other: "{n} votes" },
     service: "Service", provider: "Provider", households: "Households", score: "Score", why: "Why",
     proposals: "Residents' council proposals and votes", no_proposals: "No proposals yet.", votes: "votes",
     approval: "Approval", result_open: "Voting", result_passed: "Passed", result_rejected: "Rejected",
@@ -66,6 +72,8 @@ const WORDS = {
   },
 };
 
+const LANGS = ["zh", "en"];
+
 const I18N = {
   lang: localStorage.getItem("cgw.lang") === "en" ? "en" : "zh",
 
@@ -73,6 +81,22 @@ const I18N = {
     let text = WORDS[this.lang][key] ?? WORDS.zh[key] ?? key;
     for (const [name, value] of Object.entries(vars || {})) text = text.replace(`{${name}}`, value);
     return text;
+  },
+
+  // "1 household", "2 households": `n` shown with `digits` decimals, in the form its plural
+  // category takes in the current language ("1.0 days": a decimal one is not singular).
+  count(key, n, digits = 0) {
+    const forms = WORDS[this.lang][key] ?? WORDS.zh[key];
+    const shown = Number(n).toFixed(digits);
+    if (typeof forms === "string") return forms.replace("{n}", shown);
+    const rules = new Intl.PluralRules(this.lang, { minimumFractionDigits: digits });
+    return (forms[rules.select(Number(shown))] ?? forms.other).replace("{n}", shown);
+  },
+
+  set(lang) {
+    if (!LANGS.includes(lang)) return;
+    this.lang = lang;
+    localStorage.setItem("cgw.lang", lang);
   },
 
   // A catalogue entry's name in the current language.
@@ -88,7 +112,6 @@ const I18N = {
   },
 
   toggle() {
-    this.lang = this.lang === "en" ? "zh" : "en";
-    localStorage.setItem("cgw.lang", this.lang);
+    this.set(this.lang === "en" ? "zh" : "en");
   },
 };
