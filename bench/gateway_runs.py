@@ -25,6 +25,8 @@ def start(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetricsProce
         "CGW_AUTH__TOKENS": f'{{"{TOKEN}": "operator"}}',
         "CGW_AUTH__WRITE_RATE_LIMIT": "",
         "CGW_LOG_LEVEL": "warning",
+        # Thousands of simulated devices register themselves; the cap is for junk, not for load.
+        "CGW_REGISTRATION_MAX_DEVICES": "1000000",
         **env,
     }
     gateway = GatewayProcess(folder, settings)

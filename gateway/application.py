@@ -25,7 +25,7 @@ from drivers.mqtt import MqttDriver, MqttIntake
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
-from gateway.limits import KeyedRateLimit, MessageTimeRateLimit
+from gateway.limits import DeviceRateLimit, KeyedRateLimit
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
 from gateway.pipeline.route import Router
@@ -81,7 +81,12 @@ class Gateway:
         self.inventory = (
             load_inventory(settings.inventory, self.profiles) if settings.inventory is not None else []
         )
-        self.registry = DeviceRegistry(self.profiles, settings.registration)
+        self.registry = DeviceRegistry(
+            self.profiles,
+            settings.registration,
+            settings.registration_max_devices,
+            int(settings.registration_idle.total_seconds() * 1000),
+        )
         self.alarms = AlarmEngine(self.profiles)
         self.catalogue = load_catalogue(settings.services.catalogue, settings.services.stall_after)
         self.desk = ServiceDesk(
@@ -118,6 +123,7 @@ class Gateway:
             self.outbox,
             [sink.encode for sink in self.sinks],
             group_commit_s=settings.store.group_commit_ms / 1000,
+            dead_letter_max_bytes=settings.store.dead_letter_max_bytes,
         )
         for sink in self.sinks:
             self.writer.on_commit(sink.wake)
@@ -141,7 +147,7 @@ class Gateway:
             self.metrics,
             window,
             settings.mqtt.max_payload_bytes,
-            MessageTimeRateLimit(settings.pipeline.device_rate_limit),
+            DeviceRateLimit(settings.pipeline.device_rate_limit, settings.pipeline.backlog_allowance),
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
         if self.uplink is not None:

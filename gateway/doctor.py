@@ -51,6 +51,7 @@ VOLATILE = frozenset({"tmpfs", "ramfs"})
 def run_checks(settings: Settings, timeout_s: float = 5.0) -> list[Finding]:
     findings = [
         _profiles_and_inventory(settings),
+        _registration(settings),
         _data_dir(settings.data_dir),
         _volatile(settings.data_dir),
         _outbox_room(settings),
@@ -86,6 +87,20 @@ def _profiles_and_inventory(settings: Settings) -> Finding:
             "refused; set CGW_INVENTORY to the inventory file or CGW_REGISTRATION=open",
         )
     return Finding(True, "profiles/inventory", f"{len(profiles.kinds)} profiles, {where}")
+
+
+def _registration(settings: Settings) -> Finding:
+    if settings.registration == "closed":
+        return Finding(True, "registration", "closed: only the inventory's devices are heard")
+    # Open is how a first day starts; on a network anyone in the building can reach, it lets
+    # any client invent devices (up to the cap), so it is said every time.
+    return Finding(
+        False,
+        "registration",
+        f"open: any client may register up to {settings.registration_max_devices} devices of its own; "
+        "once the inventory lists the real ones, set CGW_REGISTRATION=closed",
+        blocking=False,
+    )
 
 
 def _data_dir(path: Path) -> Finding:

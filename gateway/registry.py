@@ -5,6 +5,9 @@ profile) or by the installer's inventory; the inventory wins where both speak. R
 is configurable: `open` (unknown devices are registered as kind `generic`), `closed` (their
 messages are rejected, counted and kept in the dead-letter store with the reason)."
 Under `closed` a birth message does not register a device: only the inventory does.
+Under `open`, at most `registration_max_devices` devices may register themselves (more are
+refused as `registration_full`), and one not heard for `registration_idle` is forgotten, so junk
+ids cannot be registered without end nor kept forever.
 """
 
 from __future__ import annotations
@@ -135,9 +138,17 @@ def load_inventory(path: Path, profiles: ProfileSet) -> list[Device]:
 class DeviceRegistry:
     """Known devices by id, with the registration policy applied to newcomers."""
 
-    def __init__(self, profiles: ProfileSet, policy: Literal["open", "closed"]) -> None:
+    def __init__(
+        self,
+        profiles: ProfileSet,
+        policy: Literal["open", "closed"],
+        max_self_registered: int = 1000,
+        idle_ms: int | None = None,
+    ) -> None:
         self._profiles = profiles
         self._policy = policy
+        self._max_self = max_self_registered
+        self._idle_ms = idle_ms
         self._devices: dict[str, Device] = {}
         self._dirty: set[str] = set()
 
@@ -172,6 +183,39 @@ class DeviceRegistry:
 
     # -- lookups -------------------------------------------------------------------------------
 
+    @property
+    def self_registered(self) -> int:
+        return sum(1 for d in self._devices.values() if d.source != "inventory")
+
+    def _admit(self, device_id: str) -> None:
+        """Room for one more device that registers itself, or the refusal."""
+        if self._policy == "closed":
+            raise Rejected(f"unknown_device: {device_id} is not in the inventory (registration is closed)")
+        # Counted only when a newcomer arrives (rare), so the hot path does not pay for it.
+        if self.self_registered >= self._max_self:
+            raise Rejected(
+                f"registration_full: {self._max_self} devices registered themselves already "
+                "(registration_max_devices); list this one in the inventory"
+            )
+
+    def forget_idle(self, now_ms: int) -> list[str]:
+        """Forget devices that registered themselves and have not been heard for
+        `registration_idle`; returns their ids (the store deletes their rows)."""
+        if self._idle_ms is None:
+            return []
+        cutoff = now_ms - self._idle_ms
+        idle = [
+            device_id
+            for device_id, d in self._devices.items()
+            if d.source != "inventory" and (d.last_seen_ms or d.first_seen_ms or 0) < cutoff
+        ]
+        for device_id in idle:
+            del self._devices[device_id]
+            self._dirty.discard(device_id)
+        if idle:
+            log.info("forgot %d devices not heard for registration_idle: %s", len(idle), ", ".join(idle[:10]))
+        return idle
+
     def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
 
@@ -186,8 +230,7 @@ class DeviceRegistry:
         device = self._devices.get(device_id)
         if device is not None:
             return device
-        if self._policy == "closed":
-            raise Rejected(f"unknown_device: {device_id} is not in the inventory (registration is closed)")
+        self._admit(device_id)
         device = Device(device_id=device_id, kind="generic", source="auto", first_seen_ms=received_ms)
         self._devices[device_id] = device
         self._dirty.add(device_id)
@@ -204,10 +247,7 @@ class DeviceRegistry:
                 f"(known: {', '.join(self._profiles.kinds)})"
             )
         if device is None:
-            if self._policy == "closed":
-                raise Rejected(
-                    f"unknown_device: {device_id} is not in the inventory (registration is closed)"
-                )
+            self._admit(device_id)
             device = Device(
                 device_id=device_id,
                 kind=kind or "generic",

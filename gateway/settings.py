@@ -198,6 +198,8 @@ class StoreSettings(_Section):
     rollup_retention: Duration = timedelta(days=90)
     batch_size: int = Field(5000, ge=1)
     dead_letter_retention: Duration = timedelta(days=7)
+    # The dead-letter table's budget: past it the oldest refusals are deleted first.
+    dead_letter_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     # A lone small batch of telemetry waits this long for others before its commit (and fsync):
     # at a steady trickle the store commits tens of times a second instead of once per message.
     group_commit_ms: int = Field(20, ge=0, le=1000)
@@ -209,8 +211,12 @@ class PipelineSettings(_Section):
     max_future: Duration = timedelta(minutes=10)
     max_past: Duration = timedelta(days=7)
     presence_sweep_s: float = Field(5.0, gt=0)
-    # Messages per device over which the rest are refused (`rate_limited`); empty: no limit.
+    # Messages per device, by receive time, over which the rest are refused (`rate_limited`)
+    # before they are decoded; empty: no limit.
     device_rate_limit: RateLimit = "100/second;3000/minute"
+    # Beyond it, messages per device taken anyway when their own times show a held backlog
+    # (forward, and within the limit by those times); refilled over an hour.
+    backlog_allowance: int = Field(20_000, ge=0, le=10_000_000)
 
 
 class TokenGrant(_Section):
@@ -292,6 +298,10 @@ class Settings(BaseSettings):
     community: str = Field("community", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     data_dir: Path = Path("./data")
     registration: Literal["open", "closed"] = "open"
+    # Under `open`: how many devices may register themselves (past it: `registration_full`),
+    # and how long one may stay silent before it is forgotten.
+    registration_max_devices: int = Field(1000, ge=0, le=1_000_000)
+    registration_idle: Duration = timedelta(days=30)
     inventory: Path | None = None  # installer's YAML inventory; wins over birth messages
     profiles_dir: Path | None = None  # extra or overriding device profiles
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -58,6 +58,11 @@ class GatewayMetrics:
         self.outbox_dropped = Counter(
             "cgw_outbox_dropped_points", "Telemetry points dropped because the outbox was full", registry=r
         )
+        self.dead_letters_trimmed = Counter(
+            "cgw_dead_letters_trimmed",
+            "Oldest dead letters deleted to keep the table within store.dead_letter_max_bytes",
+            registry=r,
+        )
         self.driver_connected = Gauge(
             "cgw_driver_connected", "1 while a driver is connected", ["driver"], registry=r
         )

@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def env(tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsProcess) -> dict[str, str]:
-    """A healthy deployment: every check passes."""
+    """A healthy deployment: every check passes (registration closed, an inventory lists the devices)."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("devices:\n  - {device_id: meter-1, kind: energy_meter}\n")
     return {
+        "CGW_REGISTRATION": "closed",
+        "CGW_INVENTORY": str(inventory),
         "CGW_DATA_DIR": str(tmp_path / "data"),
         "CGW_MQTT__URL": mosquitto.url,
         "CGW_INFLUX__URL": victoria.url,
@@ -54,6 +58,14 @@ def doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", "doctor"], env=env, capture_output=True, text=True, timeout=60
     )
+
+
+def test_open_registration_is_a_warning_that_names_the_setting(env: dict[str, str]) -> None:
+    found = problem({**env, "CGW_REGISTRATION": "open"}, "registration")
+    assert not found.blocking
+    assert "CGW_REGISTRATION=closed" in found.detail and "1000 devices" in found.detail
+    result = doctor({**env, "CGW_REGISTRATION": "open"})
+    assert result.returncode == 0 and "WARN" in result.stdout and "registration" in result.stdout
 
 
 def test_a_healthy_deployment_passes(env: dict[str, str]) -> None:

@@ -7,12 +7,15 @@ test_settings.py; the API by schemathesis in test_api.py.)
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.limits import MessageTimeRateLimit
+from gateway.limits import DeviceRateLimit
 from gateway.models import RawMessage
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
@@ -41,7 +44,7 @@ from gateway.services.intake import (
     terminal_request,
     terminal_vote,
 )
-from gateway.settings import PipelineSettings
+from gateway.settings import PipelineSettings, StoreSettings
 from gateway.stats import GatewayMetrics
 from tests.harness import AS_OPERATOR, api, eventually, gateway_settings, mosquitto_pub, running
 from tests.services import GatewayProcess, MosquittoProcess
@@ -53,11 +56,17 @@ WINDOW = TimeWindow(max_future_ms=600_000, max_past_ms=7 * 86_400_000)
 CHANNELS = ("status", "telemetry", "event", "request", "rating", "vote")
 
 
-def processor(policy: str = "open", rate: str = "") -> tuple[Processor, GatewayMetrics]:
+def processor(policy: str = "open", rate: str = "", allowance: int = 0) -> tuple[Processor, GatewayMetrics]:
     metrics = GatewayMetrics()
     registry = DeviceRegistry(PROFILES, policy)  # type: ignore[arg-type]
     proc = Processor(
-        PROFILES, registry, AlarmEngine(PROFILES), metrics, WINDOW, 64 * 1024, MessageTimeRateLimit(rate)
+        PROFILES,
+        registry,
+        AlarmEngine(PROFILES),
+        metrics,
+        WINDOW,
+        64 * 1024,
+        DeviceRateLimit(rate, allowance),
     )
     return proc, metrics
 
@@ -292,8 +301,9 @@ def test_a_flood_from_one_device_is_refused_beyond_its_rate_and_the_others_go_on
 
 def test_a_backlog_delivered_in_one_burst_is_not_a_flood() -> None:
     # Half an hour of one reading a second, held by the broker during an outage, arriving at once:
-    # the limit counts by the devices' own time, so none of it is refused.
-    proc, _ = processor(rate="50/second;1000/minute")
+    # beyond the limit by receive time, the readings' own times go forward at an allowed rate,
+    # so the allowance takes all of them.
+    proc, _ = processor(rate="50/second;1000/minute", allowance=20_000)
     backlog = [
         (
             "cgw/v1/patient-1/telemetry",
@@ -309,6 +319,78 @@ def test_a_backlog_delivered_in_one_burst_is_not_a_flood() -> None:
         ("cgw/v1/patient-1/telemetry", orjson.dumps({"ts": NOW, "metrics": {"v": i}}), NOW) for i in range(60)
     ]
     assert [d.reason_code for d in proc.process(burst).dead_letters] == ["rate_limited"] * 10
+
+
+def test_claimed_times_in_alternating_windows_do_not_sidestep_the_limit() -> None:
+    proc, _ = processor(rate="50/second", allowance=20_000)
+    zigzag = [
+        (
+            "cgw/v1/zig-1/telemetry",
+            orjson.dumps({"ts": NOW - 10_000 + (i % 2) * 1000, "metrics": {"v": i}}),
+            NOW,
+        )
+        for i in range(1000)
+    ]
+    out = proc.process(zigzag)
+    # 50 by receive time, then only forward claims within 50 per claimed second.
+    assert len(out.readings) <= 50 + 51
+    assert {d.reason_code for d in out.dead_letters} == {"rate_limited"}
+
+
+def test_the_backlog_allowance_is_bounded_and_a_refused_flood_is_never_decoded() -> None:
+    proc, _ = processor(rate="50/second", allowance=100)
+    forward = [
+        ("cgw/v1/fwd-1/telemetry", orjson.dumps({"ts": NOW - 600_000 + i * 25, "metrics": {"v": i}}), NOW)
+        for i in range(1000)
+    ]
+    assert len(proc.process(forward).readings) == 50 + 100
+    # Junk over the limit is refused as a flood, unread: not as bad JSON.
+    junk_proc, metrics = processor(rate="50/second")
+    out = junk_proc.process([("cgw/v1/junk-1/telemetry", b"\xff not json", NOW)] * 1000)
+    reasons = [d.reason_code for d in out.dead_letters]
+    assert reasons.count("bad_json") == 50 and reasons.count("rate_limited") == 950
+    assert rejected(metrics) == 1000
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=-7 * 86_400_000, max_value=600_000),  # the claimed time, from now
+            st.integers(min_value=0, max_value=999),  # when it arrived, within one second
+            st.booleans(),  # valid or junk
+        ),
+        max_size=300,
+    )
+)
+def test_whatever_a_device_claims_it_gets_at_most_the_limit_and_the_allowance(
+    messages: list[tuple[int, int, bool]],
+) -> None:
+    proc, _ = processor(rate="20/second", allowance=30)
+    start = NOW - NOW % 1000
+    batch: list[RawMessage] = [
+        (
+            "cgw/v1/liar-1/telemetry",
+            orjson.dumps({"ts": NOW + claimed, "metrics": {"v": 1}}) if valid else b"{junk",
+            start + arrived,
+        )
+        for claimed, arrived, valid in sorted(messages, key=lambda m: m[1])
+    ]
+    out = proc.process(batch)
+    judged = len(out.readings) + sum(d.reason_code != "rate_limited" for d in out.dead_letters)
+    assert judged <= 20 + 30
+
+
+def test_refusals_are_logged_once_a_minute_per_device(caplog: pytest.LogCaptureFixture) -> None:
+    proc, metrics = processor()
+    with caplog.at_level("WARNING", logger="gateway.pipeline.process"):
+        proc.process([("cgw/v1/noisy-1/telemetry", b"{nope", NOW + i) for i in range(500)])
+        proc.process([("cgw/v1/other-1/telemetry", b"{nope", NOW)])
+        proc.process([("cgw/v1/noisy-1/telemetry", b"{nope", NOW + 61_000)])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "499 more refused since the last line" in lines[2]
+    assert rejected(metrics) == 502  # every one counted all the same
 
 
 def test_a_bad_rate_limit_setting_is_one_clear_line() -> None:
@@ -495,6 +577,11 @@ def test_json_of_any_depth_is_taken_or_refused_never_a_500(
                 assert response.status_code == 400 and "deeper than 32" in response.text
 
 
+def post_json(client: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
+    """JSON as the standard library writes it: a lone surrogate goes as its \\u escape."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
 # Any text people could type, control characters and lone surrogates included.
 TYPED = st.text(st.characters(codec=None, exclude_categories=()), max_size=60)
 
@@ -506,22 +593,22 @@ def test_typed_text_of_any_kind_leaves_every_output_well_formed(
 ) -> None:
     with http(http_gateway, TERMINAL) as terminal, http(http_gateway) as operator:
         form = {"service_code": SERVICE, "building": "1", "description": description}
-        filed = terminal.post("/open311/v2/requests.json", json=form)
+        filed = post_json(terminal, "/open311/v2/requests.json", form)
         assert filed.status_code in (200, 201, 400), filed.text
         if filed.status_code != 400:
             ticket = filed.json()[0]["service_request_id"]
-            moved = operator.post(
-                f"/api/v1/requests/{ticket}/transitions", json={"to": "triaged", "note": note}
+            moved = post_json(
+                operator, f"/api/v1/requests/{ticket}/transitions", {"to": "triaged", "note": note}
             )
-            assert moved.status_code in (200, 409, 422), moved.text
+            assert moved.status_code in (200, 400, 409, 422), moved.text
             xml = terminal.get(f"/open311/v2/requests/{ticket}.xml")
             assert xml.status_code == 200
             root = ElementTree.fromstring(xml.content)  # well-formed, whatever was typed
             shown = root.findtext("request/description") or ""
             assert not CONTROL.search(shown)
             assert orjson.loads(terminal.get(f"/open311/v2/requests/{ticket}.json").content)
-        proposal = operator.post("/api/v1/proposals", json={"title": title or "x"})
-        assert proposal.status_code in (201, 422), proposal.text
+        proposal = post_json(operator, "/api/v1/proposals", {"title": title or "x"})
+        assert proposal.status_code in (201, 400, 422), proposal.text
         plan = operator.get("/api/v1/plan.csv")
         assert plan.status_code == 200
         for row in csv.DictReader(io.StringIO(plan.text.lstrip("\ufeff"))):
@@ -582,3 +669,84 @@ def test_an_open311_device_id_never_names_a_real_device(http_gateway: GatewayPro
 
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+# -- registration and the dead-letter table, over a real broker --------------------------------------
+
+
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"hostile-{len(messages)}")
+    client.max_inflight_messages_set(200)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for info in [client.publish(topic, payload, qos=1) for topic, payload in messages]:
+            info.wait_for_publish(20)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+async def test_open_registration_is_capped_and_idle_devices_are_forgotten(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    settings_ = gateway_settings(
+        tmp_path, mosquitto.url, registration_max_devices=5, registration_idle=timedelta(seconds=2)
+    )
+    async with running(settings_) as gw, api(gw) as client:
+        junk = [(f"cgw/v1/junk-{i}/telemetry", b'{"metrics":{"v":1}}') for i in range(8)]
+        await asyncio.to_thread(publish_all, mosquitto.port, junk)
+
+        async def refused() -> Any:
+            body = (await client.get("/api/v1/dead-letters", params={"reason": "registration_full"})).json()
+            return body["items"] if len(body["items"]) == 3 else None
+
+        letters = await eventually(refused, 10, "three refusals")
+        assert "registration_max_devices" in letters[0]["reason"]
+        assert len((await client.get("/api/v1/devices")).json()["items"]) == 5
+
+        # Silent for registration_idle: forgotten, in the registry and in the store.
+        async def forgotten() -> bool:
+            return not (await client.get("/api/v1/devices")).json()["items"]
+
+        await eventually(forgotten, 10, "the idle devices to be forgotten")
+
+        def stored() -> int:
+            with sqlite3.connect(settings_.db_path) as conn:
+                return int(conn.execute("SELECT count(*) FROM devices").fetchone()[0])
+
+        await eventually(lambda: stored() == 0, 10, "their rows to go")
+        # ...which makes room again.
+        await asyncio.to_thread(
+            publish_all, mosquitto.port, [("cgw/v1/late-1/telemetry", b'{"metrics":{"v":1}}')]
+        )
+        await eventually(lambda: gw.registry.get("late-1"), 10, "a newcomer")
+
+
+async def test_the_dead_letter_table_keeps_to_its_byte_budget(tmp_path: Path, mosquitto: Any) -> None:
+    budget = 1024 * 1024
+    settings_ = gateway_settings(
+        tmp_path,
+        mosquitto.url,
+        pipeline=PipelineSettings(device_rate_limit=""),
+        store=StoreSettings(dead_letter_max_bytes=budget),
+    )
+    async with running(settings_) as gw, api(gw) as client:
+        junk = [
+            (f"cgw/v1/junk-{i % 10}/telemetry", b"{" + str(i).encode() + b"x" * 8000) for i in range(4000)
+        ]
+        await asyncio.to_thread(publish_all, mosquitto.port, junk)
+
+        async def last_one_kept() -> Any:
+            body = (await client.get("/api/v1/dead-letters", params={"limit": 1})).json()
+            return body["items"] and body["items"][0]["payload"].startswith("{3999x")
+
+        await eventually(last_one_kept, 30, "the newest refusal")
+        with sqlite3.connect(settings_.db_path) as conn:
+            size_of = "LENGTH(payload) + LENGTH(reason) + LENGTH(topic) + 64"
+            kept, size = conn.execute(f"SELECT count(*), SUM({size_of}) FROM dead_letters").fetchone()
+        assert size <= budget and 0 < kept < 4000
+        assert size == gw.writer.dead_letters.bytes
+        metrics = (await client.get("/metrics")).text
+        assert "cgw_dead_letters_trimmed_total" in metrics
+        assert not re.search(r"^cgw_dead_letters_trimmed_total 0\.0$", metrics, re.M)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from gateway.limits import MessageTimeRateLimit
+from gateway.limits import Admission, DeviceRateLimit, FloodNotes
 from gateway.models import DeadLetter, DeviceEvent, PresenceChange, RawMessage, Reading
 from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
 from gateway.presence import PresenceTracker, presence_event
@@ -46,6 +46,7 @@ class Processed:
     devices: list[Device] = field(default_factory=list)  # changed, to persist
     terminal: list[TerminalMessage] = field(default_factory=list)  # for the service desk
     records: list[dict[str, Any]] = field(default_factory=list)  # service records (desk)
+    forgotten: list[str] = field(default_factory=list)  # idle self-registered devices, to delete
     # Called once everything above is durable (local store and outbox): acks to the broker.
     on_durable: list[Callable[[], None]] = field(default_factory=list)
 
@@ -57,6 +58,7 @@ class Processed:
             or self.dead_letters
             or self.devices
             or self.terminal
+            or self.forgotten
         )
 
 
@@ -71,7 +73,7 @@ class Processor:
         metrics: GatewayMetrics,
         window: TimeWindow,
         max_payload_bytes: int,
-        rate_limit: MessageTimeRateLimit | None = None,
+        rate_limit: DeviceRateLimit | None = None,
     ) -> None:
         self._profiles = profiles
         self._registry = registry
@@ -80,7 +82,11 @@ class Processor:
         self._metrics = metrics
         self._window = window
         self._max_bytes = max_payload_bytes
-        self._rate_limit = rate_limit or MessageTimeRateLimit("")
+        self._rate_limit = rate_limit or DeviceRateLimit("")
+        # Refusals are logged once a minute per device (or reason): every one is still counted
+        # and dead-lettered, but junk from one device must not fill the journal.
+        self._log_notes = FloodNotes()
+        self._unlogged: dict[str, int] = {}
         self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
     def process(self, batch: list[RawMessage]) -> Processed:
@@ -91,8 +97,14 @@ class Processor:
             try:
                 device_id, channel = parse(topic)
                 self._received[channel].inc()
+                admission = self._rate_limit.admit(device_id, received_ms)
+                if admission is Admission.REFUSED:
+                    self._flooded(out, topic, device_id, channel, payload, received_ms)
+                    continue
                 obj = decode_object(payload, self._max_bytes)
-                if not self._rate_limit.allow(device_id, _message_time(obj, received_ms)):
+                if admission is Admission.BACKLOG and not self._rate_limit.backlog(
+                    device_id, _message_time(obj, received_ms)
+                ):
                     self._flooded(out, topic, device_id, channel, payload, received_ms)
                     continue
                 if channel in TERMINAL_CHANNELS:
@@ -110,6 +122,7 @@ class Processor:
         for change in self._presence.sweep(now_ms):
             self._add_presence(out, change)
         self._finish(out)
+        out.forgotten = self._registry.forget_idle(now_ms)
         return out
 
     # -- channels -----------------------------------------------------------------------------
@@ -249,7 +262,16 @@ class Processor:
         out.dead_letters.append(letter)
         self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
         if logged:
-            log.warning("rejected message on %s: %s", topic[:200], reason)
+            # Newcomers and bad topics each bring a new name: theirs are logged by reason.
+            key = device_id if device_id and letter.reason_code not in _NEWCOMER else letter.reason_code
+            if self._log_notes.should_log(key, received_ms):
+                more = self._unlogged.pop(key, 0)
+                also = f" ({more} more refused since the last line)" if more else ""
+                log.warning("rejected message on %s: %s%s", topic[:200], reason, also)
+            else:
+                if len(self._unlogged) > 10_000:
+                    self._unlogged.clear()
+                self._unlogged[key] = self._unlogged.get(key, 0) + 1
 
     def _flooded(
         self, out: Processed, topic: str, device_id: str, channel: str, payload: bytes, received_ms: int
@@ -295,6 +317,7 @@ def _message_time(obj: dict[str, Any], received_ms: int) -> int:
         return received_ms
 
 
+_NEWCOMER = frozenset({"unknown_device", "registration_full"})
 _ANY_TIME = TimeWindow(max_future_ms=2**62, max_past_ms=2**62)
 
 _CHANNELS = {

@@ -46,6 +46,9 @@ class StoreMaintenance:
         limit = now_ms - SETTLE_MS if settle else now_ms + MINUTE_MS
         rollup(conn, self._writer.take_dirty_minutes(limit))
         prune(conn, now_ms, self._settings)
+        self._writer.dead_letters.prune(
+            conn, now_ms - int(self._settings.dead_letter_retention.total_seconds() * 1000)
+        )
 
 
 def rollup(conn: sqlite3.Connection, minutes: list[int]) -> None:
@@ -65,11 +68,10 @@ def prune(conn: sqlite3.Connection, now_ms: int, settings: StoreSettings) -> Non
     """Delete what is past its retention."""
     raw_cutoff = now_ms - int(settings.raw_retention.total_seconds() * 1000)
     rollup_cutoff = now_ms - int(settings.rollup_retention.total_seconds() * 1000)
-    letters_cutoff = now_ms - int(settings.dead_letter_retention.total_seconds() * 1000)
     conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (raw_cutoff,))
     conn.execute("DELETE FROM rollup_1m WHERE minute_ms < ?", (rollup_cutoff,))
     conn.execute("DELETE FROM events WHERE ts_ms < ?", (rollup_cutoff,))
-    conn.execute("DELETE FROM dead_letters WHERE received_ms < ?", (letters_cutoff,))
+    # Dead letters: by the writer's DeadLetterBudget, which keeps their byte count.
 
 
 def _ranges(minutes: list[int]) -> list[tuple[int, int]]:

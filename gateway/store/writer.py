@@ -22,10 +22,12 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import privacy
+from gateway.limits import FloodNotes
 from gateway.models import event_id
 from gateway.pipeline.process import Processed
 from gateway.registry import Device
 from gateway.stats import GatewayMetrics
+from gateway.store.dead_letters import DeadLetterBudget, row_bytes
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
 from gateway.store.schema import connect, migrate, transaction
 
@@ -59,8 +61,10 @@ class StoreWriter:
         outbox: Outbox | None = None,
         encoders: list[Callable[[list[Processed]], list[OutboxRow]]] | None = None,
         group_commit_s: float = 0.0,
+        dead_letter_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._path = path
+        self.dead_letters = DeadLetterBudget(dead_letter_max_bytes)
         self._group_commit_s = group_commit_s
         self._hurry = asyncio.Event()  # someone waits for a commit: no lingering
         self._metrics = metrics
@@ -72,6 +76,7 @@ class StoreWriter:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-store")
         self._conn: sqlite3.Connection | None = None
         self._dirty_minutes: set[int] = set()
+        self._trim_notes = FloodNotes()
         self.last_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -85,6 +90,7 @@ class StoreWriter:
     def _open(self) -> list[Device]:
         self._conn = connect(self._path)
         migrate(self._conn)
+        self.dead_letters.load(self._conn)
         if self._outbox is not None:
             self._outbox.load(self._conn)
         return [_device_from_row(row) for row in self._conn.execute(_SELECT_DEVICES)]
@@ -194,6 +200,7 @@ class StoreWriter:
         telemetry: list[tuple[str, str, int, float, int | None]] = []
         events: list[tuple[object, ...]] = []
         letters: list[tuple[object, ...]] = []
+        letter_bytes = 0
         devices: dict[str, Device] = {}
         for batch in batches:
             for r in batch.readings:
@@ -217,18 +224,10 @@ class StoreWriter:
                     )
                 )
             for d in batch.dead_letters:
-                letters.append(
-                    (
-                        d.received_ms,
-                        d.topic,
-                        d.device_id,
-                        d.channel,
-                        d.reason_code,
-                        d.reason,
-                        # Redacted and cut whatever the reason (gateway/privacy.py).
-                        privacy.dead_letter_payload(d.channel, d.payload),
-                    )
-                )
+                # Redacted and cut whatever the reason (gateway/privacy.py).
+                kept = privacy.dead_letter_payload(d.channel, d.payload)
+                letter_bytes += row_bytes(d.topic, d.reason, kept)
+                letters.append((d.received_ms, d.topic, d.device_id, d.channel, d.reason_code, d.reason, kept))
             for device in batch.devices:
                 devices[device.device_id] = device
         with transaction(conn):
@@ -247,7 +246,10 @@ class StoreWriter:
                 "reason, payload) VALUES (?,?,?,?,?,?,?)",
                 letters,
             )
+            trimmed = self.dead_letters.added(conn, letter_bytes) if letters else 0
             conn.executemany(_UPSERT_DEVICE, [_device_row(d) for d in devices.values()])
+            forgotten = [(device_id,) for batch in batches for device_id in batch.forgotten]
+            conn.executemany("DELETE FROM devices WHERE device_id = ?", forgotten)
             dropped = 0
             rows: list[OutboxRow] = []
             if self._outbox is not None:
@@ -257,6 +259,14 @@ class StoreWriter:
         self._metrics.store_writes.labels(table="telemetry").inc(len(telemetry))
         self._metrics.store_writes.labels(table="events").inc(len(events))
         self._metrics.store_writes.labels(table="dead_letters").inc(len(letters))
+        if trimmed:
+            self._metrics.dead_letters_trimmed.inc(trimmed)
+            if self._trim_notes.should_log("dead_letters", int(time.time() * 1000)):
+                log.warning(
+                    "dead letters over store.dead_letter_max_bytes (%d bytes): deleted the %d oldest",
+                    self.dead_letters.max_bytes,
+                    trimmed,
+                )
         if dropped:
             self._metrics.outbox_dropped.inc(dropped)
             log.warning("outbox full: dropped the %d oldest telemetry points", dropped)
