@@ -693,7 +693,7 @@ async def test_open_registration_is_capped_and_idle_devices_are_forgotten(
     settings_ = gateway_settings(
         tmp_path, mosquitto.url, registration_max_devices=5, registration_idle=timedelta(seconds=2)
     )
-    async with running(settings_) as gw, api(gw) as client:
+    async with running(settings_) as gw, api(gw, "operator-token") as client:
         junk = [(f"cgw/v1/junk-{i}/telemetry", b'{"metrics":{"v":1}}') for i in range(8)]
         await asyncio.to_thread(publish_all, mosquitto.port, junk)
 
@@ -731,7 +731,7 @@ async def test_the_dead_letter_table_keeps_to_its_byte_budget(tmp_path: Path, mo
         pipeline=PipelineSettings(device_rate_limit=""),
         store=StoreSettings(dead_letter_max_bytes=budget),
     )
-    async with running(settings_) as gw, api(gw) as client:
+    async with running(settings_) as gw, api(gw, "operator-token") as client:
         junk = [
             (f"cgw/v1/junk-{i % 10}/telemetry", b"{" + str(i).encode() + b"x" * 8000) for i in range(4000)
         ]

@@ -227,7 +227,9 @@ class StoreWriter:
                 # Redacted and cut whatever the reason (gateway/privacy.py).
                 kept = privacy.dead_letter_payload(d.channel, d.payload)
                 letter_bytes += row_bytes(d.topic, d.reason, kept)
-                letters.append((d.received_ms, d.topic, d.device_id, d.channel, d.reason_code, d.reason, kept))
+                letters.append(
+                    (d.received_ms, d.topic, d.device_id, d.channel, d.reason_code, d.reason, kept)
+                )
             for device in batch.devices:
                 devices[device.device_id] = device
         with transaction(conn):
