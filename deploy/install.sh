@@ -57,7 +57,8 @@ if [ -z "$ROOT" ]; then
     fi
 fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fail "cgw needs Python 3.11 or newer"
-mkdir -p "$OPT" "$ETC" "$STATE" "$BACKUPS" "$MOSQ/conf.d" "$MOSQ/cgw-auth" "$UNITS"
+mkdir -p "$OPT" "$ETC" "$MOSQ/conf.d" "$UNITS"
+install -d -m 0700 "$STATE" "$BACKUPS" "$MOSQ/cgw-auth"
 
 # -- an upgrade backs up first, with the version that wrote the stores -----------------------------
 if [ -x "$CGW" ] && [ -f "$STATE/cgw.sqlite3" ]; then
@@ -107,11 +108,17 @@ EOF
     NEW_TOKEN=$token
 fi
 
+chmod 0600 "$ETC/cgw.env"
 if [ -z "$ROOT" ]; then
-    chown root:cgw "$ETC/cgw.env" && chmod 0640 "$ETC/cgw.env"
-    chown cgw:cgw "$STATE"
-    chown -R mosquitto:mosquitto "$MOSQ/cgw-auth"
-    chmod 0700 "$MOSQ/cgw-auth"
+    # Secrets are root's: systemd reads the EnvironmentFile as root before it starts the service.
+    chown root:root "$ETC/cgw.env"
+    chown cgw:cgw "$STATE" && chmod 0700 "$STATE"
+    # The broker reads its password file and ACL as its group; every device's password in plain
+    # text (credentials.csv) stays root's alone.
+    chown root:mosquitto "$MOSQ/cgw-auth" "$MOSQ/cgw-auth/passwd" "$MOSQ/cgw-auth/acl"
+    chmod 0750 "$MOSQ/cgw-auth"
+    chmod 0640 "$MOSQ/cgw-auth/passwd" "$MOSQ/cgw-auth/acl"
+    chown root:root "$MOSQ/cgw-auth/credentials.csv" && chmod 0600 "$MOSQ/cgw-auth/credentials.csv"
 fi
 
 # -- the service ---------------------------------------------------------------------------------
@@ -125,12 +132,12 @@ if [ "$START" = 1 ]; then
 fi
 
 say "cgw doctor"
-# As the service will run it: its user, its secrets. A WARN or FAIL line says what to fix.
-doctor='set -a; . "$1"; set +a; exec "$2" doctor --config "$3"'
+# As the service will run it: its user, its secrets (read here as root, as systemd does). A WARN
+# or FAIL line says what to fix.
 if [ -n "$ROOT" ]; then
-    CGW_DATA_DIR=$STATE CGW_INVENTORY=$ETC/inventory.yaml bash -c "$doctor" _ "$ETC/cgw.env" "$CGW" "$ETC/cgw.yaml" || true
+    (set -a; . "$ETC/cgw.env"; set +a; CGW_DATA_DIR=$STATE CGW_INVENTORY=$ETC/inventory.yaml "$CGW" doctor --config "$ETC/cgw.yaml") || true
 else
-    runuser -u cgw -- bash -c "$doctor" _ "$ETC/cgw.env" "$CGW" "$ETC/cgw.yaml" || true
+    (set -a; . "$ETC/cgw.env"; set +a; runuser -u cgw -- "$CGW" doctor --config "$ETC/cgw.yaml") || true
 fi
 
 echo

@@ -17,11 +17,11 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.files import private_dir, write_private
 from gateway.topics import INBOUND_CHANNELS, PREFIX
 
 GATEWAY_USER = "cgw-gateway"
@@ -62,14 +62,14 @@ class Written:
 
 def write_files(folder: Path, device_ids: list[str], gateway_user: str = GATEWAY_USER) -> Written:
     """Write `passwd`, `acl` and `credentials.csv` into `folder`, keeping known passwords."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)  # the installer gives the broker's group read access (deploy/install.sh)
     known = _read_credentials(folder / "credentials.csv")
     users = [gateway_user, *sorted(set(device_ids) - {gateway_user})]
     passwords = {user: known.get(user) or secrets.token_urlsafe(18) for user in users}
     new = sum(1 for user in users if user not in known)
     _write_secret(folder / "credentials.csv", _csv(passwords))
     _write_secret(folder / "passwd", "".join(f"{u}:{hash_password(p)}\n" for u, p in passwords.items()))
-    (folder / "acl").write_text(acl_text(gateway_user), encoding="utf-8")
+    _write_secret(folder / "acl", acl_text(gateway_user))
     return Written(folder, len(users), new)
 
 
@@ -87,7 +87,4 @@ def _csv(passwords: dict[str, str]) -> str:
 
 def _write_secret(path: Path, text: str) -> None:
     # Created 0600 from the start, not chmod-ed after: the secret is never readable by others.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
+    write_private(path, text.encode("utf-8"))

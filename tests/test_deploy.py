@@ -231,3 +231,22 @@ def test_compose_setup_makes_secrets_once(tmp_path: Path) -> None:
     assert "mqtt-auth --inventory /etc/cgw/inventory.yaml --out /out" in calls.read_text()
     assert oct((deploy / "compose/.env").stat().st_mode & 0o777) == "0o600"
     assert setup() == first  # again: nothing changes
+
+
+def test_the_systemd_unit_is_hardened_by_systemd_analyze() -> None:
+    """`systemd-analyze security --offline=true` on the shipped unit: exposure 2.5 or lower."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed here (Debian: systemd)")
+    unit = COMPOSE.parent / "systemd" / "cgw.service"
+    result = subprocess.run(
+        [tool, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(r"Overall exposure level for cgw\.service: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found.group(1)) <= 2.5, result.stdout
+    for setting in ("UMask=0077", "StateDirectoryMode=0700", "CapabilityBoundingSet=\n"):
+        assert setting in unit.read_text()

@@ -95,6 +95,17 @@ def test_install_run_and_upgrade(tmp_path: Path) -> None:
     assert accounts["cgw-gateway"] == secrets["CGW_MQTT__PASSWORD"] and "b1-aq" in accounts
     backups = list((root / "var/backups/cgw").glob("cgw-backup-staged-*/manifest.json"))
     assert len(backups) == 1
+    # Stores, backups and secrets are their owner's alone, made so by the code (not the umask).
+    private = {
+        **{path: 0o600 for path in (root / "etc/mosquitto/cgw-auth").iterdir()},
+        **{path: 0o600 for path in backups[0].parent.iterdir()},
+        **{path: 0o600 for path in state.glob("*.sqlite3*")},
+        root / "etc/mosquitto/cgw-auth": 0o700,
+        backups[0].parent: 0o700,
+        state: 0o700,
+    }
+    assert len(private) >= 9
+    assert {path: path.stat().st_mode & 0o777 for path in private} == private
 
     run_once(cgw, etc, gateway_env, broker, device=("b1-aq", accounts["b1-aq"]), token=token)
 

@@ -10,6 +10,7 @@ import base64
 import csv
 import getpass
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -482,3 +483,52 @@ async def test_district_commands_are_checked_carried_out_once_and_recorded(
         device.loop_stop()
         device.disconnect()
         listener.close()
+
+
+# -- files and the service -----------------------------------------------------------------------
+
+
+async def test_stores_backups_and_secrets_are_private_whatever_the_umask(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    # An older install's store, readable by all: tightened when the gateway opens it.
+    (data / "services.sqlite3").touch(mode=0o644)
+    (data / "services.sqlite3").chmod(0o644)
+    env = {**os.environ, "CGW_DATA_DIR": str(data)}
+
+    def cgw(*args: str) -> None:
+        subprocess.run([*CGW, *args], env=env, capture_output=True, check=True, timeout=60)
+
+    def modes(*folders: Path) -> dict[str, str]:
+        return {str(p): oct(p.stat().st_mode & 0o777) for f in folders for p in (f, *f.iterdir())}
+
+    def private(paths: dict[str, str]) -> dict[str, str]:
+        return {p: "0o700" if Path(p).is_dir() else "0o600" for p in paths}
+
+    old = os.umask(0)
+    try:
+        async with running(gateway_settings(data, mosquitto.url)) as gw:
+            mosquitto_pub(mosquitto.port, "cgw/v1/f-1/telemetry", '{"metrics":{"v":1}}')
+            await eventually(lambda: gw.registry.get("f-1"), 10, "a reading")
+            live = modes(data)  # with the WAL files of both stores
+            assert {Path(p).name for p in live} >= {"cgw.sqlite3-wal", "cgw.sqlite3-shm", "services.sqlite3"}
+            assert live == private(live)
+        await asyncio.to_thread(cgw, "backup", "--out", str(tmp_path / "backups"))
+        await asyncio.to_thread(
+            cgw, "mqtt-auth", "--out", str(tmp_path / "auth"), "--inventory", str(_inventory(tmp_path))
+        )
+    finally:
+        os.umask(old)
+    (backup,) = (tmp_path / "backups").iterdir()
+    made = modes(data, backup, tmp_path / "auth")
+    names = {Path(p).name for p in made}
+    assert names >= {"cgw.sqlite3", "manifest.json", "passwd", "acl", "credentials.csv"}
+    assert made == private(made)
+
+
+def _inventory(tmp_path: Path) -> Path:
+    path = tmp_path / "inventory.yaml"
+    path.write_text("devices:\n  - {device_id: dev-a, kind: generic}\n")
+    return path

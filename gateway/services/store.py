@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway import privacy
+from gateway.files import private_store
 from gateway.services import lifecycle
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
@@ -118,7 +119,7 @@ class ServiceStore:
         self._sent_upto = 0  # outbox_records handed on in this run
 
     def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_store(self._path)
         conn = connect(self._path)
         conn.row_factory = sqlite3.Row
         migrate(conn, MIGRATIONS, str(self._path))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.files import FOLDER_MODE, private_dir, private_file, write_private
 from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
 from gateway.store.schema import MIGRATIONS as STORE_MIGRATIONS
 
@@ -38,14 +39,16 @@ def backup(data_dir: Path, into: Path, community: str) -> Made:
     """Copy the stores of `data_dir` into a new folder under `into`; returns it."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = into / f"cgw-backup-{community}-{stamp}"
-    folder.mkdir(parents=True, exist_ok=False)
+    into.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=FOLDER_MODE, exist_ok=False)
+    private_dir(folder)
     manifest: dict[str, object] = {"community": community, "made": stamp, "files": {}}
     sizes: dict[str, int] = {}
     for name in FILES:
         source = data_dir / name
         if not source.exists():
             continue
-        target = folder / name
+        target = private_file(folder / name)
         with sqlite3.connect(source, timeout=30) as src, sqlite3.connect(target) as dst:
             src.backup(dst)  # consistent even while the gateway writes
             version = dst.execute("PRAGMA user_version").fetchone()[0]
@@ -55,7 +58,7 @@ def backup(data_dir: Path, into: Path, community: str) -> Made:
     if not sizes:
         folder.rmdir()
         raise BackupError(f"no stores in {data_dir}: check CGW_DATA_DIR")
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return Made(folder, sizes)
 
 
@@ -84,10 +87,10 @@ def check(folder: Path) -> dict[str, dict[str, object]]:
 def restore(folder: Path, data_dir: Path) -> list[str]:
     """Replace the stores in `data_dir` by the backup's; the gateway must be stopped."""
     files = check(folder)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     for name in files:
-        staged = data_dir / f".{name}.restoring"
-        shutil.copyfile(folder / name, staged)
+        staged = private_file(data_dir / f".{name}.restoring")
+        shutil.copyfile(folder / name, staged)  # into the 0600 file: copyfile keeps its mode
         for stale in (data_dir / f"{name}-wal", data_dir / f"{name}-shm"):
             stale.unlink(missing_ok=True)
         staged.replace(data_dir / name)  # atomic on one file system

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from gateway.files import private_dir
+
 LOCK_FILE = "cgw.lock"
 
 
@@ -35,7 +37,7 @@ class DataDirLock:
         """Take the lock, or raise `DataDirInUse` naming the holder (pid and command)."""
         if self._fd is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

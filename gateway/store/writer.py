@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import privacy
+from gateway.files import private_store
 from gateway.limits import FloodNotes
 from gateway.models import event_id
 from gateway.pipeline.process import Processed
@@ -83,7 +84,7 @@ class StoreWriter:
 
     async def open(self) -> list[Device]:
         """Create or migrate the file; returns the devices remembered from earlier runs."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_store(self._path)
         devices: list[Device] = await self._call(self._open)
         return devices
 
