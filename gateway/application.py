@@ -251,7 +251,16 @@ class Gateway:
         self.registry.apply_inventory(self.inventory)
         await self.desk.open(self.router.deliver)
         self._socket = _bind(self.settings.api.host, self.settings.api.port)
-        config = uvicorn.Config(self.api, log_level="warning", access_log=False, lifespan="off")
+        tls = self.settings.api
+        config = uvicorn.Config(
+            self.api,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            # uvicorn's own TLS, for a box without a reverse proxy in front (docs/install.md).
+            ssl_certfile=str(tls.tls_certfile) if tls.tls_certfile else None,
+            ssl_keyfile=str(tls.tls_keyfile) if tls.tls_keyfile else None,
+        )
         self._server = _EmbeddedServer(config)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -269,8 +278,9 @@ class Gateway:
                 api = tg.create_task(self._server.serve(sockets=[self._socket]), name="api")
                 self.ready.set()
                 log.info(
-                    "gateway for community %s running: API on http://%s:%d",
+                    "gateway for community %s running: API on %s://%s:%d",
                     self.settings.community,
+                    "https" if tls.tls_certfile else "http",
                     self.settings.api.host,
                     self.api_port,
                 )

@@ -189,6 +189,10 @@ class ApiSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     # Per SSE subscriber; a client that cannot keep up loses its oldest events (counted).
     stream_queue: int = Field(1000, ge=10)
+    # The API over TLS by uvicorn itself (PEM files); without them, plain HTTP (behind a TLS
+    # reverse proxy when it leaves 127.0.0.1).
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     # Any request body longer is refused with 413 unread (an Open311 POST is a few KiB).
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
 

@@ -196,13 +196,22 @@ def test_the_community_dashboard_asks_for_what_the_sink_writes(tmp_path: Path) -
 
 
 def test_compose_setup_makes_secrets_once(tmp_path: Path) -> None:
-    """deploy/compose/setup.sh's own logic; `docker` is a stand-in that records its arguments."""
+    """deploy/compose/setup.sh's own logic; `docker` is a stand-in that records its arguments and
+    answers the `influx` CLI as InfluxDB 2.7's does (a bucket list, `auth create --json`)."""
     deploy = tmp_path / "deploy"
     shutil.copytree(COMPOSE.parent, deploy)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "docker-calls"
-    (bin_dir / "docker").write_text(f'#!/bin/sh\necho "$@" >>{calls}\n')
+    answer = 'printf \'{\\n  "id": "%s",\\n  "token": "%s",\\n  "status": "active"\\n}\\n\''
+    (bin_dir / "docker").write_text(
+        f'#!/bin/sh\necho "$@" >>{calls}\n'
+        'case "$*" in\n'
+        '  *"bucket list"*) printf "0a1b2c3d\\tcommunity\\t9600h0m0s\\n" ;;\n'
+        f'  *"--write-bucket 0a1b2c3d"*) {answer % (1, "w-tok==")} ;;\n'
+        f'  *"--read-bucket 0a1b2c3d"*) {answer % (2, "r-tok==")} ;;\n'
+        "esac\n"
+    )
     (bin_dir / "docker").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -230,7 +239,23 @@ def test_compose_setup_makes_secrets_once(tmp_path: Path) -> None:
     )
     assert "mqtt-auth --inventory /etc/cgw/inventory.yaml --out /out" in calls.read_text()
     assert oct((deploy / "compose/.env").stat().st_mode & 0o777) == "0o600"
+    # The gateway may only write the bucket and Grafana only read it; the admin token stays put.
+    assert first["INFLUX_WRITE_TOKEN"] == "w-tok==" and first["INFLUX_READ_TOKEN"] == "r-tok=="
+    compose = yaml.safe_load((deploy / "compose/docker-compose.yml").read_text())["services"]
+    assert compose["gateway"]["environment"]["CGW_INFLUX__TOKEN"] == "${INFLUX_WRITE_TOKEN:?run setup.sh}"
+    assert compose["grafana"]["environment"]["INFLUX_TOKEN"] == "${INFLUX_READ_TOKEN:?run setup.sh}"
+    # Published ports listen where .env says, this box only by default; devices get TLS.
+    ports = [port for service in compose.values() for port in service.get("ports", [])]
+    assert ports and all(p.startswith(("${BIND_ADDRESS:-127.0.0.1}:", "${MQTT_BIND_ADDRESS:-127.0.0.1}:",
+                                       "${MQTT_TLS_BIND_ADDRESS:-0.0.0.0}:8883")) for p in ports)  # fmt: skip
+    certs = deploy / "compose/mosquitto-certs"
+    assert {p.name for p in certs.iterdir()} >= {"ca.crt", "ca.key", "server.crt", "server.key"}
+    assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((deploy / "compose/secrets/metrics-token").stat().st_mode & 0o777) == "0o600"
+    assert oct((deploy / "compose/mosquitto-auth/credentials.csv").stat().st_mode & 0o777) == "0o600"
+    calls.write_text("")
     assert setup() == first  # again: nothing changes
+    assert "auth create" not in calls.read_text()
 
 
 def test_the_systemd_unit_is_hardened_by_systemd_analyze() -> None:

@@ -12,6 +12,7 @@ import getpass
 import logging
 import os
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -532,3 +533,22 @@ def _inventory(tmp_path: Path) -> Path:
     path = tmp_path / "inventory.yaml"
     path.write_text("devices:\n  - {device_id: dev-a, kind: generic}\n")
     return path
+
+
+async def test_the_api_speaks_tls_with_uvicorns_own_settings(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "api.pem", tmp_path / "api.key", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    settings = gateway_settings(tmp_path / "gw", mosquitto.url)
+    api_settings = settings.api.model_copy(update={"tls_certfile": cert_file, "tls_keyfile": key_file})
+    async with running(settings.model_copy(update={"api": api_settings})) as gw:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(ca_file))) as tls:
+            assert (await tls.get(f"https://127.0.0.1:{gw.api_port}/healthz")).json() == {"status": "ok"}
+        async with httpx.AsyncClient() as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get(f"http://127.0.0.1:{gw.api_port}/healthz")
