@@ -39,7 +39,8 @@ class Pipe:
                  **overrides: Any) -> None:  # fmt: skip
         self.metrics = GatewayMetrics()
         self.outbox = Outbox(max_bytes, policy)
-        settings = InfluxSettings(url=url, token="t", org="o", bucket="b", flush_interval_s=0.05, **overrides)
+        fields = {"url": url, "token": "t", "org": "o", "bucket": "b", "flush_interval_s": 0.05, **overrides}
+        settings = InfluxSettings(**fields)
         self.sink = InfluxSink(settings, "testville", self.metrics, db, self.outbox)
         self.writer = StoreWriter(db, self.metrics, 64, self.outbox, [self.sink.encode])
         self.writer.on_commit(self.sink.wake)
@@ -381,17 +382,22 @@ def test_retry_after_is_read_as_seconds_or_as_a_date() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "kept", "text"),
-    [(401, True, "CGW_INFLUX__TOKEN"), (404, True, "CGW_INFLUX__BUCKET"), (400, False, "")],
+    ("status", "kept", "text", "token"),
+    [
+        (401, True, "refused the token (401): check CGW_INFLUX__TOKEN", "t"),
+        (401, True, "the token is empty; set CGW_INFLUX__TOKEN", ""),
+        (404, True, "CGW_INFLUX__BUCKET", "t"),
+        (400, False, "", "t"),
+    ],
 )
 async def test_refusals_are_reported_and_only_bad_data_is_dropped(
-    status: int, kept: bool, text: str, tmp_path: Path
+    status: int, kept: bool, text: str, token: str, tmp_path: Path
 ) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
     server.status = status  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    async with Pipe(tmp_path / "s.db", f"http://127.0.0.1:{server.server_address[1]}") as pipe:
+    async with Pipe(tmp_path / "s.db", f"http://127.0.0.1:{server.server_address[1]}", token=token) as pipe:
         sink, metrics = pipe.sink, pipe.metrics
         await pipe.submit([Reading("ref-1", "generic", NOW, {"v": 1.0})])
         if kept:

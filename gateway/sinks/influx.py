@@ -123,7 +123,14 @@ class InfluxSink(OutboxDrain):
             (exc.body or b"").decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
         )
         if status in (401, 403):
-            self._fail(f"InfluxDB refused the token ({status}): check CGW_INFLUX__TOKEN", points)
+            if not self._settings.token.get_secret_value().strip():
+                # Said as such: no Authorization header was sent at all.
+                self._fail(
+                    f"InfluxDB refused the write ({status}): the token is empty; set CGW_INFLUX__TOKEN",
+                    points,
+                )
+            else:
+                self._fail(f"InfluxDB refused the token ({status}): check CGW_INFLUX__TOKEN", points)
             return False
         if status == 404:
             self._fail(
