@@ -423,10 +423,14 @@ _POST_SCHEMA = {
             "required": True,
             "content": {
                 "application/x-www-form-urlencoded": {"schema": _POST_SCHEMA},
+                # JSON (an extension) authenticates with a bearer token: api_key is a form field.
                 "application/json": {
                     "schema": {
                         **_POST_SCHEMA,
-                        "properties": {**_POST_SCHEMA["properties"], "attributes": {"type": "object"}},  # type: ignore[dict-item]
+                        "properties": {
+                            **{k: v for k, v in _POST_SCHEMA["properties"].items() if k != "api_key"},  # type: ignore[attr-defined]
+                            "attributes": {"type": "object"},
+                        },
                         "additionalProperties": False,
                     }
                 },
