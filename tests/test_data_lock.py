@@ -53,3 +53,7 @@ def test_a_second_gateway_on_the_same_folder_stops_and_names_the_first(
         assert any(f.ok and f"in use by pid {gateway.pid} (cgw run)" in f.detail for f in found), found
     finally:
         gateway.stop()
+    # A stop ends with a line that says so, after the drain.
+    last = gateway.log_text().splitlines()[-1]
+    assert last.endswith("INFO    gateway.application: gateway for community lockville stopped"), last
+    assert holder(tmp_path / "gw" / "data") is None  # and the folder is free again
