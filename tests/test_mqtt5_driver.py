@@ -12,13 +12,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import mqtt5
 import orjson
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.mqtt import MqttDriver
-from drivers.mqtt5 import Mqtt5Driver
+from drivers.mqtt5 import Mqtt5Driver, _Connection
 from gateway.broker import LocalBroker
 from gateway.models import RawMessage
 from gateway.settings import MqttSettings
@@ -265,3 +266,18 @@ async def test_a_client_taking_over_the_client_id_is_named(
         other.loop_stop()
         await driver.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_broker_that_says_session_taken_over_is_named_for_certain() -> None:
+    """A unit test of the connection's parser: an MQTT 5 broker may say why it closes (Mosquitto,
+    above, does not)."""
+    driver = Mqtt5Driver(MqttSettings(url="mqtt://127.0.0.1:1"), "cgw-twin", GatewayMetrics())
+    connection = _Connection(driver, 0)
+    connection.data_received(
+        mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER).write()
+    )
+    assert connection.why_closed == (
+        "another client connected with this gateway's client id 'cgw-twin' and took over its session "
+        "(a second gateway for the same community on this broker? give each its own CGW_COMMUNITY or "
+        "CGW_MQTT__CLIENT_ID)"
+    )
