@@ -25,6 +25,7 @@ from drivers.mqtt import MqttDriver, MqttIntake
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
+from gateway.api.headers import allowed_names
 from gateway.limits import DeviceRateLimit, KeyedRateLimit
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
@@ -96,7 +97,12 @@ class Gateway:
             self.metrics,
             settings.services.check_interval_s,
         )
-        self.hub = StreamHub(self.metrics, settings.api.stream_queue)
+        self.hub = StreamHub(
+            self.metrics,
+            settings.api.stream_queue,
+            settings.api.stream_max_subscribers,
+            settings.api.stream_max_per_token,
+        )
         self.outbox = Outbox(settings.outbox.max_bytes, settings.outbox.when_full)
         self.influx = (
             InfluxSink(settings.influx, settings.community, self.metrics, settings.db_path, self.outbox)
@@ -187,6 +193,7 @@ class Gateway:
                 open311_keyless_reads=settings.services.open311_keyless_reads,
             ),
             max_body_bytes=settings.api.max_body_bytes,
+            allowed_hosts=allowed_names(settings.api.allowed_hosts, settings.api.host),
         )
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()

@@ -202,7 +202,11 @@ def demo(
             f"{info.devices} simulated devices",
             highlight=False,
         )
-        out.print(f"  Dashboard      {info.api_url}/dashboard/#token={operator}", highlight=False)
+        # No token in the link: a link is pasted into chats and browser histories.
+        out.print(
+            f"  Dashboard      {info.api_url}/dashboard/  (sign in with the operator token below)",
+            highlight=False,
+        )
         out.print(f"  API and docs   {info.api_url}/docs", highlight=False)
         out.print(f"  Broker         {info.broker_url} ({info.broker_kind})", highlight=False)
         out.print(f"  Data           {info.data_dir}", highlight=False)

@@ -189,6 +189,12 @@ class ApiSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     # Per SSE subscriber; a client that cannot keep up loses its oldest events (counted).
     stream_queue: int = Field(1000, ge=10)
+    # Names the API answers to (the Host header); the bound address is added unless it is a
+    # wildcard. "*.example.org" matches below it; "*" any name (not advised).
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+    # Live-stream subscribers at once, in all and per token (more get 429).
+    stream_max_subscribers: int = Field(64, ge=1, le=10_000)
+    stream_max_per_token: int = Field(4, ge=1, le=1000)
     # The API over TLS by uvicorn itself (PEM files); without them, plain HTTP (behind a TLS
     # reverse proxy when it leaves 127.0.0.1).
     tls_certfile: Path | None = None

@@ -39,6 +39,8 @@ def gateway_settings(data_dir: Path, mqtt_url: str, **overrides: Any) -> Setting
         "CGW_API__PORT": "0",
         "CGW_PIPELINE__PRESENCE_SWEEP_S": "0.2",
         "CGW_INFLUX__FLUSH_INTERVAL_S": "0.1",
+        # Starlette's in-process TestClient sends `Host: testserver`.
+        "CGW_API__ALLOWED_HOSTS": '["localhost", "127.0.0.1", "::1", "testserver"]',
     }
     settings = load_settings(env=env)
     # No write limit: simulated weeks post months of operators' work in seconds (test_security.py

@@ -240,7 +240,7 @@ def check_operation(operation: Any, excluded: list[Any]) -> None:
 def test_stream_requires_a_token(gateway: Gateway) -> None:
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=gateway.api)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
             return await http.get("/api/v1/stream")
 
     assert asyncio.run(call()).status_code == 401

@@ -136,6 +136,9 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
     page, asked = _open(browser, gateway)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # The page's content security policy refuses inline script and style attributes: nothing on
+    # it may need them (Chromium reports each refusal on the console).
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     expect(page.locator("#community")).to_have_text("riverside")
     expect(page.locator("nav button[data-tab=overview]")).to_have_text("社区概览")
     expect(page.locator(".building")).to_have_count(3)  # buildings 1 and 2, and the station
@@ -161,6 +164,8 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
 
     page.click("nav button[data-tab=needs]")
     expect(page.locator("[data-cell='2/repair']")).to_have_text("1")
+    shade = page.locator("[data-cell='2/repair']").evaluate("cell => getComputedStyle(cell).backgroundColor")
+    assert shade.startswith("rgba(220, 38, 38"), shade  # set as a style property, which the policy allows
     expect(page.locator("#needs-rows tr")).to_have_count(1)
     expect(page.locator("#needs-rows tr td").last).to_contain_text("1 户")
     assert page.url.endswith("/dashboard/#view=needs&lang=zh")  # the view can be linked to
@@ -206,6 +211,11 @@ def test_every_view_loads_in_chinese_and_english_without_internet(
     elsewhere = [url for url in asked if urlsplit(url).netloc != host and not url.startswith("data:")]
     assert elsewhere == [], f"the page reached beyond the gateway: {elsewhere}"
     assert errors == []
+    # The token lives in the tab's session storage, never in the browser's local storage.
+    assert page.evaluate("sessionStorage.getItem('cgw.token')") == OPERATOR
+    assert page.evaluate("localStorage.getItem('cgw.token')") is None
+    policy = httpx.get(f"{gateway.url}/dashboard/", timeout=5).headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
     page.close()
 
 

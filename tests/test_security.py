@@ -28,6 +28,7 @@ import pytest
 import trustme
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.api.headers import allowed_names, host_of
 from gateway.application import Gateway
 from gateway.credentials import GATEWAY_USER, hash_password
 from gateway.settings import (
@@ -552,3 +553,138 @@ async def test_the_api_speaks_tls_with_uvicorns_own_settings(
         async with httpx.AsyncClient() as plain:
             with pytest.raises(httpx.HTTPError):
                 await plain.get(f"http://127.0.0.1:{gw.api_port}/healthz")
+
+
+# -- HTTP: hosts, headers, readiness, live streams -------------------------------------------------
+
+
+def http_settings(tmp_path: Path, mqtt_url: str, **api: Any) -> Settings:
+    settings = gateway_settings(tmp_path, mqtt_url)
+    return settings.model_copy(update={"api": settings.api.model_copy(update=api)})
+
+
+async def test_only_allowed_host_names_are_answered(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    settings = http_settings(
+        tmp_path, mosquitto.url, allowed_hosts=["localhost", "127.0.0.1", "*.example.org"]
+    )
+    async with running(settings) as gw, api(gw) as client:
+        for host in ("evil.example", "example.org.evil.net", "127.0.0.2", ""):
+            refused = await client.get("/api/v1/summary", headers={"Host": host})
+            assert refused.status_code == 400, host
+            assert "api.allowed_hosts" in refused.json()["detail"]
+            assert refused.headers["x-content-type-options"] == "nosniff"
+        # Open311's discovery names the address it was asked by: only ever an allowed one.
+        refused = await client.get("/open311/v2/discovery.json", headers={"Host": "evil.example:8080"})
+        assert refused.status_code == 400 and "evil.example" not in str(refused.json()[0].get("url", ""))
+        for host in ("gw.example.org", f"localhost:{gw.api_port}", "127.0.0.1"):
+            answered = await client.get("/open311/v2/discovery.json", headers={"Host": host})
+            assert answered.status_code == 200, host
+            assert answered.json()["endpoints"][0]["url"].startswith(f"http://{host}/")
+
+
+def test_the_bound_address_is_an_allowed_name_unless_it_is_a_wildcard() -> None:
+    assert "192.168.1.10" in allowed_names(["localhost"], "192.168.1.10")
+    assert allowed_names(["localhost"], "0.0.0.0") == {"localhost"}
+    assert host_of("[::1]:8080") == "::1" and host_of("Example.ORG:80") == "example.org"
+
+
+async def test_security_headers_and_the_dashboards_content_policy(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto.url)) as gw, api(gw) as client:
+        for path in ("/api/v1/summary", "/healthz", "/open311/v2/services.json", "/api/v1/nothing-here"):
+            response = await client.get(path)
+            assert response.headers["x-content-type-options"] == "nosniff", path
+            assert response.headers["x-frame-options"] == "DENY"
+            assert response.headers["referrer-policy"] == "no-referrer"
+            assert response.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+        anonymous = await client.get("/api/v1/summary", headers={"Authorization": ""})
+        assert anonymous.status_code == 401 and anonymous.headers["x-frame-options"] == "DENY"
+        page = await client.get("/dashboard/")
+        policy = page.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "style-src 'self'" in policy and "unsafe" not in policy
+        assert "frame-ancestors 'none'" in policy
+
+
+async def test_readiness_details_need_a_token(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    async with running(http_settings(tmp_path, mosquitto.url)) as gw:
+        base = f"http://127.0.0.1:{gw.api_port}/readyz"
+        async with httpx.AsyncClient() as http:
+            anonymous = (await http.get(base)).json()
+            assert anonymous["ready"] is True
+            assert all(set(check) == {"ok"} for check in anonymous["checks"].values()), anonymous
+            for token in ("viewer-token", "made-up"):
+                shown = (await http.get(base, headers={"Authorization": f"Bearer {token}"})).json()
+                assert all("detail" not in check for check in shown["checks"].values()), token
+            full = (await http.get(base, headers={"Authorization": "Bearer installer-token"})).json()
+            assert mosquitto.url in full["checks"]["broker"]["detail"]
+
+
+async def _open_stream(gw: Gateway, token: str) -> tuple[httpx.AsyncClient, httpx.Response]:
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.api_port}", timeout=10)
+    request = client.build_request("GET", "/api/v1/stream", headers={"Authorization": f"Bearer {token}"})
+    response = await client.send(request, stream=True)
+    return client, response
+
+
+async def test_live_streams_are_bounded_overall_and_per_token(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    settings = http_settings(tmp_path, mosquitto.url, stream_max_subscribers=3, stream_max_per_token=2)
+    async with running(settings) as gw:
+        opened: list[tuple[httpx.AsyncClient, httpx.Response]] = []
+        try:
+            for token in ("viewer-token", "viewer-token", "operator-token"):
+                opened.append(await _open_stream(gw, token))
+                assert opened[-1][1].status_code == 200
+            await eventually(lambda: gw.hub.subscribers == 3, 5, "three subscribers")
+            for token, why in (("installer-token", "api.stream_max_subscribers"), ("viewer-token", "")):
+                client, refused = await _open_stream(gw, token)
+                await refused.aread()
+                assert refused.status_code == 429 and why in refused.text
+                assert refused.headers["retry-after"] == "5"
+                await client.aclose()
+            # One closes: its place is free again, but a token keeps to its own bound.
+            client, response = opened.pop()
+            await response.aclose()
+            await client.aclose()
+            await eventually(lambda: gw.hub.subscribers == 2, 5, "the place to be freed")
+            client, third = await _open_stream(gw, "viewer-token")
+            await third.aread()
+            assert third.status_code == 429 and "api.stream_max_per_token" in third.text
+            await client.aclose()
+            opened.append(await _open_stream(gw, "installer-token"))
+            assert opened[-1][1].status_code == 200
+        finally:
+            for client, response in opened:
+                await response.aclose()
+                await client.aclose()
+
+
+async def test_an_open_stream_ends_when_its_token_expires(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    settings = gateway_settings(tmp_path, mosquitto.url)
+    soon = TokenGrant(role="viewer", expires=datetime.now(UTC) + timedelta(seconds=3))
+    auth = settings.auth.model_copy(update={"tokens": {**settings.auth.tokens, "brief-token": soon}})
+    async with running(settings.model_copy(update={"auth": auth})) as gw:
+        client, response = await _open_stream(gw, "brief-token")
+        try:
+            assert response.status_code == 200
+            lines: list[str] = []
+
+            async def read_to_the_end() -> None:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+
+            await asyncio.wait_for(read_to_the_end(), 15)  # the server ends it, not the client
+            assert "event: expired" in lines
+            assert gw.hub.subscribers == 0
+        finally:
+            await response.aclose()
+            await client.aclose()
+        # ...and the token opens nothing more.
+        client, again = await _open_stream(gw, "brief-token")
+        await again.aread()
+        assert again.status_code == 401 and "expired" in again.text
+        await client.aclose()

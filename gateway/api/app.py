@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import __version__, dashboard
 from gateway.api.bodies import BodyGuard
 from gateway.api.context import ApiContext
+from gateway.api.headers import HostGuard, SecurityHeaders
 from gateway.api.routes import devices, evaluation, events, health, needs, open311, requests, stream
 
 DESCRIPTION = """
@@ -26,7 +27,12 @@ need a role that allows them. `/healthz` and `/readyz` need no token.
 """
 
 
-def create_app(ctx: ApiContext, *, max_body_bytes: int = 64 * 1024) -> FastAPI:
+def create_app(
+    ctx: ApiContext,
+    *,
+    max_body_bytes: int = 64 * 1024,
+    allowed_hosts: frozenset[str] = frozenset({"*"}),
+) -> FastAPI:
     app = FastAPI(
         title="cgw: community edge gateway",
         version=__version__,
@@ -52,7 +58,11 @@ def create_app(ctx: ApiContext, *, max_body_bytes: int = 64 * 1024) -> FastAPI:
     app.include_router(needs.router)
     app.include_router(evaluation.router)
     dashboard.mount(app)
+    # The last added runs first: the host is checked, then the body read, then the routes;
+    # every answer, refusals included, leaves with the security headers.
     app.add_middleware(BodyGuard, max_bytes=max_body_bytes, refuse=_error)
+    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=_error)
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

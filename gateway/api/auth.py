@@ -42,6 +42,7 @@ class Principal:
     role: Role
     token_id: str  # first 8 hex digits of the digest: enough to tell tokens apart in audit logs
     name: str | None = None  # the grant's holder, as the installer named it (`cgw token --name`)
+    expires_ms: int | None = None  # when the grant ends (an open live stream ends with it)
 
     @property
     def actor(self) -> str:
@@ -87,7 +88,8 @@ def check_token(
             status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"}
         )
     digest, grant = found
-    principal = Principal(grant.role, digest[:8], grant.name)
+    expires_ms = int(grant.expires.timestamp() * 1000) if grant.expires is not None else None
+    principal = Principal(grant.role, digest[:8], grant.name, expires_ms)
     if grant.expires is not None and grant.expires.timestamp() <= time.time():
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -108,6 +110,24 @@ def check_token(
             headers={"Retry-After": "1"},
         )
     return principal
+
+
+def optional(*roles: Role) -> Callable[..., Principal | None]:
+    """A dependency for what anyone may ask but only a token of `roles` hears in full: the
+    principal, or None for no token or one that would be refused (never an error)."""
+
+    def check(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        ctx: Annotated[ApiContext, Depends(context)],
+    ) -> Principal | None:
+        if credentials is None:
+            return None
+        try:
+            return check_token(credentials.credentials, ctx.token_digests, roles)
+        except HTTPException:
+            return None
+
+    return check
 
 
 def _write_limit(request: Request, ctx: ApiContext) -> KeyedRateLimit | None:

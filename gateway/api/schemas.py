@@ -36,7 +36,7 @@ class Health(BaseModel):
 
 class Check(BaseModel):
     ok: bool
-    detail: str
+    detail: str | None = Field(None, description="What it talks to and why not: only with a token")
 
 
 class Ready(BaseModel):

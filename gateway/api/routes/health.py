@@ -1,8 +1,9 @@
 """Liveness, readiness and Prometheus metrics.
 
 docs/contract.md section 4: "`/healthz` (alive), `/readyz` (broker connected, stores writable),
-`/metrics` (Prometheus text)." Probes need no token; /metrics needs any valid token, and is
-the only route a `metrics` token reads.
+`/metrics` (Prometheus text)." Probes need no token; /readyz says which check failed to anyone
+but its details (URLs, last errors) only with an operator, installer or metrics token. /metrics
+needs any valid token, and is the only route a `metrics` token reads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.auth import Scraper
+from gateway.api.auth import Principal, Scraper, optional
 from gateway.api.context import ApiContext, context
 from gateway.api.schemas import Health, Ready
 
@@ -31,11 +32,17 @@ async def healthz() -> Health:
     summary="Broker connected and stores writable",
     responses={503: {"model": Ready, "description": "Not ready: see which check failed"}},
 )
-async def readyz(ctx: Annotated[ApiContext, Depends(context)]) -> JSONResponse:
+async def readyz(
+    ctx: Annotated[ApiContext, Depends(context)],
+    who: Annotated[Principal | None, Depends(optional("operator", "installer", "metrics"))],
+) -> JSONResponse:
     checks = ctx.readiness()
     ready = all(check["ok"] for check in checks.values())
+    if who is None:
+        # Addresses and errors tell a stranger what the box talks to: only ok, not why.
+        checks = {name: {"ok": check["ok"]} for name, check in checks.items()}
     body = Ready(ready=ready, checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
 
 @router.get(

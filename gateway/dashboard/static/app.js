@@ -374,7 +374,7 @@ async function loadNeeds() {
     );
     if (p.approval !== null) {
       const bar = el("div", { class: "bar", title: `${t("approval")} ${(p.approval * 100).toFixed(0)}%` });
-      bar.append(el("span", { style: `width:${(p.approval * 100).toFixed(0)}%` }));
+      bar.append(el("span", { style: { width: `${(p.approval * 100).toFixed(0)}%` } }));
       item.append(bar);
     }
     box.append(item);
@@ -395,7 +395,7 @@ function renderHeatmap(heat) {
     for (const g of groups) {
       const n = heat.buildings[b][g] || 0;
       const alpha = n ? 0.12 + 0.78 * (n / max) : 0;
-      row.append(el("td", { style: `background: rgba(220, 38, 38, ${alpha.toFixed(2)}); color: ${alpha > 0.55 ? "#fff" : "inherit"}`, "data-cell": `${b}/${g}` }, n ? String(n) : ""));
+      row.append(el("td", { style: { background: `rgba(220, 38, 38, ${alpha.toFixed(2)})`, color: alpha > 0.55 ? "#fff" : "inherit" }, "data-cell": `${b}/${g}` }, n ? String(n) : ""));
     }
     table.append(row);
   }
@@ -461,7 +461,7 @@ async function start() {
 }
 
 function signOut(message) {
-  localStorage.removeItem("cgw.token");
+  sessionStorage.removeItem("cgw.token");
   app.token = null;
   app.stream?.abort();
   app.timers.forEach(clearInterval);
@@ -474,7 +474,10 @@ function signOut(message) {
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  // A style is set property by property: the page's content security policy refuses style attributes.
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "style") Object.assign(node.style, v); else node.setAttribute(k, v);
+  }
   node.append(...children.flat());
   return node;
 }
@@ -520,7 +523,7 @@ function remember() {
 function followLink() {
   const asked = new URLSearchParams(location.hash.slice(1));
   const token = asked.get("token");
-  if (token) localStorage.setItem("cgw.token", token);
+  if (token) sessionStorage.setItem("cgw.token", token);
   if (asked.get("lang")) I18N.set(asked.get("lang"));
   if (LOADERS[asked.get("view")]) app.tab = asked.get("view");
   remember();  // the token, if any, leaves the address bar at once
@@ -542,10 +545,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("login").addEventListener("submit", (e) => {
     e.preventDefault();
     app.token = $("token").value.trim();
-    localStorage.setItem("cgw.token", app.token);
+    sessionStorage.setItem("cgw.token", app.token);
     start();
   });
   relabel();
-  app.token = localStorage.getItem("cgw.token");
+  // The token lives as long as the tab: a shared screen in the community office forgets it when
+  // the tab is closed (and an older page's copy in localStorage is removed).
+  localStorage.removeItem("cgw.token");
+  app.token = sessionStorage.getItem("cgw.token");
   if (app.token) start(); else signOut();
 });
