@@ -54,6 +54,13 @@ class Holding:
         return sorted(orjson.loads(payload)["seq"] for _, payload, _ in self.messages)
 
 
+async def settled() -> None:
+    """Let every task that is ready run until all wait (for I/O, a timer or an event): what a
+    step does without the network is then done. No wall-clock time involved."""
+    for _ in range(100):
+        await asyncio.sleep(0)
+
+
 class Running:
     def __init__(self, driver: Mqtt5Driver, task: asyncio.Task[None]) -> None:
         self.driver, self.task = driver, task
@@ -106,8 +113,8 @@ async def test_a_message_is_acknowledged_only_once_durable(mosquitto: MosquittoP
     third = Holding()
     running = await start(mosquitto.port, third)
     await asyncio.to_thread(publish, mosquitto.port, 1, first=300)
-    await eventually(lambda: len(third.messages) == 1, 15, "only the new message")
-    await asyncio.sleep(0.3)
+    # What the broker would redeliver comes when the session resumes, before anything new.
+    await eventually(lambda: 300 in third.numbers(), 15, "the new message")
     assert third.numbers() == [300]
     third.acknowledge()
     await running.stop()
@@ -121,14 +128,16 @@ async def test_a_clean_stop_sends_the_acks_of_batches_still_in_the_pipeline(
     await asyncio.to_thread(publish, mosquitto.port, 50)
     await eventually(lambda: len(held.messages) == 50, 15, "50 messages")
     stopping = asyncio.create_task(running.stop())
-    await asyncio.sleep(0.2)
+    await settled()
     assert not stopping.done(), "stop() waits for the pipeline's acknowledgements"
     held.acknowledge()
     await stopping
     after = Holding()
     running = await start(mosquitto.port, after)
-    await asyncio.sleep(0.5)
-    assert after.messages == []
+    await asyncio.to_thread(publish, mosquitto.port, 1, first=50)  # a marker after anything owed
+    await eventually(lambda: after.messages, 15, "the marker")
+    assert after.numbers() == [50]
+    after.acknowledge()
     await running.stop()
 
 
@@ -137,7 +146,8 @@ async def test_back_pressure_stops_reading_and_loses_nothing(mosquitto: Mosquitt
     held = Holding(block=gate)
     running = await start(mosquitto.port, held, batch_size=50, max_pending=200)
     await asyncio.to_thread(publish, mosquitto.port, 3000)
-    await asyncio.sleep(0.5)
+    connection = running.driver._connection
+    await eventually(lambda: connection is not None and connection._paused, 15, "reading to stop")
     # One batch of 50 waits in the pipeline's put; reading stopped once 200 were pending (what
     # one read brought in may go past the bound, the broker's backlog may not).
     pending = len(running.driver._pending)
@@ -176,7 +186,7 @@ async def test_publications_wait_for_the_connection_and_respect_receive_maximum(
         # The broker is down while the first 30 are published: they wait in the driver.
         strict.stop()
         task = asyncio.create_task(driver.run(held))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: driver.last_error is not None, 15, "a first attempt to connect")
         for n in range(30):
             driver.publish(f"cgw/v1/d{n}/cmd", str(n).encode())
         strict.start()
@@ -215,10 +225,12 @@ async def test_an_upgrade_from_the_mqtt_3_driver_keeps_the_queued_messages(
 ) -> None:
     # The session an older gateway (paho, MQTT 3.1.1) left at the broker, with the same client id.
     old = paho.Client(CallbackAPIVersion.VERSION2, client_id="cgw-upgraded", clean_session=False)
+    subacked = threading.Event()
+    old.on_subscribe = lambda *_: subacked.set()
     old.connect("127.0.0.1", mosquitto.port)
     old.loop_start()
     assert old.subscribe("cgw/v1/+/telemetry", qos=1)[0] == paho.MQTT_ERR_SUCCESS
-    await asyncio.sleep(0.3)
+    assert await asyncio.to_thread(subacked.wait, 10), "no SUBACK"
     old.disconnect()
     old.loop_stop()
     # Devices publish while it is being upgraded.

@@ -189,17 +189,21 @@ def test_the_lifecycle_shows_through_open311(client: TestClient) -> None:
         illegal.json()["detail"]
         == "a request that is in_service cannot become closed; allowed: assigned, completed"
     )
+    before = time.time()
     client.post(
         f"/api/v1/requests/{ticket}/transitions", json={"to": "completed", "note": "fixed"}, headers=OPERATOR
     )
+    after = time.time()
     [request] = client.get(
         f"/open311/v2/requests/{ticket}.json", headers=OPERATOR, params={"extensions": "true"}
     ).json()
     assert request["status"] == "closed" and request["status_notes"] == "fixed"
-    assert request["extended_attributes"]["completed_datetime"] is not None
     history = client.get(f"/api/v1/requests/{ticket}", headers=OPERATOR).json()["history"]
     assert [h["to_state"] for h in history] == ["submitted", "triaged", "assigned", "in_service", "completed"]
     assert all(h["actor"] for h in history) and history[1]["note"] == "checked by phone"
+    # Completed when the transition was made (whole seconds in Open311), as the history says.
+    completed = datetime.fromisoformat(request["extended_attributes"]["completed_datetime"]).timestamp()
+    assert int(before) <= completed <= after and completed == history[-1]["ts_ms"] // 1000
 
 
 def test_get_requests_filters(client: TestClient) -> None:
