@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import threading
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
@@ -383,11 +384,13 @@ async def test_terminal_refusals_are_acked_and_dead_lettered(tmp_path: Path, mos
         acks: list[dict[str, Any]] = []
         subscriber = paho.Client(CallbackAPIVersion.VERSION2)
         subscriber.on_message = lambda c, u, m: acks.append(orjson.loads(m.payload))
+        subscribed = threading.Event()
+        subscriber.on_subscribe = lambda *_: subscribed.set()
         subscriber.connect("127.0.0.1", mosquitto.port)
         subscriber.subscribe("cgw/v1/term-b/ack", qos=1)
         subscriber.loop_start()
         try:
-            await asyncio.sleep(0.2)
+            assert await asyncio.to_thread(subscribed.wait, 10), "no SUBACK"
             bad = {"request_id": "r-9", "service_code": "no.such.service"}
             mosquitto_pub(mosquitto.port, "cgw/v1/term-b/request", orjson.dumps(bad))
             mosquitto_pub(mosquitto.port, "cgw/v1/term-b/rating", '{"service_request_id":"nope","score":5}')

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -209,11 +209,26 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
     )
+    assert process.stderr is not None
+    stderr = process.stderr
+    lines: list[str] = []
+    said = threading.Event()
+
+    def read() -> None:
+        for line in stderr:
+            lines.append(line)
+            if "cannot connect" in line:
+                said.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(4)  # it starts, fails to reach the broker, says so
+        said.wait(30)  # it starts, fails to reach the broker, says so
     finally:
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
+        process.wait(30)
+        reader.join(10)
+    err = "".join(lines)
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any(r["logger"] == "drivers.mqtt" and "cannot connect" in r["message"] for r in records)
