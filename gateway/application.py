@@ -36,6 +36,7 @@ from gateway.registry import DeviceRegistry, load_inventory
 from gateway.rules import AlarmEngine
 from gateway.services.catalogue import load_catalogue
 from gateway.services.desk import ServiceDesk
+from gateway.services.households import HouseholdRegister
 from gateway.settings import Settings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.influx import InfluxSink
@@ -96,6 +97,7 @@ class Gateway:
             settings.community,
             self.metrics,
             settings.services.check_interval_s,
+            HouseholdRegister.load(settings.services.households),
         )
         self.hub = StreamHub(
             self.metrics,

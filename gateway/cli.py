@@ -98,12 +98,13 @@ def run(config: ConfigOption = None) -> None:
     settings = _settings(config)
     _logging(settings.log_level, settings.log_format)
     from gateway.application import Gateway
+    from gateway.datafiles import DataFileError
     from gateway.profiles import ProfileError
     from gateway.registry import InventoryError
 
     try:
         gateway = Gateway(settings)
-    except (ProfileError, InventoryError) as exc:
+    except (ProfileError, InventoryError, DataFileError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -430,12 +431,14 @@ def mqtt_auth(
     from gateway.profiles import load_profiles
     from gateway.registry import InventoryError, load_inventory
 
+    profiles = load_profiles(settings.profiles_dir)
     try:
-        devices = load_inventory(path, load_profiles(settings.profiles_dir))
+        devices = load_inventory(path, profiles)
     except InventoryError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    written = write_files(out_dir, [d.device_id for d in devices])
+    terminals = [d.device_id for d in devices if (p := profiles.get(d.kind)) is not None and p.terminal]
+    written = write_files(out_dir, [d.device_id for d in devices], terminals=terminals)
     out.print(
         f"{written.accounts} accounts ({written.new} new) in {out_dir}/: passwd, acl, credentials.csv\n"
         f"Mosquitto: password_file {out_dir.resolve()}/passwd, acl_file {out_dir.resolve()}/acl, "
@@ -484,6 +487,35 @@ def token(
     fields = ", ".join(f"{k}: {v!r}" if k != "role" else f"{k}: {v}" for k, v in entry.items())
     out.print(f"token (shown once; give it to its holder): {secret}", highlight=False)
     out.print(f'settings file:\nauth:\n  token_hashes:\n    "{digest}": {{{fields}}}', highlight=False)
+
+
+@app.command()
+def household(
+    register: Annotated[Path, typer.Option(help="The household register file (services.households).")],
+    building: Annotated[str, typer.Option(help="The household's building.")],
+    unit: Annotated[str, typer.Option(help="The household's unit.")],
+    pin: Annotated[
+        str | None, typer.Option(help="Its PIN (prompted, not echoed, when neither --pin nor --card).")
+    ] = None,
+    card: Annotated[str | None, typer.Option(help="Or its card number.")] = None,
+) -> None:
+    """Add a household to the register (or replace its PIN): only registered households vote."""
+    from pydantic import ValidationError
+
+    from gateway.datafiles import DataFileError
+    from gateway.services.households import add_household
+
+    secret = pin or card or typer.prompt("PIN", hide_input=True, confirmation_prompt=True)
+    try:
+        count = add_household(register, building, unit, secret)
+    except (DataFileError, ValidationError, OSError) as exc:
+        console.print(f"[red]error:[/red] {str(exc).splitlines()[0]}", highlight=False)
+        raise typer.Exit(2) from None
+    out.print(
+        f"{building}/{unit} is in {register} ({count} households; mode 0600, the secrets only hashed). "
+        f"The gateway reads it from CGW_SERVICES__HOUSEHOLDS={register.resolve()} at start-up.",
+        highlight=False,
+    )
 
 
 @app.command("backup")

@@ -22,7 +22,7 @@ from gateway.broker import LocalBroker, free_port, port_open
 from gateway.settings import Settings
 from gateway.store.lock import DataDirLock
 from simulators.community import TERMINALS, build_community
-from simulators.residents import Hotspot, ServiceSimConfig, ServiceSimulation
+from simulators.residents import Hotspot, ServiceSimConfig, ServiceSimulation, write_household_register
 from simulators.run import SimulationConfig, simulate
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,10 @@ async def _run_demo(
         api_port = free_port(options.api_host)
         log.info("port %d is taken; the demo API uses %d instead", options.api_port, api_port)
     tokens = demo_tokens()
+    # The simulated households' register, so their votes count (docs/privacy.md).
+    households = options.data_dir / "households.yaml"
+    if not households.exists():
+        write_household_register(households, options.seed, options.buildings, options.floors)
     settings = base.model_copy(
         update={
             "community": options.community,
@@ -148,6 +152,7 @@ async def _run_demo(
             "inventory": inventory,
             "mqtt": base.mqtt.model_copy(update={"url": broker_url, "client_id": "", "protocol": protocol}),
             "api": base.api.model_copy(update={"host": options.api_host, "port": api_port}),
+            "services": base.services.model_copy(update={"households": households}),
             "auth": base.auth.model_copy(
                 update={
                     "tokens": {**base.auth.tokens, **{t: r for r, t in tokens.items()}},

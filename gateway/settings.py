@@ -269,6 +269,9 @@ class ServicesSettings(_Section):
     catalogue: Path | None = None  # the installer's service catalogue; empty: the built-in one
     stall_after: Duration = timedelta(hours=48)  # default time in one stage before work is "stalled"
     check_interval_s: float = Field(60.0, gt=0, le=3600, description="how often deadlines are checked")
+    # The household register (gateway/services/households.py): a vote counts only for a household
+    # in it, proved by its PIN or card. Empty: no register, so no vote counts.
+    households: Path | None = None
     # Open311 clients as shipped read requests without a key; true lets them, in the redacted view.
     open311_keyless_reads: bool = False
 

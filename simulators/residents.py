@@ -14,12 +14,14 @@ what a test needs to recompute every figure the gateway reports on its own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +30,7 @@ import httpx
 import orjson
 
 from gateway.services.catalogue import Catalogue, Service, load_catalogue
+from gateway.services.households import Household, hash_secret, write_register
 from simulators.device import BURST_IN_FLIGHT
 
 HOUR_MS = 3_600_000
@@ -111,6 +114,27 @@ class Hotspot:
     hours: int = 12
     requests: int = 24
     device_id: str | None = "b03-elev-1"  # reports the fault that starts it
+
+
+UNITS_PER_FLOOR = 4
+
+
+def household_pin(seed: int, building: str, unit: str) -> str:
+    """A simulated household's PIN: the same for the simulation and the register it is checked in."""
+    digest = hashlib.sha256(f"{seed}|{building}/{unit}".encode()).digest()
+    return f"{int.from_bytes(digest[:4], 'big') % 1_000_000:06d}"
+
+
+def write_household_register(path: Path, seed: int, buildings: int, floors: int) -> int:
+    """The simulated community's household register (every unit, its PIN hashed); its size."""
+    entries = [
+        Household(building=b, unit=unit, secret=hash_secret(household_pin(seed, b, unit)))
+        for b in (str(n) for n in range(1, buildings + 1))
+        for floor in range(1, floors + 1)
+        for unit in (f"{b}-{floor}{u:02d}" for u in range(1, UNITS_PER_FLOOR + 1))
+    ]
+    write_register(path, entries)
+    return len(entries)
 
 
 @dataclass
@@ -317,6 +341,9 @@ class ServiceSimulation:
             mqtt.pending_calls_threshold = BURST_IN_FLIGHT
             listener = asyncio.create_task(self._listen(mqtt))
             await mqtt.subscribe([(f"cgw/v1/{t}/ack", 1) for t in cfg.terminals])
+            for terminal in cfg.terminals:  # only service terminals speak for residents
+                birth = {"state": "online", "kind": "service_terminal", "location": {"building": "station"}}
+                await mqtt.publish(f"cgw/v1/{terminal}/status", orjson.dumps(birth), qos=1)
             try:
                 await self._file(mqtt, requests)
                 requests.extend(await self._sensor_events(mqtt, http))
@@ -490,7 +517,7 @@ class ServiceSimulation:
         households: dict[str, tuple[str, str]] = {}
         while len(households) < self.config.voters:
             b = str(self.rng.randint(1, self.config.buildings))
-            unit = f"{b}-{self.rng.randint(1, self.config.floors)}{self.rng.randint(1, 4):02d}"
+            unit = f"{b}-{self.rng.randint(1, self.config.floors)}{self.rng.randint(1, UNITS_PER_FLOOR):02d}"
             households[f"{b}/{unit}"] = (b, unit)
         terminal = self.config.terminals[0]
         for key, (b, unit) in households.items():
@@ -499,7 +526,7 @@ class ServiceSimulation:
             body = {
                 "vote_id": vote_id,
                 "proposal_id": proposal,
-                "household": {"building": b, "unit": unit},
+                "household": {"building": b, "unit": unit, "pin": household_pin(self.config.seed, b, unit)},
                 "choice": choice,
                 "ts": self.log.end_ms - 1,
             }

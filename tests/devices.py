@@ -37,6 +37,9 @@ class Publisher:
         self.requests: list[str] = []
         self.base_ms = int(time.time() * 1000) - 3_600_000  # ts = base + number: one point per number
         self._infos: list[paho.MQTTMessageInfo] = []
+        # Only a service terminal files requests (docs/privacy.md): the terminal's birth first.
+        birth = {"state": "online", "kind": "service_terminal", "location": {"building": "1"}}
+        self._send("cgw/v1/fault-term/status", birth)
 
     def publish(self, count: int, rate: float = 1000.0) -> None:
         """`count` telemetry messages at about `rate` per second."""

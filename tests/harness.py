@@ -107,6 +107,12 @@ def mosquitto_pub(port: int, topic: str, message: str | bytes, *extra: str) -> N
     )
 
 
+def terminal_birth(port: int, device_id: str, building: str = "1") -> None:
+    """A service terminal's birth: only such devices file requests, ratings and votes."""
+    birth = {"state": "online", "kind": "service_terminal", "location": {"building": building}}
+    mosquitto_pub(port, f"cgw/v1/{device_id}/status", orjson.dumps(birth))
+
+
 @asynccontextmanager
 async def live_stream(
     client: httpx.AsyncClient, types: str

@@ -32,7 +32,7 @@ from gateway.settings import InfluxSettings, load_settings
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox
-from tests.harness import mosquitto_pub
+from tests.harness import mosquitto_pub, terminal_birth
 from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -96,6 +96,7 @@ def traffic(broker: MosquittoProcess) -> None:
     event = {"type": "smoke_alarm", "severity": "critical"}
     mosquitto_pub(broker.port, "cgw/v1/deploy-aq/event", orjson.dumps(event))
     request = {"request_id": "d1", "service_code": "repair.plumbing", "location": {"building": "1"}}
+    terminal_birth(broker.port, "deploy-term")
     mosquitto_pub(broker.port, "cgw/v1/deploy-term/request", orjson.dumps(request))
 
 

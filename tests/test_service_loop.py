@@ -26,8 +26,24 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.settings import InfluxSettings, PipelineSettings, ServicesSettings
-from simulators.residents import Hotspot, ServiceLog, ServiceSimConfig, ServiceSimulation, SimRequest
-from tests.harness import AS_OPERATOR, api, eventually, gateway_settings, live_stream, mosquitto_pub, running
+from simulators.residents import (
+    Hotspot,
+    ServiceLog,
+    ServiceSimConfig,
+    ServiceSimulation,
+    SimRequest,
+    write_household_register,
+)
+from tests.harness import (
+    AS_OPERATOR,
+    api,
+    eventually,
+    gateway_settings,
+    live_stream,
+    mosquitto_pub,
+    running,
+    terminal_birth,
+)
 
 CATALOGUE = Path(__file__).parent.parent / "gateway" / "services" / "data" / "catalogue.yaml"
 UNITS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -192,12 +208,15 @@ def expected_needs_list(requests: list[SimRequest]) -> dict[str, dict[str, Any]]
 @pytest.fixture
 async def simulated_week(tmp_path: Path, mosquitto: Any, victoria: Any) -> Any:
     influx = InfluxSettings(url=victoria.url, token="t", org="o", bucket="b", flush_interval_s=0.1)
+    register = tmp_path / "households.yaml"  # the simulated households, so their votes count
+    write_household_register(register, 2026, 6, 6)
     settings = gateway_settings(
         tmp_path,
         mosquitto.url,
         influx=influx,
         community="weekville",
         pipeline=PipelineSettings(max_past=timedelta(days=30), presence_sweep_s=0.5),
+        services=ServicesSettings(households=register),
     )
     async with running(settings) as gw:
         config = ServiceSimConfig(
@@ -354,6 +373,7 @@ async def _overdue_and_stalled(
         "service_code": "facility.elevator",
         "location": {"building": "2"},
     }
+    terminal_birth(mosquitto.port, "term-a")
     mosquitto_pub(mosquitto.port, "cgw/v1/term-a/request", orjson.dumps(request))
 
     async def alarms() -> set[str] | None:
@@ -392,6 +412,7 @@ async def test_terminal_refusals_are_acked_and_dead_lettered(tmp_path: Path, mos
         try:
             assert await asyncio.to_thread(subscribed.wait, 10), "no SUBACK"
             bad = {"request_id": "r-9", "service_code": "no.such.service"}
+            terminal_birth(mosquitto.port, "term-b")
             mosquitto_pub(mosquitto.port, "cgw/v1/term-b/request", orjson.dumps(bad))
             mosquitto_pub(mosquitto.port, "cgw/v1/term-b/rating", '{"service_request_id":"nope","score":5}')
             mosquitto_pub(mosquitto.port, "cgw/v1/term-b/rating", '{"service_request_id":"x","score":9}')

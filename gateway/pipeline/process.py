@@ -226,12 +226,25 @@ class Processor:
         received_ms: int,
         out: Processed,
     ) -> None:
-        """Requests, ratings and votes: checked here for the device, read by the service desk."""
+        """Requests, ratings and votes: checked here for the device, read by the service desk.
+
+        Only a device whose profile is a service terminal speaks for residents; any other's
+        message goes on to the desk already refused, to be answered like every refusal there.
+        """
         device = self._registry.resolve(device_id, received_ms)
         self._seen(device, received_ms, out)
         ts_ms = parse_timestamp(obj.get("ts"), received_ms, self._window)
+        profile = self._profiles.get(device.kind)
+        refused = None
+        if profile is None or not profile.terminal:
+            refused = (
+                f"not_a_terminal: {device_id} is a {device.kind} device; only service terminals "
+                f"publish {channel} (docs/privacy.md)"
+            )
         out.terminal.append(
-            TerminalMessage(device_id, channel, obj, ts_ms, received_ms, topic, payload, device.building)
+            TerminalMessage(
+                device_id, channel, obj, ts_ms, received_ms, topic, payload, device.building, refused
+            )
         )
 
     # -- helpers -------------------------------------------------------------------------------

@@ -108,6 +108,10 @@ class DeviceProfile(BaseModel):
     # The commands the district may send to devices of this kind (name: what it does); none
     # listed: none is forwarded (gateway/uplink/commands.py).
     commands: dict[str, str] = Field(default_factory=dict)
+    # A service terminal speaks for residents: only its devices may publish `request`, `rating`
+    # and `vote` (the pipeline refuses the others, and `cgw mqtt-auth` grants only them those
+    # topics; docs/privacy.md).
+    terminal: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:

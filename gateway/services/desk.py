@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 from gateway.models import DeadLetter, DeviceEvent, event_id
 from gateway.services import evaluation, needs
 from gateway.services.catalogue import Catalogue
+from gateway.services.households import HouseholdRegister
 from gateway.services.intake import (
     IntakeError,
     NewRating,
     NewRequest,
     NewVote,
+    terminal_actor,
     terminal_rating,
     terminal_request,
     terminal_vote,
@@ -53,6 +55,9 @@ class TerminalMessage:
     topic: str
     payload: bytes
     building: str | None = None
+    # Set when the pipeline already refused it (e.g. `not_a_terminal`): the desk only answers,
+    # dead-letters and counts it, the same way as its own refusals.
+    refused: str | None = None
 
 
 @dataclass(slots=True)
@@ -86,8 +91,10 @@ class ServiceDesk:
         community: str,
         metrics: GatewayMetrics,
         check_interval_s: float = 60.0,
+        households: HouseholdRegister | None = None,
     ) -> None:
         self.catalogue = catalogue
+        self._households = households or HouseholdRegister([])
         self._community = community
         self._store = ServiceStore(path, catalogue, community)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
@@ -150,6 +157,8 @@ class ServiceDesk:
         for message in messages:
             handler = {"request": self._request, "rating": self._rating, "vote": self._vote}[message.channel]
             try:
+                if message.refused is not None:
+                    raise IntakeError(message.refused)
                 handler(message, out)
             except (IntakeError, DeskError, TransitionError) as exc:
                 reason = str(exc)
@@ -176,13 +185,19 @@ class ServiceDesk:
         new = terminal_request(
             self.catalogue, message.device_id, message.obj, message.ts_ms, message.building
         )
-        view, step = self._store.create(new, f"terminal {message.device_id}")
+        view, step = self._store.create(new, terminal_actor(message.device_id))
         status = "accepted" if step is not None else "duplicate"
         self._metrics.service_requests.labels(source="terminal", outcome=status).inc()
         out.acks.append(
             (
                 device_topic(message.device_id, "ack"),
-                {"request_id": message.obj["request_id"], "status": status, "service_request_id": view["id"]},
+                {
+                    "request_id": message.obj["request_id"],
+                    "status": status,
+                    "service_request_id": view["id"],
+                    # For the resident's receipt: rates the request from any terminal.
+                    "rating_code": self._store.rating_code(view["id"]),
+                },
             )
         )
         if step is not None:
@@ -221,13 +236,33 @@ class ServiceDesk:
 
     def _vote(self, message: TerminalMessage, out: DeskOutput) -> None:
         vote = terminal_vote(message.device_id, message.obj, message.ts_ms)
-        status, proposal = self._store.vote(vote, now_ms())
+        status, proposal = self._counted_vote(vote)
         ack: dict[str, Any] = {"proposal_id": vote.proposal_id, "status": status}
         if "vote_id" in message.obj:
             ack["vote_id"] = message.obj["vote_id"]
         out.acks.append((device_topic(message.device_id, "ack"), ack))
         if status == "accepted":
             out.stream.append(("vote", {"proposal_id": vote.proposal_id, "votes": proposal["votes"]}))
+
+    def _counted_vote(self, vote: NewVote) -> tuple[str, dict[str, Any]]:
+        """A vote checked against the household register, then recorded (one per household)."""
+        if not len(self._households):
+            raise DeskError(
+                "no_register: votes count only for households in the register, and the installer "
+                "has provided none (services.households)",
+                409,
+            )
+        if not self._households.verify(vote.household, vote.secret):
+            # The household is not named: refusals are logged and dead-lettered.
+            raise DeskError(
+                "household_not_verified: the household is not in the register, or its PIN or card "
+                "does not match",
+                403,
+            )
+        return self._store.vote(vote, now_ms())
+
+    def rating_code(self, ticket: str) -> str:
+        return self._store.rating_code(ticket)
 
     def _sensor_event(self, event: DeviceEvent, out: DeskOutput) -> None:
         match = self.catalogue.trigger(event.kind, event.type)
@@ -329,7 +364,7 @@ class ServiceDesk:
         return request, first
 
     async def vote(self, vote: NewVote) -> tuple[str, dict[str, Any]]:
-        status, proposal = await self._call(self._store.vote, vote, now_ms())
+        status, proposal = await self._call(self._counted_vote, vote)
         if status == "accepted":
             out = DeskOutput(stream=[("vote", {"proposal_id": vote.proposal_id, "votes": proposal["votes"]})])
             await self._emit(out)

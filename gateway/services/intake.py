@@ -59,6 +59,10 @@ class NewRating:
     comment: str
     ts_ms: int
     rater: str  # the terminal, or the API token that sent it
+    # Who sends it, as the request's `filed_by` names its filer: the filer may rate its own ticket;
+    # anyone else needs the request's rating code (docs/privacy.md).
+    filer: str = ""
+    code: str | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +73,7 @@ class NewVote:
     ts_ms: int
     device_id: str | None
     vote_key: str | None
+    secret: str | None = None  # the household's PIN or card number, checked against the register
 
 
 def request_key(device_id: str, request_id: object) -> str:
@@ -151,11 +156,25 @@ def open311_request(catalogue: Catalogue, form: dict[str, Any], now_ms: int) -> 
     )
 
 
+def terminal_actor(device_id: str) -> str:
+    """How the audit trail names a terminal; also the `filed_by` of the requests it files."""
+    return f"terminal {device_id}"
+
+
 def terminal_rating(device_id: str, obj: dict[str, Any], ts_ms: int) -> NewRating:
     ticket = obj.get("service_request_id")
     if not isinstance(ticket, str) or not 0 < len(ticket) <= 128:
         raise IntakeError("schema: service_request_id must be the ticket the request's ack gave")
-    return NewRating(ticket, check_score(obj.get("score")), _comment(obj.get("comment")), ts_ms, device_id)
+    code = _text(obj.get("rating_code"), "rating_code", 32)
+    return NewRating(
+        ticket,
+        check_score(obj.get("score")),
+        _comment(obj.get("comment")),
+        ts_ms,
+        device_id,
+        terminal_actor(device_id),
+        code,
+    )
 
 
 def check_score(score: object) -> int:
@@ -172,7 +191,7 @@ def terminal_vote(device_id: str, obj: dict[str, Any], ts_ms: int) -> NewVote:
         raise IntakeError("schema: proposal_id must be a proposal's id")
     household = obj.get("household")
     if not isinstance(household, dict):
-        raise IntakeError("schema: household must be an object with building and unit")
+        raise IntakeError("schema: household must be an object with building, unit and pin or card")
     return NewVote(
         proposal,
         household_key(household.get("building"), household.get("unit")),
@@ -180,7 +199,13 @@ def terminal_vote(device_id: str, obj: dict[str, Any], ts_ms: int) -> NewVote:
         ts_ms,
         device_id,
         key,
+        household_secret(household.get("pin"), household.get("card")),
     )
+
+
+def household_secret(pin: object, card: object) -> str | None:
+    """The PIN or card number a household proves itself with (checked by the register)."""
+    return _text(pin, "household.pin", 64) or _text(card, "household.card", 64)
 
 
 def check_choice(choice: object) -> str:

@@ -7,6 +7,9 @@ is one transaction, committed with synchronous=FULL before the caller acknowledg
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +88,16 @@ MIGRATIONS: list[list[str]] = [
         "UPDATE requests SET filed_by = (SELECT actor FROM transitions t WHERE t.request_id = requests.id"
         " AND t.from_state IS NULL ORDER BY t.id LIMIT 1)",
     ],
+    # 6: the box's own secrets, kept with the data they protect (and in its backups): "rating"
+    # derives each request's rating code (gateway/privacy.py, docs/privacy.md).
+    ["CREATE TABLE box_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)"],
 ]
+
+# Tickets shown to residents: the community and 10 characters of an alphabet without look-alikes
+# (50 random bits), so no one can guess another resident's ticket. Older sequential tickets stay.
+TICKET_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+TICKET_CHARS = 10
+RATING_CODE_CHARS = 8
 
 MAX_CLOCK_AHEAD_MS = 60_000
 
@@ -123,6 +135,14 @@ class ServiceStore:
         conn = connect(self._path)
         conn.row_factory = sqlite3.Row
         migrate(conn, MIGRATIONS, str(self._path))
+        with transaction(conn, immediate=True):
+            conn.execute(
+                "INSERT OR IGNORE INTO box_secrets (name, value) VALUES ('rating', ?)",
+                (secrets.token_bytes(32),),
+            )
+        self._rating_secret: bytes = conn.execute(
+            "SELECT value FROM box_secrets WHERE name = 'rating'"
+        ).fetchone()[0]
         self._conn = conn
 
     def close(self) -> None:
@@ -149,7 +169,7 @@ class ServiceStore:
                 if row is not None:
                     return request_view(row), None
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM requests").fetchone()[0]
-            ticket = f"{self._community}-{seq:06d}"
+            ticket = self._new_ticket()
             service = new.service
             household = f"{new.building}/{new.unit}" if new.building and new.unit else None
             ts = new.requested_ms
@@ -211,6 +231,20 @@ class ServiceStore:
             step = Step(view, None, "submitted", ts, actor, f"filed via {new.source}")
             self._keep([step_record(step)])
         return view, step
+
+    def _new_ticket(self) -> str:
+        while True:
+            ticket = (
+                f"{self._community}-{''.join(secrets.choice(TICKET_ALPHABET) for _ in range(TICKET_CHARS))}"
+            )
+            if self.conn.execute("SELECT 1 FROM requests WHERE id = ?", (ticket,)).fetchone() is None:
+                return ticket
+
+    def rating_code(self, ticket: str) -> str:
+        """The request's rating code: what the resident is given (on the kiosk's receipt) to rate
+        it from anywhere. Derived from the box's secret, so a re-sent request gets it again."""
+        digest = hmac.new(self._rating_secret, ticket.encode(), hashlib.sha256).digest()
+        return "".join(TICKET_ALPHABET[b % len(TICKET_ALPHABET)] for b in digest[:RATING_CODE_CHARS])
 
     def transition(
         self,
@@ -450,6 +484,16 @@ class ServiceStore:
         """A resident's rating: (request, first rating?, the step to evaluated if it made one)."""
         conn = self.conn
         row = self._row(rating.service_request_id)
+        own = row["filed_by"] is not None and row["filed_by"] == rating.filer
+        code = rating.code is not None and hmac.compare_digest(
+            rating.code.strip().upper(), self.rating_code(rating.service_request_id)
+        )
+        if not (own or code):
+            raise DeskError(
+                f"not_the_filer: {rating.service_request_id} is rated through the terminal or token that "
+                "filed it, or with its rating code",
+                403,
+            )
         if row["state"] not in ("completed", "evaluated", "closed"):
             raise DeskError(
                 f"{rating.service_request_id} is {row['state']}: a service is rated once it is completed", 409
@@ -607,7 +651,8 @@ class ServiceStore:
                 (vote.proposal_id, vote.household, vote.choice, vote.ts_ms, vote.device_id, vote.vote_key),
             )
         if cursor.rowcount == 0:
-            raise DeskError(f"household {vote.household} has already voted on {vote.proposal_id}", 409)
+            # The household is not named: refusals are logged and dead-lettered.
+            raise DeskError(f"already_voted: this household has already voted on {vote.proposal_id}", 409)
         result = self.proposal(vote.proposal_id)
         assert result is not None
         return "accepted", result

@@ -21,7 +21,7 @@ from gateway.api.routes.requests import REFUSED, refused
 from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
 from gateway.durations import parse_duration
 from gateway.services import needs
-from gateway.services.intake import IntakeError, NewVote, household_key
+from gateway.services.intake import IntakeError, NewVote, household_key, household_secret
 from gateway.services.store import DeskError
 from gateway.text import csv_cell
 
@@ -121,6 +121,8 @@ class VoteIn(BaseModel):
     unit: str = Field(min_length=1, max_length=32)
     choice: Literal["yes", "no", "abstain"]
     vote_id: str | None = Field(None, max_length=128, description="The terminal's id for this vote")
+    pin: str | None = Field(None, max_length=64, description="The household's PIN (household register)")
+    card: str | None = Field(None, max_length=64, description="Or the household's card number")
 
 
 class VoteResult(BaseModel):
@@ -224,15 +226,17 @@ async def get_proposal(ctx: Ctx, _: Reader, proposal_id: ProposalId) -> Proposal
 @router.post(
     "/proposals/{proposal_id}/votes",
     response_model=VoteResult,
-    summary="A household's vote (one per household per proposal; a re-sent vote is a duplicate)",
+    summary="A household's vote, proved by its PIN or card against the household register "
+    "(one per household per proposal; a re-sent vote is a duplicate)",
     responses=REFUSED,
 )
 async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -> VoteResult:
     try:
         household = household_key(body.building, body.unit)
         key = f"api:{who.token_id}|{body.vote_id}" if body.vote_id else None
+        secret = household_secret(body.pin, body.card)
         status, proposal = await ctx.desk.vote(
-            NewVote(proposal_id, household, body.choice, int(time.time() * 1000), None, key)
+            NewVote(proposal_id, household, body.choice, int(time.time() * 1000), None, key, secret)
         )
     except IntakeError as exc:
         raise HTTPException(422, str(exc)) from None

@@ -104,6 +104,11 @@ class RatingIn(BaseModel):
     score: int = Field(ge=1, le=5)
     comment: Text = Field("", max_length=2000)
     ts: datetime | None = None
+    rating_code: str | None = Field(
+        None,
+        max_length=32,
+        description="The request's rating code (the kiosk's receipt); not needed by the token that filed it",
+    )
 
 
 class RatingResult(BaseModel):
@@ -227,13 +232,16 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
 @router.post(
     "/requests/{ticket}/rating",
     response_model=RatingResult,
-    summary="A resident's rating of a completed service (one per request)",
+    summary="A resident's rating of a completed service (one per request): by the token that filed it, "
+    "or with its rating code",
     responses=REFUSED,
 )
 async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> RatingResult:
     when = epoch_ms(body.ts, default=int(time.time() * 1000))
     try:
-        view, first = await ctx.desk.rate(NewRating(ticket, body.score, body.comment, when, who.actor))
+        view, first = await ctx.desk.rate(
+            NewRating(ticket, body.score, body.comment, when, who.actor, who.actor, body.rating_code)
+        )
     except (DeskError, TransitionError) as exc:
         raise refused(exc) from None
     return RatingResult(status="accepted" if first else "duplicate", request=request_out(who, view))
