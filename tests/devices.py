@@ -37,9 +37,12 @@ class Publisher:
         self.requests: list[str] = []
         self.base_ms = int(time.time() * 1000) - 3_600_000  # ts = base + number: one point per number
         self._infos: list[paho.MQTTMessageInfo] = []
-        # Only a service terminal files requests (docs/privacy.md): the terminal's birth first.
+        # Only a service terminal files requests (docs/privacy.md): its birth, retained, as real
+        # devices publish it, so a gateway that subscribes later still learns what it is.
         birth = {"state": "online", "kind": "service_terminal", "location": {"building": "1"}}
-        self._send("cgw/v1/fault-term/status", birth)
+        self._infos.append(
+            self.client.publish("cgw/v1/fault-term/status", orjson.dumps(birth), qos=1, retain=True)
+        )
 
     def publish(self, count: int, rate: float = 1000.0) -> None:
         """`count` telemetry messages at about `rate` per second."""

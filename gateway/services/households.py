@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.datafiles import load_model
+from gateway.files import write_private
 
 # A PIN has few digits, so the file must stay private (mode 0600) whatever the count; this cost
 # keeps a register of a few hundred households quick to write on a Pi-class box.
@@ -98,8 +98,4 @@ def write_register(path: Path, households: list[Household]) -> None:
     """Write the register, readable by its owner only (it holds hashes of short PINs)."""
     text = yaml.safe_dump({"households": [h.model_dump() for h in households]}, allow_unicode=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Created 0600 from the start, not chmod-ed after.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
+    write_private(path, text.encode())
