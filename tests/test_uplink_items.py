@@ -79,6 +79,27 @@ def test_only_chosen_telemetry_goes_up_and_alarms_always_do() -> None:
     assert items.encode([batch], TelemetryChoice([]), "uplink")[-1].important
 
 
+def test_an_alarm_goes_up_as_an_allow_list_without_free_text() -> None:
+    typed = DeviceEvent(
+        "kiosk-1",
+        "service_terminal",
+        4,
+        "panic",
+        "critical",
+        message="Mrs Wang in 2-301 fell, call 13800138000",
+        data={"contact": "13800138000", "note": {"unit": "2-301"}, "alarm": "panic", "value": 1.0},
+    )
+    ruled = DeviceEvent(
+        "a1", "air_quality", 5, "pm25_high", "warning", message="PM2.5 above 75", source="rule"
+    )
+    rows = items.encode([Processed(events=[typed, ruled])], TelemetryChoice([]), "uplink")
+    sent = [orjson.loads(item) for _, item in items.parse(rows[0].body)]
+    assert "13800138000" not in rows[0].body and "2-301" not in rows[0].body
+    assert set(sent[0]) == {*items.ALARM_FIELDS, "data"}  # a device's own text stays home
+    assert sent[0]["data"] == {"alarm": "panic", "value": 1.0}
+    assert sent[1]["message"] == "PM2.5 above 75"  # the gateway's own template
+
+
 def test_messages_stay_under_the_size_limit_and_snapshots_are_one_each(tmp_path: Path) -> None:
     settings = UplinkSettings(url="mqtt://district:1883", max_message_bytes=4096)
     sink = UplinkSink(settings, "up", "north", GatewayMetrics(), tmp_path / "db", Outbox(1 << 20, "block"))

@@ -62,7 +62,7 @@ def encode(batches: list[Processed], choice: TelemetryChoice, sink: str) -> list
     for batch in batches:
         important.extend(_line("alarms", alarm_item(e)) for e in batch.events if e.alarm)
         # The district's own commands, carried out or refused: its record of what it asked.
-        important.extend(_line("commands", alarm_item(e)) for e in batch.events if e.source == DISTRICT)
+        important.extend(_line("commands", command_item(e)) for e in batch.events if e.source == DISTRICT)
         for record in batch.records:
             item = record_item(record)
             if item is not None:
@@ -91,11 +91,50 @@ def parse(body: str) -> Iterator[tuple[str, bytes]]:
         yield stream, item.encode()
 
 
-def alarm_item(event: DeviceEvent) -> dict[str, Any]:
-    """The alarm as the API and the live stream show it, keyed by its event id."""
+def command_item(event: DeviceEvent) -> dict[str, Any]:
+    """A district command's event as the API shows it, keyed by its event id (the district's own
+    words coming back: nothing of a resident's)."""
     item = event_payload(event)
     item["key"] = str(item.pop("id"))  # 64 bits: more than a JavaScript number holds exactly
     del item["acked"]  # acknowledgements are the community's own business
+    return item
+
+
+# An alarm's fields and `data` keys the district receives (docs/uplink.md): what happened, where
+# and to which request, never text a device or a person wrote.
+ALARM_FIELDS = ("key", "ts_ms", "device_id", "kind", "building", "type", "severity", "source", "alarm")
+ALARM_DATA = frozenset(
+    {
+        "metric",
+        "value",
+        "previous",
+        "since_ms",
+        "alarm",
+        "reason",
+        "service_request_id",
+        "service_code",
+        "state",
+        "provider_id",
+        "expected_ms",
+    }
+)
+# Sources whose `message` the gateway writes itself from its own templates (rules, presence, the
+# service desk); a device's message is its own free text and stays home.
+TEMPLATED = frozenset({"rule", "gateway", "service_desk"})
+
+
+def alarm_item(event: DeviceEvent) -> dict[str, Any]:
+    """An alarm as an allow-list of fields, keyed by its event id."""
+    whole = command_item(event)
+    item = {name: whole[name] for name in ALARM_FIELDS}
+    item["data"] = {
+        k: v
+        for k, v in event.data.items()
+        if k in ALARM_DATA
+        and (isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= 128) or v is None)
+    }
+    if event.source in TEMPLATED:
+        item["message"] = event.message
     return item
 
 
