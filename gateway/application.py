@@ -98,6 +98,7 @@ class Gateway:
             self.metrics,
             settings.services.check_interval_s,
             HouseholdRegister.load(settings.services.households),
+            settings.privacy,
         )
         self.hub = StreamHub(
             self.metrics,

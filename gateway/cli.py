@@ -518,6 +518,116 @@ def household(
     )
 
 
+residents = typer.Typer(
+    help="Residents' rights (docs/privacy.md): export or erase what is kept about one contact or household.",
+    no_args_is_help=True,
+)
+app.add_typer(residents, name="residents")
+ContactOption = Annotated[
+    str | None, typer.Option(help="A phone number, e-mail or name, exactly as the resident gave it.")
+]
+HouseholdOption = Annotated[str | None, typer.Option(help="A household as building/unit, e.g. 3/2-301.")]
+
+
+def _resident(contact: str | None, household: str | None) -> Any:
+    from gateway.services.residents import Resident
+
+    try:
+        return Resident(contact=contact, household=household)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc} (--contact or --household)", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _service_store(settings: Settings) -> Any:
+    from gateway.services.catalogue import load_catalogue
+    from gateway.services.store import ServiceStore
+
+    if not settings.services_db_path.exists():
+        console.print(f"[red]error:[/red] no service store in {settings.data_dir}: check CGW_DATA_DIR")
+        raise typer.Exit(1)
+    store = ServiceStore(
+        settings.services_db_path,
+        load_catalogue(settings.services.catalogue, settings.services.stall_after),
+        settings.community,
+    )
+    store.open()
+    return store
+
+
+@residents.command("export")
+def residents_export(
+    config: ConfigOption = None,
+    contact: ContactOption = None,
+    household: HouseholdOption = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the JSON here (default: stdout).")
+    ] = None,
+) -> None:
+    """Everything kept about one resident, as JSON (requests, their steps and ratings, votes)."""
+    import getpass
+    import json
+    import time
+
+    from gateway.services import access_log
+    from gateway.services import residents as rights
+
+    settings = _settings(config)
+    resident = _resident(contact, household)
+    store = _service_store(settings)
+    try:
+        found = rights.export(store.conn, resident)
+        read = [r["id"] for r in found["requests"]]
+        if resident.household is not None and (read or found["votes"]):
+            read.append(f"household:{resident.household}")
+        if read:  # a read that found nothing read no one's data
+            access_log.record(
+            store.conn,
+                access_log.Access(
+                    int(time.time() * 1000), f"cli:{getpass.getuser()}", "installer", "cli",
+                    "cgw residents export", tuple(read),
+                ),
+            )  # fmt: skip
+    finally:
+        store.close()
+    text = json.dumps({"community": settings.community, **found}, ensure_ascii=False, indent=2)
+    if out_file is None:
+        out.print(text, highlight=False, markup=False)
+    else:
+        from gateway.files import write_private
+
+        write_private(out_file, text.encode())
+        console.print(f"{len(found['requests'])} requests and {len(found['votes'])} votes in {out_file}")
+
+
+@residents.command("erase")
+def residents_erase(
+    config: ConfigOption = None,
+    contact: ContactOption = None,
+    household: HouseholdOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Erase what is kept about one resident: personal data emptied, figures kept; prints a report."""
+    import json
+    import time
+
+    from gateway.services import residents as rights
+    from gateway.store.maintenance import forget_dead_letters
+
+    settings = _settings(config)
+    resident = _resident(contact, household)
+    if not yes:
+        typer.confirm("erase this resident's personal data (it cannot be undone)?", abort=True)
+    store = _service_store(settings)
+    try:
+        report = rights.erase(store.conn, resident, int(time.time() * 1000))
+    finally:
+        store.close()
+    # Dead letters refused before they were redacted may still name the resident.
+    letters = forget_dead_letters(settings.db_path, resident.words()) if settings.db_path.exists() else 0
+    out.print(json.dumps({**report.as_dict(), "dead_letters_deleted": letters}, indent=2), highlight=False)
+
+
 @app.command("backup")
 def backup_command(
     config: ConfigOption = None,

@@ -276,6 +276,17 @@ class ServicesSettings(_Section):
     open311_keyless_reads: bool = False
 
 
+class PrivacySettings(_Section):
+    """Residents' personal data (docs/privacy.md): how long what is kept, and its reads' log."""
+
+    # Every read of personal data is logged (gateway/services/access_log.py); kept this long.
+    access_log_retention: Duration = timedelta(days=180)
+    # A closed request keeps its residents' personal data this long, then it is pseudonymised
+    # (the figures stay; gateway/services/residents.py); so do the households of votes on
+    # proposals closed this long ago.
+    personal_data_retention: Duration = timedelta(days=365)
+
+
 class ModbusRegister(_Section):
     metric: str
     address: int = Field(ge=0, le=65535)
@@ -330,6 +341,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     modbus: ModbusSettings = ModbusSettings()
     services: ServicesSettings = ServicesSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @field_validator("data_dir", "inventory", "profiles_dir")
     @classmethod

@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import privacy
-from gateway.settings import Settings
+from gateway.settings import Settings, TokenGrant
 from tests.harness import TOKENS, api, eventually, gateway_settings, live_stream, mosquitto_pub, running
 
 PHONE = "13800138000"
@@ -322,3 +322,42 @@ async def test_dead_letters_keep_no_personal_data_and_a_few_hundred_bytes(
                 assert (await other.get("/api/v1/dead-letters")).status_code == 403, token
         async with client_for(gw, "installer-token") as installer:
             assert (await installer.get("/api/v1/dead-letters")).status_code == 200
+
+
+async def test_every_read_of_personal_data_is_in_the_access_log(tmp_path: Path, mosquitto: Any) -> None:
+    settings = privacy_settings(tmp_path, mosquitto.url)
+    grants = {**settings.auth.tokens, "zhang-token": TokenGrant(role="operator", name="Officer Zhang")}
+    settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"tokens": grants})})
+    async with running(settings) as gw:
+        async with client_for(gw, "zhang-token") as zhang, live_stream(zhang, "request") as seen:
+            mqtt_ticket, http_ticket = await file_two_requests(gw, mosquitto.port)
+            await eventually(lambda: len(seen) >= 3, 5.0, "the stream's three request items")
+            assert (await zhang.get("/api/v1/requests")).status_code == 200
+            assert (await zhang.get(f"/api/v1/requests/{mqtt_ticket}")).status_code == 200
+            assert (await zhang.get(f"/open311/v2/requests/{http_ticket}.xml")).status_code == 200
+            # The access log is the installer's to read.
+            assert (await zhang.get("/api/v1/access-log")).status_code == 403
+        async with client_for(gw, "viewer-token") as viewer:
+            assert (await viewer.get("/api/v1/requests")).status_code == 200  # redacted: not logged
+            assert (await viewer.get("/api/v1/access-log")).status_code == 403
+        async with client_for(gw, "installer-token") as installer:
+            log = (await installer.get("/api/v1/access-log", params={"who": "Officer Zhang"})).json()["items"]
+            reads = {(entry["endpoint"], tuple(sorted(entry["records"]))) for entry in log}
+            assert ("GET /api/v1/requests", tuple(sorted((mqtt_ticket, http_ticket)))) in reads
+            assert ("GET /api/v1/requests/{ticket}", (mqtt_ticket,)) in reads
+            assert ("GET /open311/v2/requests/{service_request_id}.{fmt}", (http_ticket,)) in reads
+            streamed = [e for e in log if e["endpoint"] == "GET /api/v1/stream"]
+            assert {r for e in streamed for r in e["records"]} == {mqtt_ticket, http_ticket}
+            assert all(e["role"] == "operator" and e["ts_ms"] > 0 for e in log)
+            # Which reads touched one resident's request.
+            about = (await installer.get("/api/v1/access-log", params={"record": mqtt_ticket})).json()[
+                "items"
+            ]
+            assert about and all(mqtt_ticket in e["records"] for e in about)
+            assert {e["who"] for e in about} >= {"Officer Zhang"}
+            everyone = (await installer.get("/api/v1/access-log", params={"limit": 1000})).json()["items"]
+            assert all(e["role"] in ("operator", "installer") for e in everyone)  # never the viewer
+            # Kept for privacy.access_log_retention, then deleted by the desk's periodic task.
+            keep_ms = int(settings.privacy.access_log_retention.total_seconds() * 1000)
+            await gw.desk.keep_to_retention(max(e["ts_ms"] for e in everyone) + keep_ms + 1)
+            assert (await installer.get("/api/v1/access-log")).json()["items"] == []

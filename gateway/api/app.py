@@ -17,7 +17,7 @@ from gateway import __version__, dashboard
 from gateway.api.bodies import BodyGuard
 from gateway.api.context import ApiContext
 from gateway.api.headers import HostGuard, SecurityHeaders
-from gateway.api.routes import devices, evaluation, events, health, needs, open311, requests, stream
+from gateway.api.routes import access, devices, evaluation, events, health, needs, open311, requests, stream
 
 DESCRIPTION = """
 The community edge gateway's API (contract: docs/contract.md section 4).
@@ -46,6 +46,7 @@ def create_app(
             {"name": "service requests", "description": "Lifecycle, audit trail, ratings, providers"},
             {"name": "needs and plans", "description": "Hotspots, needs list, proposals, votes, the plan"},
             {"name": "evaluation", "description": "Satisfaction and process figures"},
+            {"name": "privacy", "description": "Reads of residents' personal data (installer)"},
         ],
     )
     app.state.ctx = ctx
@@ -57,6 +58,7 @@ def create_app(
     app.include_router(requests.router)
     app.include_router(needs.router)
     app.include_router(evaluation.router)
+    app.include_router(access.router)
     dashboard.mount(app)
     # The last added runs first: the host is checked, then the body read, then the routes;
     # every answer, refusals included, leaves with the security headers.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.models import DeadLetter, DeviceEvent, event_id
-from gateway.services import evaluation, needs
+from gateway.services import access_log, evaluation, needs, residents
 from gateway.services.catalogue import Catalogue
 from gateway.services.households import HouseholdRegister
 from gateway.services.intake import (
@@ -34,6 +34,7 @@ from gateway.services.intake import (
 )
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.store import DeskError, ServiceStore, Step
+from gateway.settings import PrivacySettings
 from gateway.stats import GatewayMetrics
 from gateway.topics import device_topic
 
@@ -92,9 +93,11 @@ class ServiceDesk:
         metrics: GatewayMetrics,
         check_interval_s: float = 60.0,
         households: HouseholdRegister | None = None,
+        privacy: PrivacySettings | None = None,
     ) -> None:
         self.catalogue = catalogue
         self._households = households or HouseholdRegister([])
+        self._privacy = privacy or PrivacySettings()
         self._community = community
         self._store = ServiceStore(path, catalogue, community)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
@@ -118,6 +121,17 @@ class ServiceDesk:
         while True:
             await asyncio.sleep(self._check_interval_s)
             await self.check_deadlines(now_ms())
+            await self.keep_to_retention(now_ms())
+
+    async def keep_to_retention(self, now: int) -> None:
+        """Pseudonymise what is past `privacy.personal_data_retention`, and delete the access
+        log's entries past `privacy.access_log_retention`."""
+        personal_ms = int(self._privacy.personal_data_retention.total_seconds() * 1000)
+        done = await self._call(residents.pseudonymise_closed, self._store.conn, now - personal_ms, now)
+        if done:
+            log.info("pseudonymised %d closed requests past privacy.personal_data_retention", done)
+        keep_ms = int(self._privacy.access_log_retention.total_seconds() * 1000)
+        await self._call(access_log.prune, self._store.conn, now - keep_ms)
 
     async def close(self) -> None:
         await self._call(self._store.close)
@@ -369,6 +383,14 @@ class ServiceDesk:
             out = DeskOutput(stream=[("vote", {"proposal_id": vote.proposal_id, "votes": proposal["votes"]})])
             await self._emit(out)
         return status, proposal
+
+    # -- the access log of personal-data reads --------------------------------------------------
+
+    async def record_access(self, access: access_log.Access) -> None:
+        await self._call(access_log.record, self._store.conn, access)
+
+    async def access_log(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._call(lambda: access_log.listing(self._store.conn, **filters))
 
     async def assess(self, **kwargs: Any) -> dict[str, Any]:
         return await self._call(self._store.assess, **kwargs)

@@ -19,7 +19,7 @@ import orjson
 
 from gateway import privacy
 from gateway.files import private_store
-from gateway.services import lifecycle
+from gateway.services import access_log, lifecycle, residents
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
 from gateway.services.lifecycle import State, TransitionError
@@ -91,6 +91,10 @@ MIGRATIONS: list[list[str]] = [
     # 6: the box's own secrets, kept with the data they protect (and in its backups): "rating"
     # derives each request's rating code (gateway/privacy.py, docs/privacy.md).
     ["CREATE TABLE box_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)"],
+    # 7: the access log of personal-data reads (gateway/services/access_log.py)
+    access_log.SCHEMA,
+    # 8: when a request's personal data was emptied (gateway/services/residents.py)
+    residents.SCHEMA,
 ]
 
 # Tickets shown to residents: the community and 10 characters of an alphabet without look-alikes
@@ -134,6 +138,9 @@ class ServiceStore:
         private_store(self._path)
         conn = connect(self._path)
         conn.row_factory = sqlite3.Row
+        # What is emptied or deleted is overwritten on disk, not left in free pages, so no copy of
+        # the file made afterwards (a backup) holds it (docs/privacy.md).
+        conn.execute("PRAGMA secure_delete=ON")
         migrate(conn, MIGRATIONS, str(self._path))
         with transaction(conn, immediate=True):
             conn.execute(

@@ -53,6 +53,8 @@ def backup(data_dir: Path, into: Path, community: str) -> Made:
             src.backup(dst)  # consistent even while the gateway writes
             version = dst.execute("PRAGMA user_version").fetchone()[0]
             dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            # Without free pages: what was emptied or deleted before the copy is not in it.
+            dst.execute("VACUUM")
         manifest["files"][name] = {"schema": version, "sha256": _sha256(target)}  # type: ignore[index]
         sizes[name] = target.stat().st_size
     if not sizes:

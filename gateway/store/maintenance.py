@@ -11,9 +11,10 @@ import asyncio
 import logging
 import sqlite3
 import time
+from pathlib import Path
 
 from gateway.settings import StoreSettings
-from gateway.store.schema import transaction
+from gateway.store.schema import connect, transaction
 from gateway.store.writer import MINUTE_MS, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,25 @@ def prune(conn: sqlite3.Connection, now_ms: int, settings: StoreSettings) -> Non
     conn.execute("DELETE FROM rollup_1m WHERE minute_ms < ?", (rollup_cutoff,))
     conn.execute("DELETE FROM events WHERE ts_ms < ?", (rollup_cutoff,))
     # Dead letters: by the writer's DeadLetterBudget, which keeps their byte count.
+
+
+def forget_dead_letters(db_path: Path, words: list[str]) -> int:
+    """Delete the dead letters whose payload or reason holds any of `words` (a resident erased:
+    docs/privacy.md; letters refused before redaction may name them); how many went."""
+    conn = connect(db_path)
+    deleted = 0
+    try:
+        conn.execute("PRAGMA secure_delete=ON")  # overwritten on disk, not left in free pages
+        with transaction(conn, immediate=True):
+            for word in (w for w in words if w):
+                deleted += conn.execute(
+                    "DELETE FROM dead_letters"
+                    " WHERE instr(CAST(payload AS TEXT), ?) > 0 OR instr(reason, ?) > 0",
+                    (word, word),
+                ).rowcount
+    finally:
+        conn.close()
+    return deleted
 
 
 def _ranges(minutes: list[int]) -> list[tuple[int, int]]:

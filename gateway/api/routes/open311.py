@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from gateway import privacy
+from gateway.api.access import record_reads
 from gateway.api.auth import Principal, open311_reader, require_api_key
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
@@ -296,6 +297,7 @@ async def service_definition(
 async def list_requests(
     ctx: Ctx,
     who: Reader311,
+    request: Request,
     fmt: Format,
     service_request_id: Annotated[
         str | None, Query(max_length=20_000, description="Comma-separated ids")
@@ -343,6 +345,7 @@ async def list_requests(
             codes=codes, states=states, filed_by=own(who), start_ms=start, end_ms=end, limit=MAX_RESULTS
         )
     entries = [shown(entry_for(ctx, who, r, lang), extensions) for r in found]
+    await record_reads(ctx, who, request, (r["id"] for r in found))
     return respond(fmt, "service_requests", entries)
 
 
@@ -354,6 +357,7 @@ async def list_requests(
 async def get_request(
     ctx: Ctx,
     who: Reader311,
+    request: Request,
     service_request_id: Annotated[str, Path(max_length=128)],
     fmt: Format,
     jurisdiction_id: Jurisdiction = None,
@@ -364,6 +368,7 @@ async def get_request(
     found = await readable(ctx, who, service_request_id)
     if found is None:
         raise HTTPException(404, f"no service request {service_request_id!r}")
+    await record_reads(ctx, who, request, [service_request_id])
     return respond(fmt, "service_requests", [shown(entry_for(ctx, who, found, lang), extensions)])
 
 

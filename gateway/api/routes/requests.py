@@ -11,10 +11,11 @@ import time
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway import privacy
+from gateway.api.access import record_reads
 from gateway.api.auth import Operator, Principal, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
@@ -156,6 +157,7 @@ def refused(exc: Exception) -> HTTPException:
 async def list_requests(
     ctx: Ctx,
     who: Reader,
+    request: Request,
     state: Annotated[list[State] | None, Query()] = None,
     service_code: Annotated[str | None, Query(max_length=128)] = None,
     provider_id: Annotated[str | None, Query(max_length=64)] = None,
@@ -176,6 +178,7 @@ async def list_requests(
         limit=limit,
         offset=offset,
     )
+    await record_reads(ctx, who, request, (r["id"] for r in items))
     return RequestList(items=[request_out(who, r) for r in items])
 
 
@@ -194,7 +197,7 @@ def visible(who: Principal, view: dict[str, Any] | None) -> bool:
     summary="One request with its audit trail (who, when, why) and rating",
     responses={**AUTH, 404: {"model": ErrorBody}},
 )
-async def get_request(ctx: Ctx, who: Reader, ticket: Ticket) -> RequestDetail:
+async def get_request(ctx: Ctx, who: Reader, request: Request, ticket: Ticket) -> RequestDetail:
     found = await ctx.desk.get(ticket)
     if found is None or not visible(who, found):
         raise HTTPException(404, f"no service request {ticket!r}")
@@ -204,6 +207,7 @@ async def get_request(ctx: Ctx, who: Reader, ticket: Ticket) -> RequestDetail:
         history = privacy.redact_steps(history)
         rating = privacy.redact_rating(rating) if rating is not None else None
     view = privacy.request_for(who.role, found)
+    await record_reads(ctx, who, request, [ticket])
     return RequestDetail.model_validate({**view, "history": history, "rating": rating})
 
 
@@ -213,7 +217,9 @@ async def get_request(ctx: Ctx, who: Reader, ticket: Ticket) -> RequestDetail:
     summary="Move a request along its lifecycle (refused with the allowed steps if illegal)",
     responses=REFUSED,
 )
-async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn) -> RequestOut:
+async def transition(
+    ctx: Ctx, who: Operator, request: Request, ticket: Ticket, body: TransitionIn
+) -> RequestOut:
     try:
         view = await ctx.desk.transition(
             ticket,
@@ -226,7 +232,8 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
         )
     except (DeskError, TransitionError) as exc:
         raise refused(exc) from None
-    return RequestOut.model_validate(view)
+    await record_reads(ctx, who, request, [ticket])
+    return request_out(who, view)
 
 
 @router.post(
@@ -236,7 +243,7 @@ async def transition(ctx: Ctx, who: Operator, ticket: Ticket, body: TransitionIn
     "or with its rating code",
     responses=REFUSED,
 )
-async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> RatingResult:
+async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: RatingIn) -> RatingResult:
     when = epoch_ms(body.ts, default=int(time.time() * 1000))
     try:
         view, first = await ctx.desk.rate(
@@ -244,6 +251,7 @@ async def rate(ctx: Ctx, who: Terminal, ticket: Ticket, body: RatingIn) -> Ratin
         )
     except (DeskError, TransitionError) as exc:
         raise refused(exc) from None
+    await record_reads(ctx, who, request, [ticket])
     return RatingResult(status="accepted" if first else "duplicate", request=request_out(who, view))
 
 

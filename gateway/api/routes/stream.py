@@ -24,11 +24,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import privacy
+from gateway.api.access import record_reads
 from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
 from gateway.stream import StreamFull, StreamItem
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
+STREAM_ENDPOINT = "GET /api/v1/stream"
 STREAM_TYPES = ("alarm", "event", "presence", "ack", "request", "rating", "vote")
 
 
@@ -64,8 +66,11 @@ async def stream(
                     if name not in wanted:
                         continue
                     shown = privacy.stream_item(name, data, who.role, who.actor)
-                    if shown is not None:
-                        yield ServerSentEvent(data=orjson.dumps(shown).decode(), event=name)
+                    if shown is None:
+                        continue
+                    if name == "request":
+                        await record_reads(ctx, who, STREAM_ENDPOINT, [str(data.get("id"))])
+                    yield ServerSentEvent(data=orjson.dumps(shown).decode(), event=name)
                 yield ServerSentEvent(data=orjson.dumps({"detail": EXPIRED}).decode(), event="expired")
         except StreamFull:
             return  # another stream took the last place after the check above

@@ -1,0 +1,37 @@
+"""Recording each read of residents' personal data in the access log (docs/privacy.md).
+
+A route that hands personal data to a role allowed to read it (gateway/privacy.py) calls
+`record_reads` with the records it returned; reads of the redacted view are not personal and are
+not recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from fastapi import Request
+
+from gateway import privacy
+from gateway.api.auth import Principal
+from gateway.api.context import ApiContext
+from gateway.services.access_log import Access
+
+
+def endpoint(request: Request) -> str:
+    """The route as declared ("GET /api/v1/requests/{ticket}"), not the path with its values."""
+    route = request.scope.get("route")
+    return f"{request.method} {getattr(route, 'path', request.url.path)}"
+
+
+async def record_reads(
+    ctx: ApiContext, who: Principal | None, where: Request | str, records: Iterable[str]
+) -> None:
+    """Log that `who` read the personal data of `records` through `where` (when it did)."""
+    if who is None or not privacy.reads_personal(who.role):
+        return
+    ids = tuple(records)
+    if not ids:
+        return
+    name = where if isinstance(where, str) else endpoint(where)
+    await ctx.desk.record_access(Access(int(time.time() * 1000), who.who, who.role, who.token_id, name, ids))
