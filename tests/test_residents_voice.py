@@ -8,6 +8,7 @@ and counted; the resident's own terminal, its rating code and its household PIN 
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import orjson
 
 from gateway.credentials import GATEWAY_USER
 from gateway.services.households import add_household
-from gateway.services.store import TICKET_ALPHABET, TICKET_CHARS
+from gateway.services.store import MIGRATIONS, TICKET_ALPHABET, TICKET_CHARS
 from gateway.settings import ServicesSettings
 from tests.harness import (
     AS_OPERATOR,
@@ -319,3 +320,42 @@ async def test_dead_letters_of_refused_votes_name_no_household(tmp_path: Path, m
             found = await eventually(letter, 5.0, "the refused vote's dead letter")
         assert PIN not in found["payload"] and "2-301" not in found["payload"]
         assert "2-301" not in found["reason"]
+
+
+async def test_tickets_filed_before_stay_readable_and_rateable_by_their_terminal(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A box upgraded from before (services schema 4): its sequential tickets are kept, who filed
+    each is taken from the audit trail, and the terminal that filed one still rates it."""
+    old = sqlite3.connect(tmp_path / "services.sqlite3")
+    for statements in MIGRATIONS[:4]:
+        for statement in statements:
+            old.execute(statement)
+    old.execute(
+        """INSERT INTO requests (seq, id, service_code, service_group, state, source, device_id,
+            request_key, description, building, unit, household, contact, attributes, requested_ms,
+            updated_ms, expected_ms, state_since_ms, completed_ms)
+           VALUES (1, 'testville-000001', 'repair.plumbing', 'repair', 'completed', 'terminal',
+            'kiosk-old', 'kiosk-old|r-0', 'tap drips', '3', '2-301', '3/2-301', '{}', '{}', 1, 2, 3, 2, 2)"""
+    )
+    old.execute(
+        "INSERT INTO transitions (request_id, ts_ms, from_state, to_state, actor, note)"
+        " VALUES ('testville-000001', 1, NULL, 'submitted', 'terminal kiosk-old', 'filed via terminal')"
+    )
+    old.execute("PRAGMA user_version=4")
+    old.commit()
+    old.close()
+    async with running(voice_settings(tmp_path, mosquitto.url)) as gw, api(gw, "operator-token") as operator:
+        found = await operator.get("/api/v1/requests/testville-000001")
+        assert found.status_code == 200 and found.json()["description"] == "tap drips"
+        port = mosquitto.port
+        acks = Acks(port, "kiosk-old")
+        try:
+            await acks.ready()
+            terminal_birth(port, "kiosk-old", "3")
+            rating = {"rating_id": "o-1", "service_request_id": "testville-000001", "score": 5}
+            mosquitto_pub(port, "cgw/v1/kiosk-old/rating", orjson.dumps(rating))
+            assert (await acks.next("rating_id", "o-1"))["status"] == "accepted"
+        finally:
+            acks.close()
+        assert (await operator.get("/api/v1/requests/testville-000001")).json()["rating"]["score"] == 5
