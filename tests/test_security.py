@@ -9,6 +9,7 @@ import asyncio
 import base64
 import csv
 import getpass
+import json
 import logging
 import os
 import sqlite3
@@ -26,6 +27,8 @@ import orjson
 import paho.mqtt.client as paho
 import pytest
 import trustme
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.api.headers import allowed_names, host_of
@@ -690,3 +693,90 @@ async def test_an_open_stream_ends_when_its_token_expires(
         await again.aread()
         assert again.status_code == 401 and "expired" in again.text
         await client.aclose()
+
+
+# Anything the district could publish: any JSON, shaped like a command or not.
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=10), inner, max_size=3), max_leaves=10)  # fmt: skip
+_commands = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=12) | st.sampled_from(["c1", "c2"]),
+        "expires_ms": st.integers() | st.just(int(time.time() * 1000) + 60_000),
+        "action": st.sampled_from(["ping", "transition", "device_command", "snapshot", "reboot"]) | _json,
+        "device_id": st.sampled_from(["aq-1", "junk-1", "nobody"]) | _json,
+        "command": st.sampled_from(["set_interval", "open_door"]) | _json,
+        "args": _json,
+        "service_request_id": _json,
+        "to": st.sampled_from(["triaged", "closed"]) | _json,
+        "extra": _json,
+    },
+)
+
+
+VALID = {"id": "v1", "expires_ms": int(time.time() * 1000) + 3_000_000, "action": "device_command",
+         "device_id": "aq-1", "command": "set_interval", "args": {"interval_s": 60}}  # fmt: skip
+
+
+def test_any_district_message_gets_one_answer_and_only_a_valid_one_acts(tmp_path: Path) -> None:
+    """DistrictCommands over a real local store and service desk (no broker: `publish` is kept)."""
+    from gateway.profiles import load_profiles
+    from gateway.registry import DeviceRegistry
+    from gateway.services.catalogue import load_catalogue
+    from gateway.services.desk import ServiceDesk
+    from gateway.stats import GatewayMetrics
+    from gateway.store.writer import StoreWriter
+    from gateway.uplink.commands import DistrictCommands
+
+    metrics = GatewayMetrics()
+    profiles = load_profiles()
+    registry = DeviceRegistry(profiles, "open")
+    registry.on_birth("aq-1", {"kind": "air_quality"}, 0)
+    registry.resolve("junk-1", 0)
+    writer = StoreWriter(tmp_path / "cgw.sqlite3", metrics)
+    desk = ServiceDesk(tmp_path / "services.sqlite3", load_catalogue(), "c", metrics)
+    sent: list[tuple[str, bytes]] = []
+    recorded: list[Any] = []
+
+    async def snapshot() -> int:
+        return 0
+
+    async def record(event: Any) -> None:
+        recorded.append(event)
+
+    commands = DistrictCommands(
+        "c", desk, registry, profiles, lambda t, p: sent.append((t, p)), snapshot, writer, record, 3_600_000
+    )
+    with asyncio.Runner() as runner:
+        runner.run(writer.open())
+
+        async def no_delivery(_: Any) -> None:
+            return None
+
+        runner.run(desk.open(no_delivery))
+
+        @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(message=_commands | _json | st.binary(max_size=40))
+        @example(message=VALID)
+        @example(message=VALID)  # again: answered, not carried out twice
+        def check(message: Any) -> None:
+            # Written by the standard library: integers of any size, as a sender might.
+            payload = message if isinstance(message, bytes) else json.dumps(message).encode()
+            before, events = len(sent), len(recorded)
+            reply = runner.run(commands.handle(payload))
+            assert set(reply) >= {"id", "action", "ok"} and isinstance(reply["ok"], bool)
+            assert len(recorded) == events + 1 and recorded[-1].source == "district"
+            if len(sent) > before:  # only an allowed command, once, to a device whose profile lists it
+                assert reply["ok"] and not reply.get("duplicate")
+                assert (
+                    sent[-1][0] == "cgw/v1/aq-1/cmd"
+                    and orjson.loads(sent[-1][1])["command"] == "set_interval"
+                )
+            if not reply["ok"]:
+                assert reply.get("error"), reply
+
+        check()
+        assert [orjson.loads(p)["id"] for _, p in sent].count("v1") == 1
+        runner.run(desk.close())
+        runner.run(writer.close())
