@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from gateway.api.headers import WILDCARDS
 from gateway.application import Gateway
 from gateway.broker import LocalBroker, free_port, port_open
 from gateway.settings import Settings
@@ -151,7 +152,13 @@ async def _run_demo(
             "data_dir": options.data_dir,
             "inventory": inventory,
             "mqtt": base.mqtt.model_copy(update={"url": broker_url, "client_id": "", "protocol": protocol}),
-            "api": base.api.model_copy(update={"host": options.api_host, "port": api_port}),
+            "api": base.api.model_copy(
+                update={
+                    "host": options.api_host,
+                    "port": api_port,
+                    "allowed_hosts": _demo_hosts(base, options),
+                }
+            ),
             "services": base.services.model_copy(update={"households": households}),
             "auth": base.auth.model_copy(
                 update={
@@ -243,3 +250,9 @@ async def _first(waiter: Coroutine[Any, Any, Any], task: asyncio.Task[None]) -> 
         wait_task.cancel()
         task.result()
         raise RuntimeError("the gateway stopped before it was ready")
+
+
+def _demo_hosts(base: Settings, options: DemoOptions) -> list[str]:
+    """A demo on a wildcard address (`--host 0.0.0.0`) is shown to others by whatever name or
+    address they use, so it answers to any; otherwise the installer's list (api.allowed_hosts)."""
+    return ["*"] if options.api_host in WILDCARDS else list(base.api.allowed_hosts)

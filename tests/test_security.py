@@ -591,6 +591,12 @@ def test_the_bound_address_is_an_allowed_name_unless_it_is_a_wildcard() -> None:
     assert "192.168.1.10" in allowed_names(["localhost"], "192.168.1.10")
     assert allowed_names(["localhost"], "0.0.0.0") == {"localhost"}
     assert host_of("[::1]:8080") == "::1" and host_of("Example.ORG:80") == "example.org"
+    # `cgw demo --host 0.0.0.0` is shown to others by any name; on one machine it keeps the list.
+    from gateway.demo import DemoOptions, _demo_hosts
+
+    base = load_settings(env={})
+    assert _demo_hosts(base, DemoOptions(api_host="0.0.0.0")) == ["*"]
+    assert _demo_hosts(base, DemoOptions()) == base.api.allowed_hosts
 
 
 async def test_security_headers_and_the_dashboards_content_policy(
