@@ -18,10 +18,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import scenarios
+from bench import endurance, scenarios
 from tests.services import MosquittoProcess, VictoriaMetricsProcess
 
-console = Console()
+console = Console(width=150)
+ALL = {**scenarios.ALL, **endurance.ALL}
 
 
 def main() -> None:
@@ -32,16 +33,23 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smaller runs: a minute of soak, 50,000 messages"
     )
-    parser.add_argument("--only", nargs="*", default=list(scenarios.ALL), choices=list(scenarios.ALL))
+    parser.add_argument("--only", nargs="*", default=list(ALL), choices=list(ALL))
     parser.add_argument(
         "--scaling", action="store_true", help="also the cost from 100 to 10,000 devices and at steady rates"
     )
     parser.add_argument(
         "--protocol", default="5", choices=["5", "3.1.1"], help="the gateway's MQTT driver (mqtt.protocol)"
     )
+    parser.add_argument("--writes-s", type=float, default=120, help="seconds per write-budget point")
+    parser.add_argument("--write-rates", type=int, nargs="*", default=list(endurance.RATES))
+    parser.add_argument("--card-gb", type=float, default=32, help="SD card size for the life projection")
+    parser.add_argument(
+        "--card-cycles", type=float, default=3_000, help="program/erase cycles the card's cells endure"
+    )
     args = parser.parse_args()
     if args.quick:
         args.messages, args.soak_s = min(args.messages, 50_000), min(args.soak_s, 60)
+        args.writes_s = min(args.writes_s, 30)
     console.print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; broker, load and gateway on this one machine"
@@ -53,7 +61,7 @@ def main() -> None:
         victoria.start()
         try:
             for name in args.only:
-                run = scenarios.ALL[name]
+                run = ALL[name]
                 broker = MosquittoProcess(folder / f"mosquitto-{name}")
                 broker.start()
                 started = time.monotonic()
