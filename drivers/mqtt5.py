@@ -32,7 +32,7 @@ from typing import Any
 import mqtt5
 
 from drivers.base import Ingress
-from drivers.mqtt import MqttIntake, tls_context
+from drivers.link import MqttIntake, tls_context
 from gateway.models import RawMessage
 from gateway.topics import SUBSCRIPTIONS
 

@@ -15,17 +15,17 @@ import logging
 import shutil
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from drivers.base import Driver
-from drivers.modbus import ModbusDriver
-from drivers.mqtt import MqttDriver, MqttIntake
+from drivers.link import MqttIntake
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext
 from gateway.api.headers import allowed_names
+from gateway.clock import ClockWatch
 from gateway.limits import DeviceRateLimit, KeyedRateLimit
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
@@ -42,18 +42,22 @@ from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
 from gateway.store.lock import DataDirLock
-from gateway.store.maintenance import StoreMaintenance
+from gateway.store.maintenance import StoreMaintenance, rollup_delay_ms
 from gateway.store.outbox import Outbox
 from gateway.store.queries import StoreReader
 from gateway.store.writer import StoreWriter
 from gateway.stream import StreamHub
 from gateway.uplink.commands import DistrictCommands, summaries
-from gateway.uplink.sink import UplinkSink
+from gateway.wear import WearMeter
+
+if TYPE_CHECKING:
+    from gateway.uplink.sink import UplinkSink
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 15.0
 MIN_FREE_DISK = 100 * 1024 * 1024
+CLOCK_CHECK_S = 5.0  # how often the wall clock is compared with the monotonic one
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -113,7 +117,7 @@ class Gateway:
             else None
         )
         self.uplink = (
-            UplinkSink(
+            _uplink_sink()(
                 settings.uplink,
                 settings.uplink_client_id,
                 settings.community,
@@ -137,13 +141,19 @@ class Gateway:
         for sink in self.sinks:
             self.writer.on_commit(sink.wake)
         self.reader = StoreReader(settings.db_path, int(settings.store.raw_retention.total_seconds() * 1000))
-        self.maintenance = StoreMaintenance(self.writer, settings.store)
-        driver = Mqtt5Driver if settings.mqtt.protocol == "5" else MqttDriver
+        # Every 5 minutes: pruning a few rows off the old end costs nothing more done rarely, and
+        # roll-ups wait an hour anyway (gateway/store/maintenance.py).
+        self.maintenance = StoreMaintenance(
+            self.writer, settings.store, interval_s=300.0, rollup_delay_ms=rollup_delay_ms(settings.store)
+        )
+        driver = Mqtt5Driver if settings.mqtt.protocol == "5" else _paho_driver()
         self.mqtt: MqttIntake = driver(
             settings.mqtt, settings.mqtt_client_id, self.metrics, settings.pipeline.batch_size
         )
         self.drivers: list[Driver] = [self.mqtt, *(extra_drivers or [])]
         if settings.modbus.devices:
+            from drivers.modbus import ModbusDriver  # pymodbus only where Modbus is used
+
             self.drivers.append(ModbusDriver(settings.modbus, self.metrics))
         window = TimeWindow(
             max_future_ms=int(settings.pipeline.max_future.total_seconds() * 1000),
@@ -198,6 +208,8 @@ class Gateway:
             max_body_bytes=settings.api.max_body_bytes,
             allowed_hosts=allowed_names(settings.api.allowed_hosts, settings.api.host),
         )
+        self.wear = WearMeter(settings.data_dir)
+        self.clock = ClockWatch()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._server: _EmbeddedServer | None = None
@@ -231,6 +243,10 @@ class Gateway:
                 else f"only {free // (1024 * 1024)} MiB free in {self.settings.data_dir}"
             ),
         }
+        # Information, never a reason to be not ready: how fast this box wears its storage, and
+        # whether its wall clock jumped (a box without a real-time clock syncing late).
+        checks["disk_writes"] = {"ok": True, "detail": self.wear.summary()}
+        checks["clock"] = {"ok": True, "detail": self.clock.summary()}
         if self.influx is not None:
             checks["timeseries"] = {
                 "ok": self.influx.healthy,
@@ -243,6 +259,11 @@ class Gateway:
                 "detail": self.uplink.last_error or f"connected to {self.settings.uplink.url}",
             }
         return checks
+
+    async def _watch_clock(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_S)
+            self.clock.check()
 
     def stop(self) -> None:
         """Ask the gateway to drain and stop; `run()` returns when it has."""
@@ -279,6 +300,7 @@ class Gateway:
                     tg.create_task(self.maintenance.run(), name="store-maintenance"),
                     tg.create_task(self.pipeline.run(), name="pipeline"),
                     tg.create_task(self.desk.run(), name="service-desk"),
+                    tg.create_task(self._watch_clock(), name="clock-watch"),
                 ]
                 background.extend(tg.create_task(sink.run(), name=f"{sink.name}-sink") for sink in self.sinks)
                 inputs = [
@@ -315,6 +337,9 @@ class Gateway:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await self.pipeline.drain()
                 await self.writer.drain()
+                # Last values and last-seen times, saved in bulk only every few minutes while running.
+                await self.writer.save_devices(self.registry.all())
+                self.registry.newcomers.flush_all()
                 for sink in self.sinks:
                     # One that cannot reach its far side keeps its backlog on disk for the next run.
                     if sink.reachable:
@@ -336,6 +361,20 @@ class Gateway:
         self.reader.close()
         if self._socket is not None:
             self._socket.close()
+
+
+# Imported when configured: paho (MQTT 3.1.1 driver, the district uplink) is memory a box on the
+# default MQTT 5 driver without an uplink does not need.
+def _paho_driver() -> type[MqttIntake]:
+    from drivers.mqtt import MqttDriver
+
+    return MqttDriver
+
+
+def _uplink_sink() -> type[UplinkSink]:
+    from gateway.uplink.sink import UplinkSink
+
+    return UplinkSink
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -395,12 +395,22 @@ def _simulate_services(
 
 
 @app.command()
-def doctor(config: ConfigOption = None) -> None:
+def doctor(
+    config: ConfigOption = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CGW_DOCTOR_TOKEN",
+            help="An operator, installer or metrics token: a running gateway then tells its write "
+            "rate (the SD card's wear) and its clock's jumps.",
+        ),
+    ] = None,
+) -> None:
     """Check a deployment: settings, disk, local store, broker, time-series store, clock."""
     settings = _settings(config)
     from gateway.doctor import run_checks
 
-    findings = run_checks(settings)
+    findings = run_checks(settings, token=token)
     for finding in findings:
         if finding.ok:
             mark = "[green]ok[/green]  "

@@ -48,7 +48,7 @@ class Finding:
 VOLATILE = frozenset({"tmpfs", "ramfs"})
 
 
-def run_checks(settings: Settings, timeout_s: float = 5.0) -> list[Finding]:
+def run_checks(settings: Settings, timeout_s: float = 5.0, token: str | None = None) -> list[Finding]:
     findings = [
         _profiles_and_inventory(settings),
         _registration(settings),
@@ -67,6 +67,7 @@ def run_checks(settings: Settings, timeout_s: float = 5.0) -> list[Finding]:
         uplink = _broker("uplink", settings.uplink, "CGW_UPLINK", timeout_s)
         findings.append(Finding(uplink.ok, uplink.check, uplink.detail, blocking=False))
     findings.extend(_timeseries(settings, timeout_s))
+    findings.extend(_running_gateway(settings, token))
     return findings
 
 
@@ -246,10 +247,8 @@ def _api_port(settings: Settings) -> Finding:
         except OSError as exc:
             bind_error = exc
     # Taken: by this gateway (fine, it is running) or by something else?
-    shown = f"[{host}]" if ":" in host else host
-    probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else shown)
     try:
-        answer = httpx.get(f"http://{probe}:{port}/healthz", timeout=2).json()
+        answer = httpx.get(f"{_api_url(settings)}/healthz", timeout=2).json()
         if isinstance(answer, dict) and answer.get("status") == "ok":
             return Finding(True, "api", f"{host}:{port} is served by a running gateway")
     except (httpx.HTTPError, ValueError):
@@ -260,6 +259,44 @@ def _api_port(settings: Settings) -> Finding:
         f"cannot listen on {host}:{port} ({bind_error.strerror}): another program holds it; "
         "stop it or set CGW_API__PORT",
     )
+
+
+def _api_url(settings: Settings) -> str:
+    """Where a gateway running with these settings answers on this machine."""
+    host, port = settings.api.host, settings.api.port
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    return f"http://[{probe}]:{port}" if ":" in probe else f"http://{probe}:{port}"
+
+
+def _running_gateway(settings: Settings, token: str | None) -> list[Finding]:
+    """What a gateway running with these settings says of itself (its /readyz, whose details
+    need a token): how fast it writes to its storage and the medium's projected life
+    (gateway/wear.py), and whether its wall clock jumped (gateway/clock.py)."""
+    if settings.api.port == 0:
+        return []
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        checks = httpx.get(f"{_api_url(settings)}/readyz", headers=headers, timeout=2).json()["checks"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []  # none running: nothing to say
+    if not isinstance(checks, dict):
+        return []
+    found = []
+    for key, name in (("disk_writes", "disk writes"), ("clock", "clock jumps")):
+        check = checks.get(key)
+        if isinstance(check, dict) and "detail" in check:
+            found.append(Finding(True, name, str(check["detail"]), blocking=False))
+    if found or "disk_writes" not in checks:
+        return found
+    return [
+        Finding(
+            True,
+            "disk writes",
+            "a gateway is running; give cgw doctor --token (an operator, installer or metrics token, "
+            "or CGW_DOCTOR_TOKEN) to see its write rate and its clock",
+            blocking=False,
+        )
+    ]
 
 
 def _uplink_choice(settings: Settings) -> Finding:

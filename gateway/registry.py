@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.logsummary import LogSummary
 from gateway.pipeline.decode import Rejected
 from gateway.profiles import ProfileSet
 
@@ -151,6 +152,8 @@ class DeviceRegistry:
         self._idle_ms = idle_ms
         self._devices: dict[str, Device] = {}
         self._dirty: set[str] = set()
+        # New devices are told in a few lines an hour, not one each (gateway/logsummary.py).
+        self.newcomers = LogSummary(log)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -234,7 +237,7 @@ class DeviceRegistry:
         device = Device(device_id=device_id, kind="generic", source="auto", first_seen_ms=received_ms)
         self._devices[device_id] = device
         self._dirty.add(device_id)
-        log.info("registered unknown device %s as generic (registration is open)", device_id)
+        self.newcomers.note("registered unknown devices as generic (registration is open)", device_id)
         return device
 
     def on_birth(self, device_id: str, payload: dict[str, Any], received_ms: int) -> Device:

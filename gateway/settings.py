@@ -210,9 +210,11 @@ class StoreSettings(_Section):
     dead_letter_retention: Duration = timedelta(days=7)
     # The dead-letter table's budget: past it the oldest refusals are deleted first.
     dead_letter_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
-    # A lone small batch of telemetry waits this long for others before its commit (and fsync):
-    # at a steady trickle the store commits tens of times a second instead of once per message.
-    group_commit_ms: int = Field(20, ge=0, le=1000)
+    # The commit interval of telemetry: a small batch of it waits up to this long, gathering what
+    # arrives meanwhile, before one commit (acknowledged to the broker after it). Every commit
+    # writes a few whole pages to the WAL, so this sets the SD card's wear at a trickle
+    # (docs/performance.md, "Write budget"); events, refusals and terminal messages never wait.
+    group_commit_ms: int = Field(2000, ge=0, le=10_000)
 
 
 class PipelineSettings(_Section):

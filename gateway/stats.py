@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway.wear import WrittenBytesCollector
+
 
 class GatewayMetrics:
     """Every counter, gauge and histogram the gateway exports at /metrics."""
@@ -88,6 +90,7 @@ class GatewayMetrics:
             ["action", "outcome"],
             registry=r,
         )
+        r.register(WrittenBytesCollector())
         self.stream_dropped = Counter(
             "cgw_stream_dropped", "Live-stream events dropped for slow subscribers", registry=r
         )

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -28,10 +30,13 @@ import yaml
 from gateway.models import DeviceEvent, PresenceChange, Reading
 from gateway.pipeline.process import Processed
 from gateway.profiles import load_profiles
+from gateway.registry import Device
 from gateway.settings import InfluxSettings, load_settings
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox
+from gateway.store.schema import connect
+from gateway.store.writer import StoreWriter
 from tests.harness import mosquitto_pub, terminal_birth
 from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess, wait_for
 
@@ -164,8 +169,10 @@ def written_by_the_sink(tmp_path: Path) -> dict[str, set[str]]:
         "id": "r-1", "building": "3", "provider_id": "p-1", "service_code": "leak",
         "service_group": "repairs", "source": "terminal", "requested_ms": 0, "expected_ms": 3_600_000,
     }  # fmt: skip
+    profiles = load_profiles()
     batch = Processed(
-        readings=[Reading("d", p.kind, 1, dict.fromkeys(p.metrics, 1.0)) for p in load_profiles()],
+        readings=[Reading(f"d-{p.kind}", p.kind, 1, dict.fromkeys(p.metrics, 1.0)) for p in profiles],
+        devices=[Device(device_id=f"d-{p.kind}", kind=p.kind, source="inventory") for p in profiles],
         events=[DeviceEvent("d", "generic", 1, "fault", "critical", "m", {}, "device")],
         presence=[PresenceChange("d", "generic", 1, True, "birth")],
         records=[
@@ -174,10 +181,25 @@ def written_by_the_sink(tmp_path: Path) -> dict[str, set[str]]:
             {"kind": "rating", "request": request, "score": 5, "ts_ms": 7_300_000},
         ],
     )
-    sink = InfluxSink(InfluxSettings(url="http://127.0.0.1:9"), "c", GatewayMetrics(), tmp_path / "s.db",
-                      Outbox(10**6, "block"))  # fmt: skip
+    db, outbox, metrics = tmp_path / "s.db", Outbox(10**6, "block"), GatewayMetrics()
+    sink = InfluxSink(InfluxSettings(url="http://127.0.0.1:9"), "c", metrics, db, outbox)
+
+    async def commit() -> None:
+        # Readings are rendered from the store's rows (the outbox refers to them): commit them.
+        writer = StoreWriter(db, metrics, 64, outbox, [sink.encode])
+        await writer.open()
+        running = asyncio.create_task(writer.run())
+        await writer.put_durable(batch)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await writer.close()
+
+    asyncio.run(commit())
+    with contextlib.closing(connect(db)) as conn:
+        taken = outbox.take(conn, "influx", 10**6, sink.expand)
+    assert taken is not None
     written: dict[str, set[str]] = {}
-    for row in sink.encode([batch]):
+    for row in [taken]:
         for line in row.body.split("\n"):
             head, fields, _ = re.sub(r'"(?:[^"\\]|\\.)*"', '""', line).rsplit(" ", 2)
             written.setdefault(head.split(",")[0], set()).update(f.split("=")[0] for f in fields.split(","))

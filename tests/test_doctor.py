@@ -16,7 +16,7 @@ import pytest
 from gateway.broker import LocalBroker
 from gateway.doctor import Finding, run_checks
 from gateway.settings import load_settings
-from tests.services import MosquittoProcess, VictoriaMetricsProcess, free_port
+from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +40,9 @@ def env(tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsPr
     }
 
 
-def checks(env: dict[str, str]) -> dict[str, list[Finding]]:
+def checks(env: dict[str, str], token: str | None = None) -> dict[str, list[Finding]]:
     out: dict[str, list[Finding]] = {}
-    for finding in run_checks(load_settings(env=env), timeout_s=3):
+    for finding in run_checks(load_settings(env=env), timeout_s=3, token=token):
         out.setdefault(finding.check, []).append(finding)
     return out
 
@@ -210,3 +210,32 @@ def test_an_empty_influx_token_is_named_as_such(env: dict[str, str]) -> None:
         finding.blocking and "the token is empty" in finding.detail and "CGW_INFLUX__TOKEN" in finding.detail
     )
     assert "cannot reach" not in finding.detail
+
+
+def test_a_running_gateway_tells_its_write_rate_the_media_life_and_clock_jumps(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    gateway = GatewayProcess(tmp_path / "gw", {k: v for k, v in env.items() if k != "CGW_API__PORT"})
+    gateway.start()
+    try:
+        running = {**env, "CGW_DATA_DIR": gateway.env["CGW_DATA_DIR"], "CGW_API__PORT": str(gateway.port)}
+        (anonymous,) = checks(running)["disk writes"]  # details need a token
+        assert anonymous.ok and "--token" in anonymous.detail
+        found = wait_for(
+            lambda: [
+                f
+                for f in checks(running, token="doctor-token").get("disk writes", [])
+                if "written since start" in f.detail
+            ],
+            30,
+            "the running gateway's write rate",
+        )
+        assert found[0].ok and not found[0].blocking
+        assert "GB/day" in found[0].detail and "P/E cycles lasts about" in found[0].detail
+        # and whether its wall clock jumped (none here)
+        (clock,) = checks(running, token="doctor-token")["clock jumps"]
+        assert clock.ok and not clock.blocking and "no jump" in clock.detail
+        scraped = gateway.metrics("doctor-token")
+        assert "cgw_process_written_bytes_total" in scraped  # /metrics exports the counter it reads
+    finally:
+        gateway.stop()

@@ -177,7 +177,9 @@ async def test_points_land_once_with_their_tags_values_and_times(victoria: Any, 
             victoria.export, '{__name__="device_presence_online",device_id="lp-aq-1"}'
         )
         assert online[0]["values"] == [1] and online[0]["metric"]["reason"] == "birth"
-        assert outcome(metrics, "written") == 2 * (6 + 2)
+        # The outbox refers to the telemetry rows a commit inserted: the replayed readings were
+        # not inserted again, so they are not sent again; the event and presence change are.
+        assert outcome(metrics, "written") == 6 + 2 * 2
         assert sink.healthy and pipe.outbox.bytes == 0
 
 
@@ -222,7 +224,7 @@ async def test_a_full_outbox_drops_the_oldest_telemetry_and_never_an_event(tmp_p
             await pipe.submit([Reading("full-1", "generic", NOW + i, {"v": float(i)})])
         assert pipe.outbox.bytes <= 20_000
         dropped = pipe.outbox.dropped_points
-        assert dropped > 1000 and pipe.metrics.outbox_dropped._value.get() == dropped
+        assert dropped > 500 and pipe.metrics.outbox_dropped._value.get() == dropped
         taken = await pipe.sink._call(pipe.sink._take)
         lines = taken.body.split("\n")
         assert lines[0].startswith("device_event")  # the event was kept, and goes first

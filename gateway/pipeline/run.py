@@ -16,7 +16,10 @@ from gateway.pipeline.route import Router
 from gateway.registry import DeviceRegistry
 from gateway.stats import GatewayMetrics
 
-SNAPSHOT_INTERVAL_S = 30.0
+# Last values and last-seen times are saved in bulk this often (and at shutdown): a killed
+# gateway comes back with them up to this old; the readings themselves are all in the store.
+# Rarely, because every snapshot rewrites a page per few devices (the SD card's wear).
+SNAPSHOT_INTERVAL_S = 300.0
 
 
 def now_ms() -> int:
@@ -73,6 +76,7 @@ class Pipeline:
             if loop.time() >= next_sweep:
                 next_sweep = loop.time() + self._sweep_interval_s
                 swept = self._processor.sweep(now_ms())
+                self._registry.newcomers.flush()
                 if loop.time() >= next_snapshot:
                     # Last values and last-seen times change with every reading; they are saved
                     # here in bulk rather than per message.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.logsummary import LogSummary
 from gateway.models import DeadLetter, DeviceEvent, event_id
 from gateway.services import access_log, evaluation, needs, residents
 from gateway.services.catalogue import Catalogue
@@ -103,6 +104,8 @@ class ServiceDesk:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
         self._metrics = metrics
         self._check_interval_s = check_interval_s
+        # A repeated vote or rating is routine: told a few lines an hour (gateway/logsummary.py).
+        self._refusals = LogSummary(log)
         self._deliver: Callable[[DeskOutput], Awaitable[None]] | None = None
         self._forwarded_upto = 0  # set when the local store's outbox has the desk's records
 
@@ -122,6 +125,7 @@ class ServiceDesk:
             await asyncio.sleep(self._check_interval_s)
             await self.check_deadlines(now_ms())
             await self.keep_to_retention(now_ms())
+            self._refusals.flush()
 
     async def keep_to_retention(self, now: int) -> None:
         """Pseudonymise what is past `privacy.personal_data_retention`, and delete the access
@@ -134,6 +138,7 @@ class ServiceDesk:
         await self._call(access_log.prune, self._store.conn, now - keep_ms)
 
     async def close(self) -> None:
+        self._refusals.flush_all()
         await self._call(self._store.close)
         self._thread.shutdown(wait=True)
 
@@ -190,7 +195,7 @@ class ServiceDesk:
                 self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
                 # Answered to the terminal, dead-lettered and counted: a resident's outcome (a second
                 # vote, a missing field), not the operator's problem, so not a WARNING.
-                log.info("refused %s from %s: %s", message.channel, message.device_id, reason)
+                self._refusals.note(f"refused {message.channel}s", f"{message.device_id}: {reason}")
                 out.acks.append((device_topic(message.device_id, "ack"), _refusal(message, reason)))
         for event in events:
             self._sensor_event(event, out)

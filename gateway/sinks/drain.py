@@ -88,8 +88,15 @@ class OutboxDrain(ABC):
         return self._outbox.pending(self.name)
 
     @abstractmethod
-    def encode(self, batches: list[Processed]) -> list[OutboxRow]:
-        """The outbox rows of committed batches (runs on the writer's thread, in its transaction)."""
+    def encode(self, batches: list[Processed], telemetry_ids: tuple[int, int] | None) -> list[OutboxRow]:
+        """The outbox rows of committed batches (runs on the writer's thread, in its transaction);
+        `telemetry_ids` is the range of telemetry rows the commit inserted, for a reference."""
+
+    def expand(self, conn: sqlite3.Connection, first_id: int, last_id: int, context: str) -> list[str]:
+        """Lines of the telemetry rows a reference names, with the `context` its `encode` wrote
+        (gateway/store/outbox.py); a sink that writes references renders them, others never
+        meet one."""
+        return []
 
     @abstractmethod
     async def _send(self, taken: Taken) -> bool:
@@ -132,6 +139,9 @@ class OutboxDrain(ABC):
             if taken.oldest_ms is not None:
                 self._age.set(max(0.0, time.time() - taken.oldest_ms / 1000))
             started = time.perf_counter()
+            if not taken.body:  # references to telemetry pruned meanwhile: nothing left to send
+                await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
+                continue
             if await self._send(taken):
                 self._seconds.observe(time.perf_counter() - started)
                 await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
@@ -182,11 +192,14 @@ class OutboxDrain(ABC):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = connect(self._db_path)
+            # NORMAL: a delete lost to a power cut only sends those points again (InfluxDB keeps
+            # one value per series and time), and a FULL commit's fsync here would make the
+            # writer's next commit dirty the WAL's last page again (docs/reliability.md).
+            self._conn = connect(self._db_path, synchronous="NORMAL")
         return self._conn
 
     def _take(self) -> Taken | None:
-        return self._outbox.take(self._connection(), self.name, self._batch_points)
+        return self._outbox.take(self._connection(), self.name, self._batch_points, self.expand)
 
     # -- outcomes, for the subclasses ------------------------------------------------------------
 

@@ -17,17 +17,20 @@ with backoff, waiting at least as long as the server's `Retry-After` asks.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import orjson
 from influxdb_client.client.influxdb_client import InfluxDBClient
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from gateway.models import Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
@@ -61,19 +64,45 @@ class InfluxSink(OutboxDrain):
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         self._max_lines: int | None = None  # learnt from a 413: the most lines InfluxDB took at once
 
-    def encode(self, batches: list[Processed]) -> list[OutboxRow]:
-        """Line protocol for committed batches: one telemetry row and one row of the rest."""
+    def encode(self, batches: list[Processed], telemetry_ids: tuple[int, int] | None) -> list[OutboxRow]:
+        """Line protocol for committed batches' events and records (one row), and a reference to
+        the telemetry rows the commit inserted (rendered by `expand` when the sink takes it)."""
         community = self._community
-        telemetry: list[str] = []
         important: list[str] = []
         for batch in batches:
-            for reading in batch.readings:
-                reading_lines(reading, community, telemetry)
             important.extend(event_line(e, community) for e in batch.events)
             important.extend(presence_line(p, community) for p in batch.presence)
             for record in batch.records:
                 important.extend(service_record_lines(record, community))
-        return rows_of(self.name, important, telemetry)
+        rows = rows_of(self.name, important, [])
+        if telemetry_ids is not None:
+            # The reference carries each device's tags as they were at this commit (a device
+            # renamed or moved later keeps its earlier points where they were).
+            tags = {r.device_id: (r.kind, r.building) for batch in batches for r in batch.readings}
+            readings = [r for batch in batches for r in batch.readings]
+            context, size = orjson.dumps(tags).decode(), _line_bytes(readings)
+            rows.append(OutboxRow(self.name, False, context, len(readings), *telemetry_ids, size=size))
+        return rows
+
+    def expand(self, conn: sqlite3.Connection, first_id: int, last_id: int, context: str) -> list[str]:
+        """The lines of telemetry rows first_id..last_id: one point per reading (its metrics are
+        consecutive rows), tagged as `context` (device -> kind, building) says."""
+        tags: dict[str, tuple[str, str | None]] = orjson.loads(context) if context else {}
+        lines: list[str] = []
+        reading: Reading | None = None
+        for device_id, ts_ms, metric, value in conn.execute(
+            "SELECT device_id, ts_ms, metric, value FROM telemetry WHERE id BETWEEN ? AND ? ORDER BY id",
+            (first_id, last_id),
+        ):
+            if reading is None or reading.device_id != device_id or reading.ts_ms != ts_ms:
+                if reading is not None:
+                    reading_lines(reading, self._community, lines)
+                kind, building = tags.get(device_id, ("generic", None))
+                reading = Reading(device_id, kind, ts_ms, {}, building=building)
+            reading.metrics[metric] = value
+        if reading is not None:
+            reading_lines(reading, self._community, lines)
+        return lines
 
     async def _send(self, taken: Taken) -> bool:
         """Write requests for what `taken` holds; True when the rows are done with (written, or
@@ -152,6 +181,16 @@ class InfluxSink(OutboxDrain):
 
     async def _close_client(self) -> None:
         await self._call(self._client.close)
+
+
+def _line_bytes(readings: list[Reading]) -> int:
+    """About what the readings' lines take (gateway/sinks/lineprotocol.py), without writing
+    them: measurement, tags and time, and per field its name and a value."""
+    size = 0
+    for r in readings:
+        size += len(r.kind) + len(r.device_id) + len(r.building or "") + 60
+        size += sum(len(name) + 12 for name in r.metrics)
+    return size
 
 
 def retry_after_s(value: str | None, now: float) -> float | None:

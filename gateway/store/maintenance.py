@@ -3,6 +3,12 @@
 Roll-ups are recomputed from raw telemetry for every minute that received data, never
 accumulated, so a replayed or late reading cannot count twice. Raw telemetry is kept for
 `store.raw_retention` (48 h), minute roll-ups and events for `store.rollup_retention` (90 days).
+
+Queries read raw telemetry for everything inside its retention (gateway/store/queries.py), so a
+minute's roll-up is needed only before its raw rows go. The gateway rolls a minute up an hour
+after it closed (`rollup_delay_ms`), a few hundred rows at once: the roll-up table is ordered
+by device, and touching each device's page once an hour instead of every minute is most of
+what it costs the SD card (docs/performance.md, "Write budget").
 """
 
 from __future__ import annotations
@@ -21,15 +27,29 @@ log = logging.getLogger(__name__)
 
 # A minute is rolled up once it has been closed this long, so stragglers of that minute are in.
 SETTLE_MS = 5_000
+ROLLUP_DELAY_MS = 3_600_000  # the gateway's own delay: an hour's minutes in one transaction
+
+
+def rollup_delay_ms(settings: StoreSettings) -> int:
+    """An hour, or half the raw retention when that is shorter: a minute is rolled up well
+    before its raw rows are pruned."""
+    return max(SETTLE_MS, min(ROLLUP_DELAY_MS, int(settings.raw_retention.total_seconds() * 500)))
 
 
 class StoreMaintenance:
     """Periodic roll-up and pruning; its `run()` is one task of the application."""
 
-    def __init__(self, writer: StoreWriter, settings: StoreSettings, interval_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        writer: StoreWriter,
+        settings: StoreSettings,
+        interval_s: float = 30.0,
+        rollup_delay_ms: int = SETTLE_MS,
+    ) -> None:
         self._writer = writer
         self._settings = settings
         self._interval_s = interval_s
+        self._rollup_delay_ms = rollup_delay_ms
 
     async def run(self) -> None:
         while True:
@@ -44,7 +64,7 @@ class StoreMaintenance:
             log.error("local store maintenance failed (will retry): %s", exc)
 
     def _work(self, conn: sqlite3.Connection, now_ms: int, settle: bool) -> None:
-        limit = now_ms - SETTLE_MS if settle else now_ms + MINUTE_MS
+        limit = now_ms - self._rollup_delay_ms if settle else now_ms + MINUTE_MS
         rollup(conn, self._writer.take_dirty_minutes(limit))
         prune(conn, now_ms, self._settings)
         self._writer.dead_letters.prune(

@@ -6,7 +6,14 @@ acknowledged to the broker). Each sink drains its rows in id order from its own 
 deletes what the far side accepted. One row holds many points (one writer transaction's worth),
 so the outbox costs a few rows per commit, not one per point.
 
-When the outbox reaches `outbox.max_bytes`, the policy decides: `drop_oldest_telemetry` deletes
+Telemetry need not be copied: a sink may append a *reference* instead, the range of telemetry
+ids its commit inserted (`first_id`..`last_id`), and render the points from those rows when it
+takes them (`Expand`). The copy was most of what the gateway wrote to its SD card (issue 15).
+A referenced row is kept as long as raw telemetry is (`store.raw_retention`); points pruned
+before the sink took them are gone for it too.
+
+When the outbox reaches `outbox.max_bytes` (a reference counts the bytes its lines will take),
+the policy decides: `drop_oldest_telemetry` deletes
 the oldest telemetry rows (counted), `block` makes the writer wait. Important rows (events,
 presence changes, service records) are never dropped: with only those left, the writer waits,
 the pipeline waits, and the broker holds the messages.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +41,24 @@ class OutboxRow:
     important: bool
     body: str
     points: int
+    first_id: int | None = None  # a reference: telemetry ids first_id..last_id; the body is
+    last_id: int | None = None  # then the sink's context for rendering them (e.g. tags)
+    size: int | None = None  # a reference's bytes once rendered, estimated by the sink
+
+    @property
+    def bytes(self) -> int:
+        """What the row counts against `outbox.max_bytes`: what the sink owes the far side."""
+        return len(self.body) if self.size is None else self.size
+
+
+# A row's bytes against the bound: a reference counts what its lines will take, so the bound
+# and its policy mean what they meant when telemetry was copied (what the far side is owed).
+_SIZE = "COALESCE(size, length(body))"
+
+
+# A sink's rendering of telemetry rows first_id..last_id (on its own connection) into its
+# lines, given the body it wrote with the reference.
+Expand = Callable[[sqlite3.Connection, int, int, str], list[str]]
 
 
 def rows_of(sink: str, important: list[str], telemetry: list[str]) -> list[OutboxRow]:
@@ -70,12 +96,12 @@ class Outbox:
     def load(self, conn: sqlite3.Connection) -> None:
         """Size and per-sink backlog of what an earlier run left behind."""
         with self._lock:
-            self._bytes = conn.execute("SELECT COALESCE(SUM(length(body)), 0) FROM outbox").fetchone()[0]
+            self._bytes = conn.execute(f"SELECT COALESCE(SUM({_SIZE}), 0) FROM outbox").fetchone()[0]
             self._points = dict(conn.execute("SELECT sink, SUM(points) FROM outbox GROUP BY sink").fetchall())
 
     def append(self, conn: sqlite3.Connection, rows: list[OutboxRow]) -> int:
         """Insert rows, making room first; returns telemetry points dropped to make room."""
-        size = sum(len(r.body) for r in rows)
+        size = sum(r.bytes for r in rows)
         dropped = 0
         with self._lock:
             over = self._bytes + size - self.max_bytes
@@ -85,8 +111,12 @@ class Outbox:
             dropped = self._drop_oldest_telemetry(conn, over)
         now_ms = int(time.time() * 1000)
         conn.executemany(
-            "INSERT INTO outbox (sink, important, body, points, created_ms) VALUES (?, ?, ?, ?, ?)",
-            [(r.sink, int(r.important), r.body, r.points, now_ms) for r in rows],
+            "INSERT INTO outbox (sink, important, body, points, created_ms, first_id, last_id, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.sink, int(r.important), r.body, r.points, now_ms, r.first_id, r.last_id, r.size)
+                for r in rows
+            ],
         )
         with self._lock:
             self._bytes += size
@@ -99,7 +129,7 @@ class Outbox:
         victims: list[int] = []
         per_sink: dict[str, int] = {}
         for row_id, sink, length, points in conn.execute(
-            "SELECT id, sink, length(body), points FROM outbox WHERE important = 0 ORDER BY id"
+            f"SELECT id, sink, {_SIZE}, points FROM outbox WHERE important = 0 ORDER BY id"
         ):
             if freed >= need:
                 break
@@ -122,30 +152,37 @@ class Outbox:
 
     # -- sink side (each sink's own connection) --------------------------------------------------
 
-    def take(self, conn: sqlite3.Connection, sink: str, max_points: int) -> Taken | None:
-        """The oldest rows of `sink`, up to `max_points` (at least one row), joined in order."""
+    def take(
+        self, conn: sqlite3.Connection, sink: str, max_points: int, expand: Expand | None = None
+    ) -> Taken | None:
+        """The oldest rows of `sink`, up to `max_points` (at least one row), joined in order;
+        references are rendered by `expand`."""
         bodies: list[str] = []
         points = 0
         last_id = 0
         oldest_ms: int | None = None
-        for row_id, body, n, created_ms in conn.execute(
-            "SELECT id, body, points, created_ms FROM outbox WHERE sink = ? ORDER BY id", (sink,)
+        for row_id, body, n, created_ms, first, last in conn.execute(
+            "SELECT id, body, points, created_ms, first_id, last_id FROM outbox WHERE sink = ? ORDER BY id",
+            (sink,),
         ):
             if bodies and points + n > max_points:
                 break
             if not bodies:
                 oldest_ms = created_ms
-            bodies.append(body)
+            if first is not None and expand is not None:
+                body = "\n".join(expand(conn, first, last, body))
+            if body:  # a reference whose rows were all pruned renders nothing
+                bodies.append(body)
             points += n
             last_id = row_id
-        if not bodies:
+        if not last_id:
             return None
         return Taken(last_id, "\n".join(bodies), points, len(bodies), oldest_ms)
 
     def acknowledge(self, conn: sqlite3.Connection, sink: str, taken: Taken) -> None:
         """The far side has what `taken` held: delete it (rows dropped meanwhile are gone already)."""
         cursor = conn.execute(
-            "DELETE FROM outbox WHERE sink = ? AND id <= ? RETURNING length(body), points",
+            f"DELETE FROM outbox WHERE sink = ? AND id <= ? RETURNING {_SIZE}, points",
             (sink, taken.last_id),
         )
         removed = cursor.fetchall()

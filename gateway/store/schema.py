@@ -61,12 +61,38 @@ MIGRATIONS: list[list[str]] = [
             expires_ms INTEGER NOT NULL, reply TEXT)""",
         "CREATE INDEX district_commands_expires ON district_commands (expires_ms)",
     ],
+    # 5: wear of the SD card (docs/performance.md, "Write budget"). Telemetry grows in time
+    # order: a rowid table (its id is what the outbox refers to) and one unique index led by the
+    # time, so a commit touches the last page or two of each instead of one page per device of a
+    # tree ordered by device. The outbox refers to telemetry rows (first_id..last_id) instead of
+    # copying them, and loses its two indexes (a few rows, read in id order, need none).
+    [
+        "ALTER TABLE telemetry RENAME TO telemetry_v4",
+        """CREATE TABLE telemetry (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, device_id TEXT NOT NULL,
+            metric TEXT NOT NULL, value REAL NOT NULL, seq INTEGER)""",
+        "INSERT INTO telemetry (ts_ms, device_id, metric, value, seq) "
+        "SELECT ts_ms, device_id, metric, value, seq FROM telemetry_v4 ORDER BY ts_ms",
+        "DROP TABLE telemetry_v4",
+        "CREATE UNIQUE INDEX telemetry_point ON telemetry (ts_ms, device_id, metric)",
+        "ALTER TABLE outbox ADD COLUMN first_id INTEGER",
+        "ALTER TABLE outbox ADD COLUMN last_id INTEGER",
+        "ALTER TABLE outbox ADD COLUMN size INTEGER",
+        "DROP INDEX outbox_sink",
+        "DROP INDEX outbox_droppable",
+    ],
 ]
+
+# Small pages: a commit writes every page it touches to the WAL whole, and a trickle's commit
+# touches a few (the ends of telemetry, its index and the outbox), so 1 KiB pages write a quarter
+# of what 4 KiB pages would. Set before the file exists; an older file keeps its page size.
+PAGE_SIZE = 1024
 
 
 def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     """A connection set up the way every part of the gateway uses the store."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed batch survives power loss, not only a crash of the process.
     conn.execute(f"PRAGMA synchronous={synchronous}")

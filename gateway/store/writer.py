@@ -37,18 +37,28 @@ T = TypeVar("T")
 
 MINUTE_MS = 60_000
 
+# A sink's outbox rows for committed batches; the second argument is the range of telemetry ids
+# the commit inserted (None: none), for a sink that refers to rows instead of copying them.
+Encoder = Callable[[list[Processed], tuple[int, int] | None], list[OutboxRow]]
+
 
 SMALL_BATCH = 100  # readings: fewer, and a batch alone in the queue waits for company
+HELD_READINGS = 5_000  # a held commit ends once it gathers this many readings (a full one)
+MAX_BATCHES = 64  # batches in one transaction when the queue holds a backlog
 
 
-def _trickle(batch: Processed) -> bool:
-    """Telemetry alone, and a little of it: worth a moment's wait for company before a commit.
+def _quiet(batch: Processed) -> bool:
+    """Telemetry (and device snapshots) alone: it may wait for the commit interval.
 
     Events, refusals and terminal messages are never held: an operator who sees an alarm on
     the live stream may acknowledge it at once, and that needs it in the store.
     """
-    quiet = not (batch.events or batch.dead_letters or batch.terminal or batch.records)
-    return quiet and len(batch.readings) < SMALL_BATCH
+    return not (batch.events or batch.dead_letters or batch.terminal or batch.records)
+
+
+def _trickle(batch: Processed) -> bool:
+    """Telemetry alone, and a little of it: worth a wait for company before a commit."""
+    return _quiet(batch) and len(batch.readings) < SMALL_BATCH
 
 
 class StoreWriter:
@@ -60,7 +70,7 @@ class StoreWriter:
         metrics: GatewayMetrics,
         queue_size: int = 64,
         outbox: Outbox | None = None,
-        encoders: list[Callable[[list[Processed]], list[OutboxRow]]] | None = None,
+        encoders: list[Encoder] | None = None,
         group_commit_s: float = 0.0,
         dead_letter_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
@@ -68,6 +78,7 @@ class StoreWriter:
         self.dead_letters = DeadLetterBudget(dead_letter_max_bytes)
         self._group_commit_s = group_commit_s
         self._hurry = asyncio.Event()  # someone waits for a commit: no lingering
+        self._arrived = asyncio.Event()  # a batch was queued (the held commit looks at it)
         self._metrics = metrics
         self._outbox = outbox
         self._encoders = encoders or []
@@ -76,6 +87,7 @@ class StoreWriter:
         # One thread, so the one connection is only ever used from it.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-store")
         self._conn: sqlite3.Connection | None = None
+        self._sync = "FULL"  # the connection's synchronous setting (connect() sets FULL)
         self._dirty_minutes: set[int] = set()
         self._trim_notes = FloodNotes()
         self.last_error: str | None = None
@@ -90,8 +102,10 @@ class StoreWriter:
 
     def _open(self) -> list[Device]:
         self._conn = connect(self._path)
+        self._sync = "FULL"
         migrate(self._conn)
         self.dead_letters.load(self._conn)
+        self._dirty_minutes.update(_minutes_not_rolled_up(self._conn))
         if self._outbox is not None:
             self._outbox.load(self._conn)
         return [_device_from_row(row) for row in self._conn.execute(_SELECT_DEVICES)]
@@ -99,25 +113,35 @@ class StoreWriter:
     async def put(self, processed: Processed) -> None:
         """Queue a batch for writing; waits while the queue is full (back-pressure)."""
         await self._queue.put(processed)
+        self._arrived.set()
         self._metrics.queue_depth.labels(stage="store").set(self._queue.qsize())
 
     async def run(self) -> None:
         """Write batches until cancelled; several waiting batches go in one transaction."""
         while True:
             batches = [await self._queue.get()]
-            # Group commit: a lone trickle batch waits a moment for company (at most
-            # group_commit_s), so a trickle of single readings is not one commit and one fsync
-            # each. A large batch is no trickle: waiting would only delay its acknowledgements.
-            if (
-                self._group_commit_s
-                and _trickle(batches[0])
-                and self._queue.empty()
-                and not self._hurry.is_set()
-            ):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hurry.wait(), self._group_commit_s)
+            # Commit interval: telemetry alone, in small batches, is held up to group_commit_s and
+            # gathers what arrives meanwhile, so a steady trickle costs one commit (a few pages of
+            # the WAL) per interval instead of one per message: that is the SD card's wear. It is
+            # acknowledged to the broker only after the commit. A large batch is a backlog, not a
+            # trickle, and anything else (an alarm, a refusal, a terminal message) ends the wait.
+            if self._group_commit_s and _trickle(batches[0]) and not self._hurry.is_set():
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self._group_commit_s
+                held = len(batches[0].readings)
+                while held < HELD_READINGS and (remaining := deadline - loop.time()) > 0:
+                    quiet = True
+                    while not self._queue.empty() and held < HELD_READINGS:
+                        batches.append(self._queue.get_nowait())
+                        held += len(batches[-1].readings)
+                        quiet = quiet and _quiet(batches[-1])
+                    if not quiet or self._hurry.is_set():
+                        break
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
             self._hurry.clear()
-            while not self._queue.empty() and len(batches) < 64:
+            while not self._queue.empty() and len(batches) < MAX_BATCHES:
                 batches.append(self._queue.get_nowait())
             await self._write_with_retry(batches)
             for batch in batches:
@@ -142,8 +166,8 @@ class StoreWriter:
                 done.set_result(None)
 
         processed.on_durable.append(committed)
-        await self.put(processed)
         self._hurry.set()
+        await self.put(processed)
         await done
 
     async def drain(self) -> None:
@@ -233,12 +257,24 @@ class StoreWriter:
                 )
             for device in batch.devices:
                 devices[device.device_id] = device
+        # Telemetry alone is committed with synchronous=NORMAL: in WAL mode the commit is in the
+        # WAL when COMMIT returns, so it survives the process being killed, but the WAL is not
+        # fsynced until the next checkpoint or the next FULL commit, so a power cut may take the
+        # last seconds of telemetry (docs/reliability.md). Events, refusals, terminal messages
+        # and service records are committed with FULL: they survive a power cut too.
+        sync = "NORMAL" if all(_quiet(b) for b in batches) else "FULL"
+        if sync != self._sync:
+            conn.execute(f"PRAGMA synchronous={sync}")
+            self._sync = sync
         with transaction(conn):
+            before = conn.execute("SELECT max(id) FROM telemetry").fetchone()[0] or 0
             conn.executemany(
                 "INSERT OR IGNORE INTO telemetry (device_id, metric, ts_ms, value, seq) "
                 "VALUES (?, ?, ?, ?, ?)",
                 telemetry,
             )
+            after = conn.execute("SELECT max(id) FROM telemetry").fetchone()[0] or 0
+            inserted = (before + 1, after) if after > before else None
             conn.executemany(
                 "INSERT OR IGNORE INTO events (id, ts_ms, device_id, kind, building, type, "
                 "severity, source, message, data, alarm) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -256,7 +292,7 @@ class StoreWriter:
             dropped = 0
             rows: list[OutboxRow] = []
             if self._outbox is not None:
-                rows = [row for encode in self._encoders for row in encode(batches)]
+                rows = [row for encode in self._encoders for row in encode(batches, inserted)]
                 if rows:
                     dropped = self._outbox.append(conn, rows)
         self._metrics.store_writes.labels(table="telemetry").inc(len(telemetry))
@@ -297,9 +333,23 @@ _DEVICE_COLUMNS = (
     "last_seen_ms, presence_ms, last_ts_ms, last_seq, last_values, pinned_kind"
 )
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
+# Updated in place (not INSERT OR REPLACE, which deletes and appends the row again, touching the
+# table's last page and its index as well as the row's own page).
 _UPSERT_DEVICE = (
-    f"INSERT OR REPLACE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (device_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _DEVICE_COLUMNS.split(", ")[1:])
 )
+
+
+def _minutes_not_rolled_up(conn: sqlite3.Connection) -> set[int]:
+    """Minutes of raw telemetry after the last roll-up: an earlier run's marks were in memory."""
+    (last,) = conn.execute("SELECT max(minute_ms) FROM rollup_1m").fetchone()
+    rows = conn.execute(
+        "SELECT DISTINCT ts_ms - ts_ms % ? FROM telemetry WHERE ts_ms >= ?",
+        (MINUTE_MS, -(2**62) if last is None else last + MINUTE_MS),
+    )
+    return {minute for (minute,) in rows}
 
 
 def _device_row(d: Device) -> tuple[object, ...]:

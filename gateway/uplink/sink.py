@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import paho.mqtt.client as paho
 
-from drivers.mqtt import BrokerLink, broker_client
+from drivers.link import BrokerLink
+from drivers.mqtt import broker_client
 from gateway import __version__
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
@@ -101,7 +102,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
 
     # -- the writer's side -----------------------------------------------------------------------
 
-    def encode(self, batches: list[Processed]) -> list[OutboxRow]:
+    def encode(self, batches: list[Processed], telemetry_ids: tuple[int, int] | None) -> list[OutboxRow]:
         return items.encode(batches, self._choice, self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------------
