@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 15.0
-MIN_FREE_DISK = 100 * 1024 * 1024
 CLOCK_CHECK_S = 5.0  # how often the wall clock is compared with the monotonic one
 
 
@@ -233,13 +232,14 @@ class Gateway:
             },
         }
         free = shutil.disk_usage(self.settings.data_dir).free
-        store_ok = self.writer.last_error is None and free > MIN_FREE_DISK
+        low = self.settings.store.min_free_bytes
+        store_ok = self.writer.last_error is None and free > low
         checks["local_store"] = {
             "ok": store_ok,
             "detail": self.writer.last_error
             or (
                 f"{free // (1024 * 1024)} MiB free"
-                if free > MIN_FREE_DISK
+                if free > low
                 else f"only {free // (1024 * 1024)} MiB free in {self.settings.data_dir}"
             ),
         }

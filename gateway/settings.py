@@ -215,6 +215,9 @@ class StoreSettings(_Section):
     # writes a few whole pages to the WAL, so this sets the SD card's wear at a trickle
     # (docs/performance.md, "Write budget"); events, refusals and terminal messages never wait.
     group_commit_ms: int = Field(2000, ge=0, le=10_000)
+    # Below this much free space in the data folder, the oldest raw telemetry gives way
+    # (docs/reliability.md, "A full disk"), and /readyz says the local store is not ready.
+    min_free_bytes: int = Field(256 * 1024 * 1024, ge=0)
 
 
 class PipelineSettings(_Section):

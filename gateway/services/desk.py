@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -165,12 +166,26 @@ class ServiceDesk:
     # -- from the pipeline ----------------------------------------------------------------------
 
     async def handle(self, messages: list[TerminalMessage], events: list[DeviceEvent]) -> DeskOutput:
-        """Terminal messages and device events of one pipeline batch; durable before it returns."""
-        out = DeskOutput()
-        if messages or events:
-            await self._call(self._handle, messages, events, out)
-            await self._call(self._collect_records, out)
-        return out
+        """Terminal messages and device events of one pipeline batch; durable before it returns.
+
+        A store that cannot write (a full disk) is retried until it can: the pipeline waits,
+        nothing of the batch is acknowledged, and the broker holds what follows. A retry sees
+        what an earlier attempt committed as a repeat (requests are keyed by the terminal's id).
+        """
+        delay = 0.5
+        while True:
+            out = DeskOutput()
+            if not (messages or events):
+                return out
+            try:
+                await self._call(self._handle, messages, events, out)
+                await self._call(self._collect_records, out)
+            except sqlite3.OperationalError as exc:
+                log.error("the service desk cannot write its store (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            return out
 
     def _handle(self, messages: list[TerminalMessage], events: list[DeviceEvent], out: DeskOutput) -> None:
         for message in messages:

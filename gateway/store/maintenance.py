@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -36,8 +37,22 @@ def rollup_delay_ms(settings: StoreSettings) -> int:
     return max(SETTLE_MS, min(ROLLUP_DELAY_MS, int(settings.raw_retention.total_seconds() * 500)))
 
 
+ROOM_CHECK_S = 5.0  # how often free space is looked at (one statvfs call)
+GIVE_WAY_SHARE = 10  # raw telemetry deleted per step when the disk is nearly full: the oldest tenth
+
+
 class StoreMaintenance:
-    """Periodic roll-up and pruning; its `run()` is one task of the application."""
+    """Periodic roll-up and pruning, and room kept on a filling disk; `run()` is one task of the
+    application.
+
+    Before the disk is full, raw telemetry gives way (docs/reliability.md, "A full disk"): when
+    the data folder has less than `store.min_free_bytes` free and the store's file has no free
+    pages of its own left, the oldest tenth of raw telemetry is rolled up and deleted. Its
+    pages are reused by what comes next, so the file stops growing; roll-ups, events, dead
+    letters and service records are kept. The outbox's references to deleted readings render
+    nothing (those points are not sent). At a full disk, writes fail and are retried: nothing is
+    acknowledged, the broker keeps it, and the gateway goes on once there is room again.
+    """
 
     def __init__(
         self,
@@ -52,9 +67,56 @@ class StoreMaintenance:
         self._rollup_delay_ms = rollup_delay_ms
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self._interval_s
         while True:
-            await asyncio.sleep(self._interval_s)
-            await self.run_once()
+            await asyncio.sleep(min(ROOM_CHECK_S, max(0.0, due - loop.time())))
+            await self.keep_room()
+            if loop.time() >= due:
+                due = loop.time() + self._interval_s
+                await self.run_once()
+
+    async def keep_room(self) -> int:
+        """Raw telemetry gives way when the disk is nearly full; returns readings deleted."""
+        free = shutil.disk_usage(self._writer.path.parent).free
+        if free >= self._settings.min_free_bytes:
+            return 0
+        try:
+            deleted: int = await self._writer.call(self._give_way)
+        except sqlite3.Error as exc:
+            log.error("could not make room in the local store (will retry): %s", exc)
+            return 0
+        if deleted:
+            log.warning(
+                "the disk is nearly full (%d MiB free, store.min_free_bytes is %d MiB): deleted the "
+                "oldest %d raw readings to make room (their roll-ups, events and service records stay)",
+                free // 2**20,
+                self._settings.min_free_bytes // 2**20,
+                deleted,
+            )
+        return deleted
+
+    def _give_way(self, conn: sqlite3.Connection) -> int:
+        """Delete the oldest raw telemetry, a tenth at a time, until the file holds a quarter of
+        `min_free_bytes` in free pages of its own (or no raw telemetry is left)."""
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        want_pages = self._settings.min_free_bytes // 4 // page_size
+        deleted = 0
+        while conn.execute("PRAGMA freelist_count").fetchone()[0] < want_pages:
+            (count,) = conn.execute("SELECT count(*) FROM telemetry").fetchone()
+            if not count:
+                break
+            chunk = max(1_000, count // GIVE_WAY_SHARE)
+            row = conn.execute("SELECT id, ts_ms FROM telemetry ORDER BY id LIMIT 1 OFFSET ?", (chunk,))
+            first_kept, kept_ts = row.fetchone() or (None, 2**62)
+            # Roll up the minutes about to go, so they keep their figures.
+            rollup(conn, self._writer.take_dirty_minutes(kept_ts - kept_ts % MINUTE_MS))
+            with transaction(conn):
+                if first_kept is None:
+                    deleted += conn.execute("DELETE FROM telemetry").rowcount
+                else:
+                    deleted += conn.execute("DELETE FROM telemetry WHERE id < ?", (first_kept,)).rowcount
+        return deleted
 
     async def run_once(self, now_ms: int | None = None, *, settle: bool = True) -> None:
         now = int(time.time() * 1000) if now_ms is None else now_ms

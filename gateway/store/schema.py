@@ -111,7 +111,10 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = False) -> Iterato
         yield
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A failed COMMIT (a full disk) may have rolled back already: the first error is the one
+        # to report, not "no transaction is active".
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 

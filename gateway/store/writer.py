@@ -185,6 +185,10 @@ class StoreWriter:
         return await self._call(fn, self.connection, *args)
 
     @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
     def connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise RuntimeError("the local store is not open")
