@@ -178,11 +178,12 @@ async def test_a_rating_comes_from_the_filing_channel_or_with_the_rating_code(
             t: (await operator.get(f"/api/v1/requests/{t}")).json()["rating"] for t in (first, second, third)
         }
         assert {t: r["score"] for t, r in scores.items()} == {first: 5, second: 4, third: 2}
-        letters = (await operator.get("/api/v1/dead-letters", params={"reason": "not_the_filer"})).json()[
-            "items"
-        ]
-        assert len(letters) == 2
-        assert rejected_count((await operator.get("/metrics")).text, "not_the_filer") == 2
+        # Refused over MQTT (two) and over HTTP (one): each dead-lettered (the HTTP one with the
+        # desk's next output, the accepted rating above) and counted.
+        found = await operator.get("/api/v1/dead-letters", params={"reason": "not_the_filer"})
+        topics = sorted(d["topic"] for d in found.json()["items"])
+        assert topics == ["api/rating", "cgw/v1/kiosk-2/rating", "cgw/v1/kiosk-2/rating"]
+        assert rejected_count((await operator.get("/metrics")).text, "not_the_filer") == 3
 
 
 async def test_a_vote_counts_only_for_a_registered_household_proved_by_its_pin(
@@ -229,7 +230,9 @@ async def test_a_vote_counts_only_for_a_registered_household_proved_by_its_pin(
         counted = (await operator.get(f"/api/v1/proposals/{proposal}")).json()
         assert counted["votes"] == {"yes": 1, "no": 1, "abstain": 0} and counted["households_voted"] == 2
         metrics = (await operator.get("/metrics")).text
-        assert rejected_count(metrics, "household_not_verified") == 3
+        assert rejected_count(metrics, "household_not_verified") == 4  # three over MQTT, one over HTTP
+        api_letters = await operator.get("/api/v1/dead-letters", params={"reason": "household_not_verified"})
+        assert "api/vote" in {d["topic"] for d in api_letters.json()["items"]}
         assert rejected_count(metrics, "already_voted") == 1
 
 

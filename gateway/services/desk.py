@@ -13,11 +13,14 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from gateway.logsummary import LogSummary
 from gateway.models import DeadLetter, DeviceEvent, event_id
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DESK_DEVICE = "service-desk"
+API_REFUSALS_KEPT = 1000
 
 
 @dataclass(slots=True)
@@ -100,6 +104,8 @@ class ServiceDesk:
         self.catalogue = catalogue
         self._households = households or HouseholdRegister([])
         self._privacy = privacy or PrivacySettings()
+        # Refusals over the API waiting for the next output; a flood keeps the newest (all counted).
+        self._api_refusals: deque[DeadLetter] = deque(maxlen=API_REFUSALS_KEPT)
         self._community = community
         self._store = ServiceStore(path, catalogue, community)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
@@ -153,7 +159,10 @@ class ServiceDesk:
             await self._deliver(out)
 
     def _collect_records(self, out: DeskOutput) -> None:
-        """Attach the kept records not yet handed on; forget those the outbox already has."""
+        """Attach the kept records not yet handed on, and the API's refusals to dead-letter;
+        forget the records the outbox already has."""
+        while self._api_refusals:
+            out.dead_letters.append(self._api_refusals.popleft())
         if self._forwarded_upto:
             self._store.forwarded(self._forwarded_upto)
         out.records_upto, records = self._store.unsent_records()
@@ -391,18 +400,40 @@ class ServiceDesk:
 
     async def rate(self, rating: NewRating) -> tuple[dict[str, Any], bool]:
         out = DeskOutput()
-        first = await self._call(self._rate, rating, out)
+        body = {"service_request_id": rating.service_request_id, "score": rating.score}
+        try:
+            first = await self._call(self._rate, rating, out)
+        except (DeskError, TransitionError) as exc:
+            self._refused_over_api("rating", rating.filer, body, exc)
+            raise
         await self._emit(out)
         request = await self.get(rating.service_request_id)
         assert request is not None
         return request, first
 
     async def vote(self, vote: NewVote) -> tuple[str, dict[str, Any]]:
-        status, proposal = await self._call(self._counted_vote, vote)
+        try:
+            status, proposal = await self._call(self._counted_vote, vote)
+        except DeskError as exc:
+            # The household is left out of the dead letter, as from a terminal.
+            self._refused_over_api("vote", vote.by, {"proposal_id": vote.proposal_id}, exc)
+            raise
         if status == "accepted":
             out = DeskOutput(stream=[("vote", {"proposal_id": vote.proposal_id, "votes": proposal["votes"]})])
             await self._emit(out)
         return status, proposal
+
+    def _refused_over_api(self, channel: str, who: str, body: dict[str, Any], exc: Exception) -> None:
+        """A rating or vote refused over the API: counted and logged at once, and dead-lettered
+        with the desk's next output (the caller answers with the HTTP error meanwhile, so a
+        refusal costs the client no wait for a commit)."""
+        reason = str(exc)
+        if ":" not in reason or not reason.split(":", 1)[0].isidentifier():
+            reason = f"refused: {reason}"
+        letter = DeadLetter(now_ms(), f"api/{channel}", who[:128], reason, orjson.dumps(body), channel)
+        self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
+        self._refusals.note(f"refused {channel}s over the API", f"{who[:128]}: {reason}")
+        self._api_refusals.append(letter)
 
     # -- the access log of personal-data reads --------------------------------------------------
 

@@ -74,6 +74,7 @@ class NewVote:
     device_id: str | None
     vote_key: str | None
     secret: str | None = None  # the household's PIN or card number, checked against the register
+    by: str = ""  # who sent it: the terminal (as the audit trail names it) or the API token
 
 
 def request_key(device_id: str, request_id: object) -> str:
@@ -200,6 +201,7 @@ def terminal_vote(device_id: str, obj: dict[str, Any], ts_ms: int) -> NewVote:
         device_id,
         key,
         household_secret(household.get("pin"), household.get("card")),
+        terminal_actor(device_id),
     )
 
 

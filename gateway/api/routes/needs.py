@@ -236,7 +236,9 @@ async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -
         key = f"api:{who.token_id}|{body.vote_id}" if body.vote_id else None
         secret = household_secret(body.pin, body.card)
         status, proposal = await ctx.desk.vote(
-            NewVote(proposal_id, household, body.choice, int(time.time() * 1000), None, key, secret)
+            NewVote(
+                proposal_id, household, body.choice, int(time.time() * 1000), None, key, secret, who.actor
+            )
         )
     except IntakeError as exc:
         raise HTTPException(422, str(exc)) from None
