@@ -115,6 +115,7 @@ def query(scraper: VictoriaMetricsProcess, expr: str) -> list[dict[str, Any]]:
 def test_every_gateway_panel_answers_from_real_scrapes(scraped: VictoriaMetricsProcess) -> None:
     panels = dashboard("cgw-gateway.json")["panels"]
     expressions = {p["title"]: p["targets"][0]["expr"] for p in panels}
+    assert expressions, "the health dashboard has no panels"
     # Rates need a few scrapes; then every panel must have data.
     wait_for(
         lambda: query(scraped, "sum(rate(cgw_messages_received_total[5m])) > 0"), 60, "scrapes with traffic"
@@ -159,7 +160,7 @@ def test_grafana_provisions_the_data_sources_the_dashboards_use() -> None:
     for name in ("cgw-gateway.json", "cgw-community.json"):
         for panel in dashboard(name)["panels"]:
             assert panel["datasource"]["uid"] in uids, panel["title"]
-            assert all(t["datasource"]["uid"] in uids for t in panel["targets"])
+            assert panel["targets"] and all(t["datasource"]["uid"] in uids for t in panel["targets"])
 
 
 def written_by_the_sink(tmp_path: Path) -> dict[str, set[str]]:
