@@ -135,6 +135,9 @@ def community_settings(
 
 
 def file_request(mosquitto: MosquittoProcess, request_id: str) -> None:
+    """A request from a service terminal (only terminals file requests: its birth first)."""
+    birth = {"state": "online", "kind": "service_terminal", "location": {"building": "1"}}
+    mosquitto_pub(mosquitto.port, "cgw/v1/term-1/status", orjson.dumps(birth), "-r")
     body = {"request_id": request_id, "service_code": "elderly.home_visit", "description": request_id,
             "location": {"building": "1", "unit": "1-101"}}  # fmt: skip
     mosquitto_pub(mosquitto.port, "cgw/v1/term-1/request", orjson.dumps(body))
