@@ -63,7 +63,7 @@ async def test_a_message_is_acknowledged_only_once_durable(mosquitto: MosquittoP
     # Acknowledged now: a new start receives only what is new (a marker published after). The
     # acks are in paho's queue; a QoS 1 publication behind them is answered once the broker has
     # read them. (A stop right away may lose acks still queued: those messages come again, and
-    # the idempotent stores absorb them; docs/testing.md.)
+    # the idempotent stores absorb them.)
     again.acknowledge()
     client = running.driver._client
     assert client is not None
