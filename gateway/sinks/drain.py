@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.stats import GatewayMetrics
-from gateway.store.outbox import Outbox, OutboxRow, Taken
+from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken
 from gateway.store.schema import connect
 
 if TYPE_CHECKING:
@@ -88,11 +88,11 @@ class OutboxDrain(ABC):
         return self._outbox.pending(self.name)
 
     @abstractmethod
-    def encode(self, batches: list[Processed], telemetry_ids: tuple[int, int] | None) -> list[OutboxRow]:
+    def encode(self, batches: list[Processed], commit_no: int | None) -> list[OutboxRow]:
         """The outbox rows of committed batches (runs on the writer's thread, in its transaction);
-        `telemetry_ids` is the range of telemetry rows the commit inserted, for a reference."""
+        `commit_no` names the telemetry rows the commit inserted, for a reference."""
 
-    def expand(self, conn: sqlite3.Connection, first_id: int, last_id: int, context: str) -> list[str]:
+    def expand(self, conn: sqlite3.Connection, ref: Reference, context: str) -> list[str]:
         """Lines of the telemetry rows a reference names, with the `context` its `encode` wrote
         (gateway/store/outbox.py); a sink that writes references renders them, others never
         meet one."""

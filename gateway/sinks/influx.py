@@ -35,7 +35,7 @@ from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
 from gateway.stats import GatewayMetrics
-from gateway.store.outbox import Outbox, OutboxRow, Taken, rows_of
+from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken, rows_of
 
 if TYPE_CHECKING:
     from gateway.pipeline.process import Processed
@@ -64,9 +64,9 @@ class InfluxSink(OutboxDrain):
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         self._max_lines: int | None = None  # learnt from a 413: the most lines InfluxDB took at once
 
-    def encode(self, batches: list[Processed], telemetry_ids: tuple[int, int] | None) -> list[OutboxRow]:
-        """Line protocol for committed batches' events and records (one row), and a reference to
-        the telemetry rows the commit inserted (rendered by `expand` when the sink takes it)."""
+    def encode(self, batches: list[Processed], commit_no: int | None) -> list[OutboxRow]:
+        """Line protocol for committed batches' events and records (one row), and references to
+        the telemetry the commit inserted (rendered by `expand` when the sink takes them)."""
         community = self._community
         important: list[str] = []
         for batch in batches:
@@ -75,24 +75,28 @@ class InfluxSink(OutboxDrain):
             for record in batch.records:
                 important.extend(service_record_lines(record, community))
         rows = rows_of(self.name, important, [])
-        if telemetry_ids is not None:
-            # The reference carries each device's tags as they were at this commit (a device
-            # renamed or moved later keeps its earlier points where they were).
-            tags = {r.device_id: (r.kind, r.building) for batch in batches for r in batch.readings}
-            readings = [r for batch in batches for r in batch.readings]
-            context, size = orjson.dumps(tags).decode(), _line_bytes(readings)
-            rows.append(OutboxRow(self.name, False, context, len(readings), *telemetry_ids, size=size))
+        if commit_no is not None:
+            readings = sorted((r for batch in batches for r in batch.readings), key=lambda r: r.ts_ms)
+            rows.extend(self._reference(group, commit_no) for group in _spans(readings))
         return rows
 
-    def expand(self, conn: sqlite3.Connection, first_id: int, last_id: int, context: str) -> list[str]:
-        """The lines of telemetry rows first_id..last_id: one point per reading (its metrics are
-        consecutive rows), tagged as `context` (device -> kind, building) says."""
+    def _reference(self, readings: list[Reading], commit_no: int) -> OutboxRow:
+        # The reference carries each device's tags as they were at this commit (a device renamed
+        # or moved later keeps its earlier points where they were).
+        tags = orjson.dumps({r.device_id: (r.kind, r.building) for r in readings}).decode()
+        ref = Reference(commit_no, readings[0].ts_ms, readings[-1].ts_ms)
+        return OutboxRow(self.name, False, tags, len(readings), ref=ref, size=_line_bytes(readings))
+
+    def expand(self, conn: sqlite3.Connection, ref: Reference, context: str) -> list[str]:
+        """The lines of a reference's telemetry rows: one point per reading (its metrics are
+        adjacent in the table's order), tagged as `context` (device -> kind, building) says."""
         tags: dict[str, tuple[str, str | None]] = orjson.loads(context) if context else {}
         lines: list[str] = []
         reading: Reading | None = None
-        for device_id, ts_ms, metric, value in conn.execute(
-            "SELECT device_id, ts_ms, metric, value FROM telemetry WHERE id BETWEEN ? AND ? ORDER BY id",
-            (first_id, last_id),
+        for ts_ms, device_id, metric, value in conn.execute(
+            "SELECT ts_ms, device_id, metric, value FROM telemetry "
+            "WHERE ts_ms BETWEEN ? AND ? AND batch = ? ORDER BY ts_ms, device_id, metric",
+            (ref.from_ms, ref.to_ms, ref.batch),
         ):
             if reading is None or reading.device_id != device_id or reading.ts_ms != ts_ms:
                 if reading is not None:
@@ -181,6 +185,23 @@ class InfluxSink(OutboxDrain):
 
     async def _close_client(self) -> None:
         await self._call(self._client.close)
+
+
+# Readings further apart in time than this go in separate references: the sink reads a
+# reference's span of the table (all devices) to find its commit's rows, so a straggler stamped
+# a day ago must not make it read the whole day.
+SPAN_GAP_MS = 60_000
+
+
+def _spans(readings: list[Reading]) -> list[list[Reading]]:
+    """Readings (sorted by time) in groups without a gap of more than SPAN_GAP_MS."""
+    spans: list[list[Reading]] = []
+    for r in readings:
+        if spans and r.ts_ms - spans[-1][-1].ts_ms <= SPAN_GAP_MS:
+            spans[-1].append(r)
+        else:
+            spans.append([r])
+    return spans
 
 
 def _line_bytes(readings: list[Reading]) -> int:

@@ -107,15 +107,15 @@ class StoreMaintenance:
             if not count:
                 break
             chunk = max(1_000, count // GIVE_WAY_SHARE)
-            row = conn.execute("SELECT id, ts_ms FROM telemetry ORDER BY id LIMIT 1 OFFSET ?", (chunk,))
-            first_kept, kept_ts = row.fetchone() or (None, 2**62)
+            row = conn.execute("SELECT ts_ms FROM telemetry ORDER BY ts_ms LIMIT 1 OFFSET ?", (chunk,))
+            (kept_ts,) = row.fetchone() or (2**62,)
             # Roll up the minutes about to go, so they keep their figures.
             rollup(conn, self._writer.take_dirty_minutes(kept_ts - kept_ts % MINUTE_MS))
             with transaction(conn):
-                if first_kept is None:
-                    deleted += conn.execute("DELETE FROM telemetry").rowcount
-                else:
-                    deleted += conn.execute("DELETE FROM telemetry WHERE id < ?", (first_kept,)).rowcount
+                gone = conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (kept_ts,)).rowcount
+                if not gone:  # the oldest tenth all share one time: that time goes too
+                    gone = conn.execute("DELETE FROM telemetry WHERE ts_ms <= ?", (kept_ts,)).rowcount
+                deleted += gone
         return deleted
 
     async def run_once(self, now_ms: int | None = None, *, settle: bool = True) -> None:

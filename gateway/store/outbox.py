@@ -6,9 +6,10 @@ acknowledged to the broker). Each sink drains its rows in id order from its own 
 deletes what the far side accepted. One row holds many points (one writer transaction's worth),
 so the outbox costs a few rows per commit, not one per point.
 
-Telemetry need not be copied: a sink may append a *reference* instead, the range of telemetry
-ids its commit inserted (`first_id`..`last_id`), and render the points from those rows when it
-takes them (`Expand`). The copy was most of what the gateway wrote to its SD card (issue 15).
+Telemetry need not be copied: a sink may append a *reference* instead, the rows a commit
+inserted (its `batch` number) within a span of their times (`from_ms`..`to_ms`), and render the
+points from those rows when it takes them (`Expand`). The copy was most of what the gateway
+wrote to its SD card (issue 15).
 A referenced row is kept as long as raw telemetry is (`store.raw_retention`); points pruned
 before the sink took them are gone for it too.
 
@@ -35,14 +36,23 @@ class OutboxFull(Exception):
     """Nothing may be dropped to make room: the writer must wait for the sinks to drain."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """Telemetry rows of one commit (`batch`) whose times lie within from_ms..to_ms."""
+
+    batch: int
+    from_ms: int
+    to_ms: int
+
+
 @dataclass(slots=True)
 class OutboxRow:
     sink: str
     important: bool
     body: str
     points: int
-    first_id: int | None = None  # a reference: telemetry ids first_id..last_id; the body is
-    last_id: int | None = None  # then the sink's context for rendering them (e.g. tags)
+    ref: Reference | None = None  # a reference to telemetry rows; the body is then the sink's
+    # context for rendering them (e.g. tags)
     size: int | None = None  # a reference's bytes once rendered, estimated by the sink
 
     @property
@@ -56,9 +66,9 @@ class OutboxRow:
 _SIZE = "COALESCE(size, length(body))"
 
 
-# A sink's rendering of telemetry rows first_id..last_id (on its own connection) into its
-# lines, given the body it wrote with the reference.
-Expand = Callable[[sqlite3.Connection, int, int, str], list[str]]
+# A sink's rendering of a reference's telemetry rows (on its own connection) into its lines,
+# given the body it wrote with the reference.
+Expand = Callable[[sqlite3.Connection, Reference, str], list[str]]
 
 
 def rows_of(sink: str, important: list[str], telemetry: list[str]) -> list[OutboxRow]:
@@ -111,12 +121,9 @@ class Outbox:
             dropped = self._drop_oldest_telemetry(conn, over)
         now_ms = int(time.time() * 1000)
         conn.executemany(
-            "INSERT INTO outbox (sink, important, body, points, created_ms, first_id, last_id, size) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (r.sink, int(r.important), r.body, r.points, now_ms, r.first_id, r.last_id, r.size)
-                for r in rows
-            ],
+            "INSERT INTO outbox (sink, important, body, points, created_ms, batch, from_ms, to_ms, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.sink, int(r.important), r.body, r.points, now_ms, *_columns(r.ref), r.size) for r in rows],
         )
         with self._lock:
             self._bytes += size
@@ -161,16 +168,17 @@ class Outbox:
         points = 0
         last_id = 0
         oldest_ms: int | None = None
-        for row_id, body, n, created_ms, first, last in conn.execute(
-            "SELECT id, body, points, created_ms, first_id, last_id FROM outbox WHERE sink = ? ORDER BY id",
+        for row_id, body, n, created_ms, batch, from_ms, to_ms in conn.execute(
+            "SELECT id, body, points, created_ms, batch, from_ms, to_ms FROM outbox WHERE sink = ? "
+            "ORDER BY id",
             (sink,),
         ):
             if bodies and points + n > max_points:
                 break
             if not bodies:
                 oldest_ms = created_ms
-            if first is not None and expand is not None:
-                body = "\n".join(expand(conn, first, last, body))
+            if batch is not None and expand is not None:
+                body = "\n".join(expand(conn, Reference(batch, from_ms, to_ms), body))
             if body:  # a reference whose rows were all pruned renders nothing
                 bodies.append(body)
             points += n
@@ -200,3 +208,7 @@ class Outbox:
     def pending(self, sink: str) -> int:
         with self._lock:
             return self._points.get(sink, 0)
+
+
+def _columns(ref: Reference | None) -> tuple[int | None, int | None, int | None]:
+    return (None, None, None) if ref is None else (ref.batch, ref.from_ms, ref.to_ms)

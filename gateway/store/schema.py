@@ -61,22 +61,23 @@ MIGRATIONS: list[list[str]] = [
             expires_ms INTEGER NOT NULL, reply TEXT)""",
         "CREATE INDEX district_commands_expires ON district_commands (expires_ms)",
     ],
-    # 5: wear of the SD card (docs/performance.md, "Write budget"). Telemetry grows in time
-    # order: a rowid table (its id is what the outbox refers to) and one unique index led by the
-    # time, so a commit touches the last page or two of each instead of one page per device of a
-    # tree ordered by device. The outbox refers to telemetry rows (first_id..last_id) instead of
-    # copying them, and loses its two indexes (a few rows, read in id order, need none).
+    # 5: wear of the SD card (docs/performance.md, "Write budget"). Telemetry is one tree ordered
+    # by time (device and metric after it), so a commit touches its last page or two instead of
+    # one page per device of a tree ordered by device; `batch` names the commit that inserted
+    # a row. The outbox refers to a commit's telemetry (batch, from_ms..to_ms) instead of copying
+    # it, and loses its two indexes (a few rows, read in id order, need none).
     [
         "ALTER TABLE telemetry RENAME TO telemetry_v4",
         """CREATE TABLE telemetry (
-            id INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, device_id TEXT NOT NULL,
-            metric TEXT NOT NULL, value REAL NOT NULL, seq INTEGER)""",
-        "INSERT INTO telemetry (ts_ms, device_id, metric, value, seq) "
-        "SELECT ts_ms, device_id, metric, value, seq FROM telemetry_v4 ORDER BY ts_ms",
+            ts_ms INTEGER NOT NULL, device_id TEXT NOT NULL, metric TEXT NOT NULL,
+            value REAL NOT NULL, seq INTEGER, batch INTEGER NOT NULL,
+            PRIMARY KEY (ts_ms, device_id, metric)) WITHOUT ROWID""",
+        "INSERT INTO telemetry (ts_ms, device_id, metric, value, seq, batch) "
+        "SELECT ts_ms, device_id, metric, value, seq, 0 FROM telemetry_v4",
         "DROP TABLE telemetry_v4",
-        "CREATE UNIQUE INDEX telemetry_point ON telemetry (ts_ms, device_id, metric)",
-        "ALTER TABLE outbox ADD COLUMN first_id INTEGER",
-        "ALTER TABLE outbox ADD COLUMN last_id INTEGER",
+        "ALTER TABLE outbox ADD COLUMN batch INTEGER",
+        "ALTER TABLE outbox ADD COLUMN from_ms INTEGER",
+        "ALTER TABLE outbox ADD COLUMN to_ms INTEGER",
         "ALTER TABLE outbox ADD COLUMN size INTEGER",
         "DROP INDEX outbox_sink",
         "DROP INDEX outbox_droppable",
@@ -84,7 +85,7 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 # Small pages: a commit writes every page it touches to the WAL whole, and a trickle's commit
-# touches a few (the ends of telemetry, its index and the outbox), so 1 KiB pages write a quarter
+# touches a few (the ends of telemetry and of the outbox), so 1 KiB pages write a quarter
 # of what 4 KiB pages would. Set before the file exists; an older file keeps its page size.
 PAGE_SIZE = 1024
 

@@ -37,9 +37,10 @@ T = TypeVar("T")
 
 MINUTE_MS = 60_000
 
-# A sink's outbox rows for committed batches; the second argument is the range of telemetry ids
-# the commit inserted (None: none), for a sink that refers to rows instead of copying them.
-Encoder = Callable[[list[Processed], tuple[int, int] | None], list[OutboxRow]]
+# A sink's outbox rows for committed batches; the second argument is the commit's number in the
+# telemetry rows' `batch` column when it inserted any (None: none), for a sink that refers to
+# rows instead of copying them (gateway/store/outbox.py).
+Encoder = Callable[[list[Processed], int | None], list[OutboxRow]]
 
 
 SMALL_BATCH = 100  # readings: fewer, and a batch alone in the queue waits for company
@@ -226,7 +227,11 @@ class StoreWriter:
 
     def _write(self, batches: list[Processed]) -> None:
         conn = self.connection
-        telemetry: list[tuple[str, str, int, float, int | None]] = []
+        # The commit's number in the telemetry rows' `batch`: the outbox's next id, unique as long
+        # as each commit that inserts telemetry for a sink adds an outbox row (the reference
+        # does). Read before the transaction: this thread is the only writer.
+        commit_no = (conn.execute(_NEXT_BATCH).fetchone() or (0,))[0] + 1
+        telemetry: list[tuple[str, str, int, float, int | None, int]] = []
         events: list[tuple[object, ...]] = []
         letters: list[tuple[object, ...]] = []
         letter_bytes = 0
@@ -234,7 +239,7 @@ class StoreWriter:
         for batch in batches:
             for r in batch.readings:
                 for metric, value in r.metrics.items():
-                    telemetry.append((r.device_id, metric, r.ts_ms, value, r.seq))
+                    telemetry.append((r.device_id, metric, r.ts_ms, value, r.seq, commit_no))
                 self._dirty_minutes.add(r.ts_ms - r.ts_ms % MINUTE_MS)
             for e in batch.events:
                 events.append(
@@ -271,14 +276,13 @@ class StoreWriter:
             conn.execute(f"PRAGMA synchronous={sync}")
             self._sync = sync
         with transaction(conn):
-            before = conn.execute("SELECT max(id) FROM telemetry").fetchone()[0] or 0
+            changes = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO telemetry (device_id, metric, ts_ms, value, seq) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO telemetry (device_id, metric, ts_ms, value, seq, batch) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 telemetry,
             )
-            after = conn.execute("SELECT max(id) FROM telemetry").fetchone()[0] or 0
-            inserted = (before + 1, after) if after > before else None
+            inserted = commit_no if conn.total_changes > changes else None
             conn.executemany(
                 "INSERT OR IGNORE INTO events (id, ts_ms, device_id, kind, building, type, "
                 "severity, source, message, data, alarm) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -331,6 +335,8 @@ class StoreWriter:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, fn, *args)
 
+
+_NEXT_BATCH = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
 
 _DEVICE_COLUMNS = (
     "device_id, kind, source, building, floor, unit, fw, battery, rssi, online, first_seen_ms, "

@@ -102,7 +102,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
 
     # -- the writer's side -----------------------------------------------------------------------
 
-    def encode(self, batches: list[Processed], telemetry_ids: tuple[int, int] | None) -> list[OutboxRow]:
+    def encode(self, batches: list[Processed], commit_no: int | None) -> list[OutboxRow]:
         return items.encode(batches, self._choice, self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------------
