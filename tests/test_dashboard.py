@@ -288,3 +288,35 @@ def test_a_viewer_cannot_acknowledge_and_a_bad_token_is_asked_again(
     expect(page.locator(".dev")).to_have_count(7)
     _shot(page, "signed-in")
     page.close()
+
+
+def test_the_api_docs_are_served_whole_by_the_gateway_under_its_policy(
+    browser: Browser, community: tuple[MosquittoProcess, GatewayProcess]
+) -> None:
+    """/docs shows Swagger UI on a box without internet: every file from the gateway, nothing refused."""
+    _, gateway = community
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    asked: list[str] = []
+    refused: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("pageerror", lambda error: refused.append(str(error)))
+    page.goto(f"{gateway.url}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("cgw: community edge gateway")
+    expect(page.locator(".opblock-summary-path", has_text="/api/v1/devices").first).to_be_visible()
+    _shot(page, "api-docs")
+    host = urlsplit(gateway.url).netloc
+    elsewhere = [url for url in asked if urlsplit(url).netloc != host and not url.startswith("data:")]
+    assert elsewhere == [], f"the docs reached beyond the gateway: {elsewhere}"
+    assert refused == []
+    html = httpx.get(f"{gateway.url}/docs/", timeout=5)
+    assert re.findall(r"(?:src|href)=\"([^\"]+)\"", html.text) == [
+        "data:,",
+        "/docs/swagger/swagger-ui.css",
+        "/docs/swagger/swagger-ui-bundle.js",
+        "/docs/start.js",
+    ]
+    policy = html.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert httpx.get(f"{gateway.url}/redoc", timeout=5).status_code == 404  # not served: it needs elsewhere
+    page.close()

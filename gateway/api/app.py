@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__, dashboard
+from gateway.api import docs
 from gateway.api.bodies import BodyGuard
 from gateway.api.context import ApiContext
 from gateway.api.headers import HostGuard, SecurityHeaders
@@ -37,6 +38,9 @@ def create_app(
         title="cgw: community edge gateway",
         version=__version__,
         description=DESCRIPTION,
+        # Served by gateway/api/docs.py from the package, never from another host; no ReDoc.
+        docs_url=None,
+        redoc_url=None,
         openapi_tags=[
             {"name": "health", "description": "Liveness, readiness, Prometheus metrics"},
             {"name": "devices", "description": "Devices, presence, telemetry, profiles"},
@@ -59,6 +63,7 @@ def create_app(
     app.include_router(needs.router)
     app.include_router(evaluation.router)
     app.include_router(access.router)
+    docs.mount(app)
     dashboard.mount(app)
     # The last added runs first: the host is checked, then the body read, then the routes;
     # every answer, refusals included, leaves with the security headers.

@@ -6,7 +6,7 @@ request's address (the Open311 discovery document's URL) can name another site, 
 rebinding page cannot reach the API through a name it controls. `"*"` allows any name.
 
 `SecurityHeaders`: every answer says `nosniff`, sends no referrer and may not be framed; the
-dashboard's pages also carry a content security policy that lets them load only the gateway's
+dashboard's and the API docs' pages carry a content security policy that lets them load only the gateway's
 own scripts, styles and API (no inline script, no style attribute, nothing from elsewhere).
 """
 
@@ -30,12 +30,12 @@ COMMON = {
 }
 # The API answers data, never pages: nothing in it may run or be framed.
 API_POLICY = "default-src 'none'; frame-ancestors 'none'"
-DASHBOARD_POLICY = (
+PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-# FastAPI's interactive docs load Swagger UI with an inline script: they get no policy here.
-UNPOLICED = ("/docs", "/redoc")
+# Pages the gateway serves (the dashboard, the API docs at /docs): its own files only.
+PAGES = ("/dashboard", "/docs")
 WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
@@ -90,9 +90,9 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        policy = None if path.startswith(UNPOLICED) else API_POLICY
-        if path == "/dashboard" or path.startswith("/dashboard/"):
-            policy = DASHBOARD_POLICY
+        policy = API_POLICY
+        if any(path == page or path.startswith(page + "/") for page in PAGES):
+            policy = PAGE_POLICY
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
