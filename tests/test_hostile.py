@@ -656,7 +656,7 @@ def test_a_formula_typed_into_a_proposal_is_plain_text_in_the_csv(http_gateway: 
 def test_media_url_takes_only_web_links(http_gateway: GatewayProcess, url: str) -> None:
     with http(http_gateway, TERMINAL) as terminal:
         form = {"service_code": SERVICE, "building": "1", "media_url": url}
-        filed = terminal.post("/open311/v2/requests.json", json=form)
+        filed = post_json(terminal, "/open311/v2/requests.json", form)
         if filed.status_code == 400:
             return
         assert filed.status_code in (200, 201), filed.text
@@ -671,7 +671,7 @@ def test_media_url_takes_only_web_links(http_gateway: GatewayProcess, url: str) 
 def test_an_open311_device_id_never_names_a_real_device(http_gateway: GatewayProcess, device_id: str) -> None:
     with http(http_gateway, TERMINAL) as terminal, http(http_gateway) as operator:
         form = {"service_code": SERVICE, "building": "1", "device_id": device_id}
-        filed = terminal.post("/open311/v2/requests.json", json=form)
+        filed = post_json(terminal, "/open311/v2/requests.json", form)
         assert filed.status_code in (200, 201, 400), filed.text
         if filed.status_code == 400:
             return
