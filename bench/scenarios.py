@@ -192,8 +192,8 @@ def memory(ctx: Context) -> list[Row]:
         Row(
             "RSS after warm-up / at the end / peak",
             f"{warm:.0f} / {end:.0f} / {peak:.0f} MB",
-            "≤ 150 MB",
-            peak <= 150,
+            "≤ 90 MB",
+            peak <= 90,
         ),
         Row(
             f"RSS drift over the {soak / 60:.0f}-minute soak",
