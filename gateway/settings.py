@@ -242,6 +242,44 @@ class TokenGrant(_Section):
     name: str | None = None  # who holds it, for the installer's own records
 
 
+# Tokens the documentation shows as examples: one copied as it stands is refused.
+PLACEHOLDER_TOKENS = frozenset({"choose-a-long-secret"})
+# Shorter plain tokens are named by `cgw doctor` (docs/configuration.md); `cgw token` makes 43.
+MIN_TOKEN_LENGTH = 16
+ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+
+
+def hidden(token: str) -> str:
+    """A token as a message may show it: a quarter of it at most, four characters at most."""
+    return repr(token[: min(4, len(token) // 4)] + "…")
+
+
+def _grant(shown: str, grant: Any) -> Role | TokenGrant:
+    if isinstance(grant, str):
+        if grant not in ROLES:
+            raise ValueError(f"token {shown}: role {grant[:32]!r} is not one of {', '.join(ROLES)}")
+        return grant  # type: ignore[return-value]
+    if not isinstance(grant, Mapping):
+        raise ValueError(f"token {shown}: give a role or {{role, expires, name}}, not {type(grant).__name__}")
+    try:
+        return TokenGrant.model_validate(grant)
+    except ValidationError as exc:
+        fault = exc.errors()[0]
+        field = ".".join(map(str, fault["loc"])) or "grant"
+        if fault["type"] == "extra_forbidden":
+            reason = f"no such field {field!r} (valid: {', '.join(TokenGrant.model_fields)})"
+        elif field == "role":
+            reason = f"role {str(grant.get('role'))[:32]!r} is not one of {', '.join(ROLES)}"
+        elif field == "expires":
+            given = str(grant.get("expires"))[:40]
+            reason = (
+                f"expires {given!r} is not a date and time with its offset (e.g. 2027-06-30T00:00:00+08:00)"
+            )
+        else:
+            reason = f"{field}: {fault['msg']}"
+        raise ValueError(f"token {shown}: {reason}") from None
+
+
 class AuthSettings(_Section):
     # Plain tokens (e.g. from CGW_AUTH__TOKENS='{"tok":"operator"}') and sha256 hex digests
     # (for the YAML file), each with a role or a grant. All are held only as digests after start-up.
@@ -250,15 +288,24 @@ class AuthSettings(_Section):
     # API writes per token over which the rest are refused (429); empty: no limit.
     write_rate_limit: RateLimit = "20/second;600/minute"
 
-    @field_validator("token_hashes")
+    @field_validator("tokens", "token_hashes", mode="before")
     @classmethod
-    def _hex_digests(cls, value: dict[str, Role | TokenGrant]) -> dict[str, Role | TokenGrant]:
-        for digest in value:
-            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
-                raise ValueError(
-                    f"{digest[:12]!r}... is not a SHA-256 hex digest (64 hex digits; see `cgw token`)"
-                )
-        return value
+    def _grants(cls, value: Any, info: ValidationInfo) -> Any:
+        # Each entry checked here, so a fault is one sentence about that entry that never shows
+        # a token: the library's own message would print the token in its location.
+        if not isinstance(value, Mapping):
+            return value
+        secret = info.field_name == "tokens"
+        out: dict[str, Role | TokenGrant] = {}
+        for key, grant in value.items():
+            key = str(key)
+            shown = hidden(key) if secret else f"{key[:12]!r}..."
+            if secret and key in PLACEHOLDER_TOKENS:
+                raise ValueError(f"token {shown} is the documentation's placeholder: choose your own")
+            if not secret and (len(key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key)):
+                raise ValueError(f"{shown} is not a SHA-256 hex digest (64 hex digits; see `cgw token`)")
+            out[key] = _grant(shown, grant)
+        return out
 
     def digests(self) -> dict[str, TokenGrant]:
         def grant(value: Role | TokenGrant) -> TokenGrant:
@@ -432,6 +479,35 @@ def _nearest(loc: tuple[int | str, ...]) -> str:
     return f" (valid here: {', '.join(names)})"
 
 
+# `CGW_` variables the product reads that are not settings: the CLI's own options
+# (gateway/cli.py) and the test suite's artifacts folder (tests/test_dashboard.py).
+NOT_SETTINGS = frozenset({"CGW_DOCTOR_TOKEN", "CGW_SIM_TOKEN", "CGW_SIM_PASSWORD", "CGW_TEST_ARTIFACTS"})
+
+
+def _setting_names() -> list[str]:
+    """Every environment name a setting answers to, sections' fields included."""
+    names = []
+    for name, info in Settings.model_fields.items():
+        names.append(_env_name((name,)))
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            names += [_env_name((name, sub)) for sub in info.annotation.model_fields]
+    return names
+
+
+def _check_names(environ: Mapping[str, str]) -> None:
+    """Refuse a `CGW_` variable no setting reads: pydantic-settings would pass over it silently."""
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS:
+            continue
+        top = upper.removeprefix(ENV_PREFIX).split(ENV_NESTED, 1)[0].lower()
+        if top in Settings.model_fields:
+            continue  # a section's misspelt field is refused by the section itself
+        close = difflib.get_close_matches(upper, _setting_names() + sorted(NOT_SETTINGS), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (docs/configuration.md lists the settings)"
+        raise SettingsError(f"setting {_shown(key)}: no such setting{hint}")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -463,6 +539,7 @@ def load_settings(
     """
     file_values = _read_yaml(config) if config is not None else {}
     environ = dict(os.environ if env is None else env)
+    _check_names(environ)
     for key, value in overrides.items():
         if value is not None:
             file_values[key] = value
@@ -481,6 +558,9 @@ def load_settings(
         name = ".".join(map(_shown, loc))
         line = _line_of(config, loc) if config is not None and _env_name(loc) not in environ else None
         if line is None:
+            if errors[0]["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(_env_name(loc), _setting_names(), n=1, cutoff=0.6)
+                msg = "no such setting" + (f"; did you mean {close[0]}?" if close else _nearest(loc))
             raise SettingsError(f"setting {_env_name(loc)} ({name}): {msg}{more}") from exc
         if errors[0]["type"] == "extra_forbidden":
             msg = "no such setting" + _nearest(loc)

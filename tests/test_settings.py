@@ -232,3 +232,66 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any(r["logger"] == "drivers.link" and "cannot connect" in r["message"] for r in records)
+
+
+@pytest.mark.parametrize(
+    ("value", "fault"),
+    [
+        ('{"my-real-secret-token-123": "admin"}', "role 'admin' is not one of viewer, terminal, operator"),
+        (
+            '{"my-real-secret-token-123": {"role": "operator", "expires": "tomorrow"}}',
+            "expires 'tomorrow' is not",
+        ),
+        ('{"my-real-secret-token-123": {"role": "boss"}}', "role 'boss' is not one of"),
+        ('{"my-real-secret-token-123": {"role": "viewer", "expiry": "x"}}', "no such field 'expiry'"),
+        ('{"my-real-secret-token-123": 7}', "give a role or {role, expires, name}"),
+    ],
+)
+def test_a_bad_token_entry_names_the_setting_and_the_fault_and_hides_the_token(
+    tmp_path: Path, value: str, fault: str
+) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"CGW_AUTH__TOKENS": value})
+    message = str(info.value)
+    assert message.startswith("setting CGW_AUTH__TOKENS (auth.tokens): token 'my-r…': ") and fault in message
+    assert "secret" not in message and "\n" not in message and "more)" not in message
+    conf = tmp_path / "cgw.yaml"
+    document = {"community": "a", "auth": {"tokens": json.loads(value)}}
+    conf.write_text(yaml.safe_dump(document, sort_keys=False))
+    with pytest.raises(SettingsError) as info:
+        load_settings(conf, env={})
+    message = str(info.value)
+    assert message.startswith(f"--config {conf} line 3: auth.tokens: token 'my-r…': ") and fault in message
+    assert "secret" not in message
+    # A short token shows less of itself: a quarter at most.
+    with pytest.raises(SettingsError, match=r"token '…': role 'admin'"):
+        load_settings(env={"CGW_AUTH__TOKENS": '{"tok": "admin"}'})
+
+
+def test_the_documentations_placeholder_token_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"CGW_AUTH__TOKENS .*placeholder: choose your own"):
+        load_settings(env={"CGW_AUTH__TOKENS": '{"choose-a-long-secret": "operator"}'})
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("CGW_REGISTRATON", "CGW_REGISTRATION"),
+        ("CGW_COMUNITY", "CGW_COMMUNITY"),
+        ("CGW_API_PORT", "CGW_API__PORT"),
+        ("CGW_MQT__URL", "CGW_MQTT__URL"),
+        ("CGW_API__PROT", "CGW_API__PORT"),
+        ("cgw_log_levl", "CGW_LOG_LEVEL"),
+    ],
+)
+def test_a_misspelt_environment_variable_is_refused_with_the_nearest_name(name: str, meant: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={name: "9"})
+    assert str(info.value).startswith(f"setting {name}") and f"no such setting; did you mean {meant}?" in str(
+        info.value
+    )
+
+
+def test_the_variables_the_product_reads_that_are_not_settings_are_accepted() -> None:
+    names = ("CGW_DOCTOR_TOKEN", "CGW_SIM_TOKEN", "CGW_SIM_PASSWORD", "CGW_TEST_ARTIFACTS")
+    assert load_settings(env=dict.fromkeys(names, "x")).community == "community"
