@@ -19,6 +19,7 @@ from rich.console import Console
 
 from gateway import __version__
 from gateway.settings import Settings, SettingsError, load_settings
+from gateway.store.lock import DataDirUnusable
 
 app = typer.Typer(
     name="cgw",
@@ -89,7 +90,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     except* OSError as group:
         for exc in group.exceptions:
             console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        # A data folder that cannot be used is a bad setting: exit 2, as for any other.
+        setting = all(isinstance(exc, DataDirUnusable) for exc in group.exceptions)
+        raise typer.Exit(2 if setting else 1) from None
 
 
 @app.command()

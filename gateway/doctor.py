@@ -26,7 +26,7 @@ from drivers.mqtt import broker_client
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
-from gateway.settings import BrokerSettings, Settings
+from gateway.settings import MIN_TOKEN_LENGTH, BrokerSettings, Settings, hidden
 from gateway.store.lock import holder as lock_holder
 from gateway.store.schema import MIGRATIONS, connect
 
@@ -44,6 +44,10 @@ class Finding:
     blocking: bool = True
 
 
+# Filesystems the kernel presents, in which no data folder can be made.
+KERNEL_FILESYSTEMS = frozenset(
+    {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore", "bpf", "configfs"}
+)
 # Filesystems whose content is gone after a reboot.
 VOLATILE = frozenset({"tmpfs", "ramfs"})
 
@@ -111,6 +115,12 @@ def _data_dir(path: Path) -> Finding:
         return Finding(
             False, "data dir", f"{path} cannot be created: {existing} is not a folder; set CGW_DATA_DIR"
         )
+    fstype = _filesystem(existing)
+    if fstype in KERNEL_FILESYSTEMS or os.statvfs(existing).f_flag & os.ST_RDONLY:
+        # os.access says yes to root here, yet nothing can be made in them.
+        on = f"the kernel's {fstype}" if fstype in KERNEL_FILESYSTEMS else "a read-only filesystem"
+        what = "is not writable" if existing == path else "cannot be created"
+        return Finding(False, "data dir", f"{path} {what}: {existing} is on {on}; set CGW_DATA_DIR")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
         return Finding(
@@ -225,6 +235,15 @@ def _tokens(settings: Settings) -> Finding:
             False,
             "api tokens",
             "every API token has expired: make a new one with `cgw token`",
+            blocking=False,
+        )
+    short = sorted(hidden(token) for token in settings.auth.tokens if len(token) < MIN_TOKEN_LENGTH)
+    if short:
+        return Finding(
+            False,
+            "api tokens",
+            f"{len(short)} of {len(grants)} shorter than {MIN_TOKEN_LENGTH} characters, easy to guess "
+            f"({', '.join(short)}): replace them with `cgw token`",
             blocking=False,
         )
     if expired:

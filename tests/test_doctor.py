@@ -35,7 +35,7 @@ def env(tmp_path: Path, mosquitto: MosquittoProcess, victoria: VictoriaMetricsPr
         "CGW_INFLUX__URL": victoria.url,
         "CGW_INFLUX__TOKEN": "t",
         "CGW_API__PORT": str(free_port()),
-        "CGW_AUTH__TOKENS": '{"doctor-token": "operator"}',
+        "CGW_AUTH__TOKENS": '{"doctor-token-0123456789": "operator"}',
         "CGW_OUTBOX__MAX_BYTES": str(16 * 2**20),
     }
 
@@ -132,6 +132,15 @@ def test_missing_or_expired_tokens_warn_without_failing(env: dict[str, str]) -> 
     assert result.returncode == 0 and "WARN api tokens" in result.stdout
 
 
+def test_a_short_token_warns_without_showing_it(env: dict[str, str]) -> None:
+    env["CGW_AUTH__TOKENS"] = '{"short-token": "operator", "a-long-enough-token-0123": "viewer"}'
+    finding = problem(env, "api tokens")
+    assert not finding.blocking
+    assert finding.detail == (
+        "1 of 2 shorter than 16 characters, easy to guess ('sh…'): replace them with `cgw token`"
+    )
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="this machine has no /dev/shm")
 def test_a_data_dir_lost_at_reboot_warns(env: dict[str, str], tmp_path: Path) -> None:
     shm = Path("/dev/shm") / f"cgw-doctor-{tmp_path.name}"
@@ -176,7 +185,7 @@ def test_the_local_example_passes_and_doctor_creates_nothing(
         "HOME": str(home),
         "CGW_MQTT__URL": mosquitto.url,
         "CGW_API__PORT": str(free_port()),
-        "CGW_AUTH__TOKENS": '{"doctor-token": "operator"}',
+        "CGW_AUTH__TOKENS": '{"doctor-token-0123456789": "operator"}',
     }
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "doctor", "-c", str(ROOT / "deploy" / "cgw.local.yaml")],
@@ -202,6 +211,28 @@ def test_a_data_dir_that_cannot_be_created_fails(env: dict[str, str], tmp_path: 
     env["CGW_DATA_DIR"] = str(blocker / "data")
     assert "is not a folder" in problem(env, "data dir").detail
     assert not (blocker / "data").exists()
+    # os.access says yes to root in /proc, yet nothing can be made there.
+    env["CGW_DATA_DIR"] = "/proc/nope"
+    finding = problem(env, "data dir")
+    assert finding.detail == "/proc/nope cannot be created: /proc is on the kernel's proc; set CGW_DATA_DIR"
+
+
+def test_run_names_the_setting_of_a_data_dir_it_cannot_make(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {
+        "PATH": os.environ["PATH"],
+        "CGW_DATA_DIR": str(blocker / "sub"),
+        "CGW_API__PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f"error: setting CGW_DATA_DIR (data_dir): {blocker / 'sub'} cannot be used as the data folder "
+        f"(Not a directory: {blocker / 'sub'}); choose a folder this user can create and write"
+    )
 
 
 def test_an_empty_influx_token_is_named_as_such(env: dict[str, str]) -> None:
@@ -225,7 +256,7 @@ def test_a_running_gateway_tells_its_write_rate_the_media_life_and_clock_jumps(
         found = wait_for(
             lambda: [
                 f
-                for f in checks(running, token="doctor-token").get("disk writes", [])
+                for f in checks(running, token="doctor-token-0123456789").get("disk writes", [])
                 if "written since start" in f.detail
             ],
             30,
@@ -234,9 +265,9 @@ def test_a_running_gateway_tells_its_write_rate_the_media_life_and_clock_jumps(
         assert found[0].ok and not found[0].blocking
         assert "GB/day" in found[0].detail and "P/E cycles lasts about" in found[0].detail
         # and whether its wall clock jumped (none here)
-        (clock,) = checks(running, token="doctor-token")["clock jumps"]
+        (clock,) = checks(running, token="doctor-token-0123456789")["clock jumps"]
         assert clock.ok and not clock.blocking and "no jump" in clock.detail
-        scraped = gateway.metrics("doctor-token")
+        scraped = gateway.metrics("doctor-token-0123456789")
         assert "cgw_process_written_bytes_total" in scraped  # /metrics exports the counter it reads
     finally:
         gateway.stop()

@@ -22,6 +22,10 @@ class DataDirInUse(OSError):
     """Another process holds the data folder; the message names it and what to do."""
 
 
+class DataDirUnusable(OSError):
+    """The data folder cannot be made or written: a setting's fault (CGW_DATA_DIR), not a crash."""
+
+
 class DataDirLock:
     """`acquire()` before touching the stores, `release()` after closing them."""
 
@@ -37,8 +41,15 @@ class DataDirLock:
         """Take the lock, or raise `DataDirInUse` naming the holder (pid and command)."""
         if self._fd is not None:
             return
-        private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            private_dir(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DataDirUnusable(
+                f"setting CGW_DATA_DIR (data_dir): {self.path.parent} cannot be used as the data folder "
+                f"({exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}); choose a folder "
+                "this user can create and write"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
