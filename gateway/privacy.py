@@ -38,6 +38,8 @@ REQUEST_PERSONAL: Mapping[str, Any] = {
     "contact": None,
     "attributes": {},
     "status_notes": None,
+    # An Open311 client's device id names the resident's phone (a kiosk's name is no loss).
+    "device_id": None,
 }
 # Where a request stands, without naming anyone: what a terminal sees of the tickets it filed.
 WHERE_IT_STANDS = (

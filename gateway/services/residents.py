@@ -184,7 +184,11 @@ def _pseudonymise(conn: sqlite3.Connection, tickets: Iterable[str], now_ms: int)
     conn.execute(
         f"""UPDATE requests SET description = '', unit = NULL, household = NULL, address = NULL,
             address_id = NULL, lat = NULL, long = NULL, media_url = NULL, contact = '{{}}',
-            attributes = '{{}}', status_notes = NULL, pseudonymised_ms = ? WHERE id IN ({marks})""",
+            attributes = '{{}}', status_notes = NULL, pseudonymised_ms = ?,
+            -- an Open311 client's device id names the resident's phone, in its re-send key too
+            device_id = CASE WHEN source = 'open311' THEN NULL ELSE device_id END,
+            request_key = CASE WHEN source = 'open311' THEN NULL ELSE request_key END
+            WHERE id IN ({marks})""",
         (now_ms, *ids),
     )
     conn.execute(f"UPDATE transitions SET note = '' WHERE request_id IN ({marks})", ids)
