@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,7 +38,25 @@ app = typer.Typer(
 # soft_wrap: a line is never cut at the terminal's width, nor at 80 columns when the output is
 # not a terminal (systemd's journal, a pipe): one error, one line, as docs/operations.md promises.
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)  # long commands stay on one line, ready to copy
+
+
+class _Output(Console):
+    """Standard output that a reader may close (`cgw demo | head -3`) without stopping anything.
+
+    rich's default answer to a broken pipe is `SystemExit` from inside whatever printed, which
+    in the demo is its start-up callback inside the task group: the shutdown path broke and no
+    signal could stop the demo or its private broker. Here the output just goes quiet.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        # Later writes, and the interpreter's last flush, go nowhere instead of failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+out = _Output(soft_wrap=True)  # long commands stay on one line, ready to copy
 
 ConfigOption = Annotated[
     Path | None,

@@ -172,3 +172,23 @@ def test_demo_flags_win_over_the_environment_over_the_file_over_its_defaults(tmp
     assert chosen(base) == DemoPlace(Path("/srv/env"), "fromenv", "127.0.0.1", 9002)
     flags = {"data_dir": Path("/srv/flag"), "community": "flag", "api_host": "0.0.0.0", "api_port": 9003}
     assert chosen(base, **flags) == DemoPlace(Path("/srv/flag"), "flag", "0.0.0.0", 9003)
+
+
+def test_a_closed_stdout_never_stops_the_shutdown(tmp_path: Path) -> None:
+    """`cgw demo | head`: once the reader has gone, Ctrl-C still stops the demo and its Mosquitto.
+
+    rich answers a broken pipe with SystemExit from inside whatever printed; the demo's output
+    goes quiet instead (gateway/cli.py `_Output`).
+    """
+    process, _, _ = start_demo(tmp_path, "--service-days", "0")
+    assert process.stdout is not None
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
+    brokers = [
+        pid for pid in children.stdout.split() if Path(f"/proc/{pid}/comm").read_text().strip() == "mosquitto"
+    ]
+    assert len(brokers) == 1, children.stdout
+    process.stdout.close()  # the reader goes away, as `head` does; the demo's next line hits it
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    status = Path(f"/proc/{brokers[0]}/status")
+    assert not status.exists() or "zombie" in status.read_text()
