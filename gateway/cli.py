@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from gateway import __version__
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import MqttSettings, Settings, SettingsError, load_settings
 from gateway.store.lock import DataDirUnusable
 
 app = typer.Typer(
@@ -290,7 +291,7 @@ def simulate(
     floors: Annotated[int, typer.Option(min=1, max=60)] = 6,
     speed: Annotated[float, typer.Option(min=0.1, help="Simulated time per real second.")] = 1.0,
     interval_scale: Annotated[float, typer.Option(min=0.01, help="Multiply every publish interval.")] = 1.0,
-    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0, help="Stop after this many seconds.")] = None,
     faults: Annotated[
         str,
         typer.Option(
@@ -333,6 +334,12 @@ def simulate(
     except ValueError as exc:
         console.print(f"[red]error:[/red] --faults: {exc}", highlight=False)
         raise typer.Exit(2) from None
+    try:
+        MqttSettings(url=broker)  # the gateway's own check of a broker URL
+    except ValidationError as exc:
+        reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        console.print(f"[red]error:[/red] --broker: {reason}", highlight=False)
+        raise typer.Exit(2) from None
     if inventory is not None:
         build_community(community, seed, buildings, floors).write_inventory(inventory)
     config = SimulationConfig(
@@ -365,6 +372,9 @@ def simulate(
     async def main(stop: asyncio.Event) -> None:
         stats = await run_simulation(config, stop, started, report if progress else None, progress)
         out.print(stats.summary(), highlight=False)
+        if stats.devices and not stats.messages:
+            # Every device publishes its birth on connecting: none means none connected.
+            raise OSError(f"no device could connect to {broker}: is a broker listening there?")
 
     _run_until_signal(main)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import sys
 import threading
 from collections import Counter
@@ -20,7 +21,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.harness import api, eventually, gateway_settings, running
-from tests.services import MosquittoProcess
+from tests.services import MosquittoProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +95,22 @@ async def test_what_cgw_simulate_reports_is_what_the_broker_and_the_gateway_saw(
             await eventually(known, 15, "the simulated devices in the gateway")
     finally:
         counting.close()
+
+
+def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "gateway.cli", "simulate", "--buildings", "1", "--floors", "1", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_a_bad_broker_url_or_duration_is_one_line_and_exit_2() -> None:
+    result = _simulate("--broker", "http://x")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --broker: must start with mqtt:// or mqtts://, got 'http://x'"
+    result = _simulate("--duration", "-1")
+    assert result.returncode == 2 and "--duration" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_broker_is_said_and_fails() -> None:
+    result = _simulate("--broker", f"mqtt://127.0.0.1:{free_port()}", "--duration", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "error: no device could connect to mqtt://127.0.0.1:" in result.stderr
