@@ -179,7 +179,7 @@ def demo(
         int | None,
         typer.Option(help="API port, a free one if taken [default: CGW_API__PORT, the file's, or 8080]."),
     ] = None,
-    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0, help="Stop after this many seconds.")] = None,
     service_days: Annotated[
         int, typer.Option(min=0, max=30, help="Days of simulated service history filled in on first start.")
     ] = 7,

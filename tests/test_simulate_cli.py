@@ -108,6 +108,13 @@ def test_a_bad_broker_url_or_duration_is_one_line_and_exit_2() -> None:
     assert result.stderr.strip() == "error: --broker: must start with mqtt:// or mqtts://, got 'http://x'"
     result = _simulate("--duration", "-1")
     assert result.returncode == 2 and "--duration" in result.stderr and "Traceback" not in result.stderr
+    demo = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert demo.returncode == 2 and "--duration" in demo.stderr
 
 
 def test_no_broker_is_said_and_fails() -> None:
