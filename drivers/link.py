@@ -23,8 +23,6 @@ from gateway.models import RawMessage
 from gateway.settings import BrokerSettings, MqttSettings
 from gateway.stats import GatewayMetrics
 
-log = logging.getLogger(__name__)
-
 
 class BrokerLink:
     """What an MQTT client of the gateway keeps about its connection, and the paho callbacks that
@@ -44,6 +42,9 @@ class BrokerLink:
         self._connected = False
         self._stopping = False
         self.last_error = None
+        # The client's own logger (drivers.mqtt5, drivers.mqtt, the uplink's): one connection's
+        # lines under one name, whichever module wrote them.
+        self._log = logging.getLogger(type(self).__module__)
 
     @property
     def connected(self) -> bool:
@@ -63,7 +64,7 @@ class BrokerLink:
     def _refusal(self, reason: str) -> None:
         env = self._link_env
         self.last_error = f"{self.target} refused the connection: {reason}"
-        log.error("%s (check %s__USERNAME / %s__PASSWORD)", self.last_error, env, env)
+        self._log.error("%s (check %s__USERNAME / %s__PASSWORD)", self.last_error, env, env)
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self._unreachable()
@@ -77,7 +78,7 @@ class BrokerLink:
     def _failing(self, message: str) -> None:
         """A failed attempt, logged once per distinct reason: the client retries on its own."""
         if message != self.last_error:
-            log.error("%s; retrying", message)
+            self._log.error("%s; retrying", message)
         self.last_error = message
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -89,7 +90,7 @@ class BrokerLink:
         # After a refused CONNECT the broker closes the socket too: keep the refusal as the reason.
         if not self._stopping and was_connected:
             self.last_error = f"lost {self.target}: {reason}"
-            log.warning("%s; reconnecting", self.last_error)
+            self._log.warning("%s; reconnecting", self.last_error)
 
 
 # A broker drops the older of two connections with one client id [MQTT-3.1.4-2]; MQTT 3.1.1 says

@@ -231,7 +231,7 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     err = "".join(lines)
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    assert any(r["logger"] == "drivers.link" and "cannot connect" in r["message"] for r in records)
+    assert any(r["logger"] == "drivers.mqtt5" and "cannot connect" in r["message"] for r in records)
 
 
 @pytest.mark.parametrize(
