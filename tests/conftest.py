@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import pytest
 
+from tests.devices import Publisher
 from tests.services import MosquittoProcess, VictoriaMetricsProcess
 
 P = TypeVar("P", MosquittoProcess, VictoriaMetricsProcess)
@@ -25,6 +26,16 @@ def _running(process: P) -> Iterator[P]:
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A fresh broker per test: tests may stop, kill and restart it."""
     yield from _running(MosquittoProcess(tmp_path / "mosquitto"))
+
+
+@pytest.fixture
+def publisher(mosquitto: MosquittoProcess) -> Iterator[Publisher]:
+    """A device-side publisher on the test's broker, closed after the test."""
+    pub = Publisher(mosquitto.port)
+    try:
+        yield pub
+    finally:
+        pub.close()
 
 
 @pytest.fixture

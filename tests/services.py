@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import orjson
+import trustme
 
 
 def free_port() -> int:
@@ -237,3 +238,17 @@ def wait_for(probe: Any, timeout: float, what: str) -> Any:
             return last
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}: last {last!r}")
+
+
+def tls_files(folder: Path, *names: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for `names` (default 127.0.0.1 and localhost).
+
+    Returns (ca_file, cert_file, key_file) written under `folder`, for a TLS listener in a test.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert(*(names or ("127.0.0.1", "localhost")))
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return ca_file, cert_file, key_file

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -57,15 +56,6 @@ def start_gateway(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetr
 def _connected(gateway: GatewayProcess) -> bool:
     checks = gateway.checks()
     return bool(checks and checks["broker"]["ok"])
-
-
-@pytest.fixture
-def publisher(mosquitto: MosquittoProcess) -> Iterator[Publisher]:
-    pub = Publisher(mosquitto.port)
-    try:
-        yield pub
-    finally:
-        pub.close()
 
 
 # -- what "exactly once" means here: idempotent landing ------------------------------------------

@@ -46,15 +46,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-@pytest.fixture
-def publisher(mosquitto: MosquittoProcess) -> Iterator[Publisher]:
-    pub = Publisher(mosquitto.port)
-    try:
-        yield pub
-    finally:
-        pub.close()
-
-
 def gateway_on(disk: Path, folder: Path, broker: MosquittoProcess, **env: str) -> GatewayProcess:
     """`cgw run` whose data folder is the small disk (its log stays outside it)."""
     folder.mkdir()

@@ -20,37 +20,8 @@ from fastapi.testclient import TestClient
 
 from gateway.application import Gateway
 from tests.harness import gateway_settings, served
+from tests.open311_spec import ATTRIBUTE_FIELDS, REQUEST_FIELDS, SERVICE_FIELDS
 
-SERVICE_FIELDS = {"service_code", "service_name", "description", "metadata", "type", "keywords", "group"}
-ATTRIBUTE_FIELDS = {
-    "variable",
-    "code",
-    "datatype",
-    "required",
-    "datatype_description",
-    "order",
-    "description",
-    "values",
-}
-REQUEST_FIELDS = {
-    "service_request_id",
-    "status",
-    "status_notes",
-    "service_name",
-    "service_code",
-    "description",
-    "agency_responsible",
-    "service_notice",
-    "requested_datetime",
-    "updated_datetime",
-    "expected_datetime",
-    "address",
-    "address_id",
-    "zipcode",
-    "lat",
-    "long",
-    "media_url",
-}
 OPERATOR = {"Authorization": "Bearer operator-token"}
 VIEWER = {"Authorization": "Bearer viewer-token"}
 

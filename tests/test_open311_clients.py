@@ -25,29 +25,8 @@ import xmltodict
 from georeport import GeoReport
 
 from tests.harness import gateway_settings, running
+from tests.open311_spec import ATTRIBUTE_FIELDS, REQUEST_FIELDS, SERVICE_FIELDS
 
-SERVICE_FIELDS = {"service_code", "service_name", "description", "metadata", "type", "keywords", "group"}
-ATTRIBUTE_FIELDS = {"variable", "code", "datatype", "required", "datatype_description", "order"}
-ATTRIBUTE_FIELDS |= {"description", "values"}
-REQUEST_FIELDS = {
-    "service_request_id",
-    "status",
-    "status_notes",
-    "service_name",
-    "service_code",
-    "description",
-    "agency_responsible",
-    "service_notice",
-    "requested_datetime",
-    "updated_datetime",
-    "expected_datetime",
-    "address",
-    "address_id",
-    "zipcode",
-    "lat",
-    "long",
-    "media_url",
-}
 JSON = "application/json; charset=utf-8"
 XML = "text/xml; charset=utf-8"
 # Every field of the spec's POST, as a client fills its form.

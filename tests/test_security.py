@@ -44,7 +44,7 @@ from gateway.settings import (
     load_settings,
 )
 from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
-from tests.services import MosquittoProcess, free_port, wait_port
+from tests.services import MosquittoProcess, free_port, tls_files, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -178,12 +178,7 @@ async def _async(value: Any) -> Any:
 
 
 async def test_mqtt_over_tls(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
+    ca_file, cert_file, key_file = tls_files(tmp_path)
     broker = MosquittoProcess(
         tmp_path / "mosquitto", listener_extra=f"certfile {cert_file}\nkeyfile {key_file}\n"
     )
@@ -544,12 +539,7 @@ def _inventory(tmp_path: Path) -> Path:
 async def test_the_api_speaks_tls_with_uvicorns_own_settings(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file, ca_file = tmp_path / "api.pem", tmp_path / "api.key", tmp_path / "ca.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca_file, cert_file, key_file = tls_files(tmp_path, "127.0.0.1")
     settings = gateway_settings(tmp_path / "gw", mosquitto.url)
     api_settings = settings.api.model_copy(update={"tls_certfile": cert_file, "tls_keyfile": key_file})
     async with running(settings.model_copy(update={"api": api_settings})) as gw:

@@ -29,7 +29,7 @@ from gateway.credentials import hash_password
 from gateway.settings import Settings, UplinkSettings
 from gateway.uplink.sink import COMMAND_QUEUE
 from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
-from tests.services import MosquittoProcess
+from tests.services import MosquittoProcess, tls_files
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +49,7 @@ class SecureDistrict:
 
 @pytest.fixture
 def secure_district(tmp_path: Path) -> Iterator[SecureDistrict]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
+    ca_file, cert_file, key_file = tls_files(tmp_path)
     passwd = tmp_path / "passwd"
     passwd.write_text("".join(f"{user}:{hash_password(pw)}\n" for user, pw in PASSWORDS.items()))
     broker = MosquittoProcess(
