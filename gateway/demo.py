@@ -239,7 +239,8 @@ async def _service_history(config: ServiceSimConfig) -> None:
     except Exception:  # the demo goes on without history; the reason is in the log
         log.exception("could not fill in the simulated service history")
         return
-    log.info("service history ready: %d requests over %d days", len(result.requests), config.days)
+    days = f"{config.days} day" + ("" if config.days == 1 else "s")
+    log.info("service history ready: %d requests over %s", len(result.requests), days)
 
 
 async def _first(waiter: Coroutine[Any, Any, Any], task: asyncio.Task[None]) -> None:

@@ -199,6 +199,23 @@ def _poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
+def voting_households(
+    rng: random.Random, buildings: int, floors: int, voters: int
+) -> dict[str, tuple[str, str]]:
+    """`voters` households drawn at random, as {"building/unit": (building, unit)}.
+
+    A small community has fewer households than the configured voters: then every household votes
+    (drawing until `voters` distinct ones were found never ended, and froze the demo's event loop).
+    """
+    wanted = min(voters, buildings * floors * UNITS_PER_FLOOR)
+    households: dict[str, tuple[str, str]] = {}
+    while len(households) < wanted:
+        b = str(rng.randint(1, buildings))
+        unit = f"{b}-{rng.randint(1, floors)}{rng.randint(1, UNITS_PER_FLOOR):02d}"
+        households[f"{b}/{unit}"] = (b, unit)
+    return households
+
+
 class ServiceSimulation:
     def __init__(self, config: ServiceSimConfig, catalogue: Catalogue | None = None) -> None:
         self.config = config
@@ -514,11 +531,8 @@ class ServiceSimulation:
         )
         proposal = created.raise_for_status().json()["id"]
         self.log.proposal_id = proposal
-        households: dict[str, tuple[str, str]] = {}
-        while len(households) < self.config.voters:
-            b = str(self.rng.randint(1, self.config.buildings))
-            unit = f"{b}-{self.rng.randint(1, self.config.floors)}{self.rng.randint(1, UNITS_PER_FLOOR):02d}"
-            households[f"{b}/{unit}"] = (b, unit)
+        config = self.config
+        households = voting_households(self.rng, config.buildings, config.floors, config.voters)
         terminal = self.config.terminals[0]
         for key, (b, unit) in households.items():
             choice = self.rng.choices(["yes", "no", "abstain"], [6, 3, 1])[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import sqlite3
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from gateway.services.catalogue import CatalogueError, load_catalogue
 from gateway.services.intake import IntakeError, terminal_request, terminal_vote
 from gateway.services.store import MIGRATIONS, ServiceStore
 from gateway.sinks.lineprotocol import service_record_lines
+from simulators.residents import UNITS_PER_FLOOR, voting_households
 
 CATALOGUE = load_catalogue()
 
@@ -257,3 +259,11 @@ def test_upgrade_carries_unsent_lines_over_as_records(tmp_path: Path) -> None:
         assert store.conn.execute("SELECT COUNT(*) FROM outbox_records").fetchone()[0] == 0
     finally:
         store.close()
+
+
+def test_a_community_smaller_than_the_voters_lets_every_household_vote() -> None:
+    """One building of two floors has 8 households: asking for 40 voters used to loop forever."""
+    drawn = voting_households(random.Random(7), buildings=1, floors=2, voters=40)
+    assert len(drawn) == 1 * 2 * UNITS_PER_FLOOR
+    assert sorted(drawn) == sorted(f"1/1-{f}{u:02d}" for f in (1, 2) for u in range(1, UNITS_PER_FLOOR + 1))
+    assert len(voting_households(random.Random(7), buildings=9, floors=6, voters=40)) == 40
