@@ -509,8 +509,6 @@ def token(
     import secrets
     from datetime import UTC, datetime, timedelta
 
-    from pydantic import ValidationError
-
     from gateway.durations import parse_duration
     from gateway.settings import TokenGrant
 
@@ -543,7 +541,6 @@ def household(
     card: Annotated[str | None, typer.Option(help="Or its card number.")] = None,
 ) -> None:
     """Add a household to the register (or replace its PIN): only registered households vote."""
-    from pydantic import ValidationError
 
     from gateway.datafiles import DataFileError
     from gateway.services.households import add_household
