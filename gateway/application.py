@@ -23,7 +23,7 @@ from drivers.base import Driver
 from drivers.link import MqttIntake
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
-from gateway.api.context import ApiContext
+from gateway.api.context import ApiContext, DeviceReads
 from gateway.api.headers import allowed_names
 from gateway.clock import ClockWatch
 from gateway.limits import DeviceRateLimit, KeyedRateLimit
@@ -203,6 +203,7 @@ class Gateway:
                 alarms_active=self.alarms.active,
                 desk=self.desk,
                 open311_keyless_reads=settings.services.open311_keyless_reads,
+                device_reads=DeviceReads(settings.privacy.device_read_window.total_seconds()),
             ),
             max_body_bytes=settings.api.max_body_bytes,
             allowed_hosts=allowed_names(settings.api.allowed_hosts, settings.api.host),

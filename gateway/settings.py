@@ -335,6 +335,9 @@ class PrivacySettings(_Section):
 
     # Every read of personal data is logged (gateway/services/access_log.py); kept this long.
     access_log_retention: Duration = timedelta(days=180)
+    # A device's unit is logged once per token and device in this long: the dashboard polls the
+    # device list, and an entry per poll would cost the SD card a commit every few seconds.
+    device_read_window: Duration = timedelta(hours=1)
     # A closed request keeps its residents' personal data this long, then it is pseudonymised
     # (the figures stay; gateway/services/residents.py); so do the households of votes on
     # proposals closed this long ago.

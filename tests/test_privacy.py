@@ -361,3 +361,38 @@ async def test_every_read_of_personal_data_is_in_the_access_log(tmp_path: Path, 
             keep_ms = int(settings.privacy.access_log_retention.total_seconds() * 1000)
             await gw.desk.keep_to_retention(max(e["ts_ms"] for e in everyone) + keep_ms + 1)
             assert (await installer.get("/api/v1/access-log")).json()["items"] == []
+
+
+async def test_a_devices_unit_read_is_logged_once_per_token_and_window(
+    tmp_path: Path, mosquitto: Any
+) -> None:
+    """A sensor in a home names that home: an operator's read of its unit is in the access log.
+
+    The dashboard polls the device list, so a token's reads of one device are logged once per
+    `privacy.device_read_window` (an entry per poll would be a commit every few seconds).
+    """
+    settings = privacy_settings(tmp_path, mosquitto.url)
+    grants = {**settings.auth.tokens, "zhang-token": TokenGrant(role="operator", name="Officer Zhang")}
+    settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"tokens": grants})})
+    async with running(settings) as gw:
+        birth = {"state": "online", "kind": "air_quality", "location": {"building": "3", "unit": "2-301"}}
+        mosquitto_pub(mosquitto.port, "cgw/v1/home-aq-1/status", orjson.dumps(birth))
+        hall = {"state": "online", "kind": "air_quality", "location": {"building": "3"}}
+        mosquitto_pub(mosquitto.port, "cgw/v1/hall-aq-1/status", orjson.dumps(hall))
+        async with client_for(gw, "zhang-token") as zhang, client_for(gw, "viewer-token") as viewer:
+
+            async def both_known() -> bool:
+                listed = (await zhang.get("/api/v1/devices")).json()["items"]
+                return {"home-aq-1", "hall-aq-1"} <= {d["device_id"] for d in listed}
+
+            await eventually(both_known, 5.0, "both devices registered")
+            assert (await zhang.get("/api/v1/devices")).status_code == 200  # within the window
+            assert (await zhang.get("/api/v1/devices/home-aq-1")).json()["unit"] == "2-301"
+            assert (await viewer.get("/api/v1/devices/home-aq-1")).json()["unit"] is None
+        async with client_for(gw, "installer-token") as installer:
+            log = (await installer.get("/api/v1/access-log", params={"limit": 1000})).json()["items"]
+            devices = [e for e in log if any(r.startswith("device:") for r in e["records"])]
+            # One entry: the first list that showed the unit; the hall's sensor names no home.
+            assert [(e["who"], e["endpoint"], e["records"]) for e in devices] == [
+                ("Officer Zhang", "GET /api/v1/devices", ["device:home-aq-1"])
+            ]

@@ -8,7 +8,7 @@ not recorded.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from fastapi import Request
 
@@ -35,3 +35,14 @@ async def record_reads(
         return
     name = where if isinstance(where, str) else endpoint(where)
     await ctx.desk.record_access(Access(int(time.time() * 1000), who.who, who.role, who.token_id, name, ids))
+
+
+async def record_device_reads(
+    ctx: ApiContext, who: Principal, request: Request, shown: Sequence[dict[str, object]]
+) -> None:
+    """Log the devices whose unit (a home) `who` was shown, once per token and device a window."""
+    if not privacy.reads_personal(who.role):
+        return
+    with_unit = [str(d["device_id"]) for d in shown if d.get("unit")]
+    fresh = ctx.device_reads.fresh(who.token_id, with_unit, time.monotonic())
+    await record_reads(ctx, who, request, (f"device:{device_id}" for device_id in fresh))

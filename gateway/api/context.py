@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -32,6 +32,28 @@ class ApiContext:
     alarms_active: Callable[[str], list[str]]
     desk: ServiceDesk
     open311_keyless_reads: bool = False  # services.open311_keyless_reads
+    device_reads: DeviceReads = field(default_factory=lambda: DeviceReads(3600.0))
+
+
+@dataclass(slots=True)
+class DeviceReads:
+    """Which devices' units each token was last logged reading, so a poll is logged once a window."""
+
+    window_s: float  # privacy.device_read_window
+    _last: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def fresh(self, token_id: str, device_ids: list[str], now: float) -> list[str]:
+        """The ids not logged for `token_id` within the window (now marked as logged); `now` is monotonic."""
+        if len(self._last) > 50_000:  # forget what the window no longer covers
+            self._last = {k: t for k, t in self._last.items() if now - t < self.window_s}
+        out = []
+        for device_id in device_ids:
+            key = (token_id, device_id)
+            last = self._last.get(key)
+            if last is None or now - last >= self.window_s:
+                self._last[key] = now
+                out.append(device_id)
+        return out
 
 
 def context(request: Request) -> ApiContext:

@@ -11,9 +11,10 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from gateway import privacy
+from gateway.api.access import record_device_reads
 from gateway.api.auth import Principal, Reader
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
@@ -38,16 +39,20 @@ RAW_RANGE = timedelta(hours=2)
 TARGET_POINTS = 500
 
 
-def _device_out(ctx: ApiContext, who: Principal, device: Any) -> DeviceOut:
+def _shown(who: Principal, device: Any) -> dict[str, Any]:
     # A device's unit names the home it sits in: personal data (gateway/privacy.py).
-    shown = privacy.device_for(who.role, device.to_dict())
-    return DeviceOut(**shown, active_alarms=ctx.alarms_active(device.device_id))
+    return privacy.device_for(who.role, device.to_dict())
+
+
+def _device_out(ctx: ApiContext, shown: dict[str, Any]) -> DeviceOut:
+    return DeviceOut(**shown, active_alarms=ctx.alarms_active(str(shown["device_id"])))
 
 
 @router.get(
     "/devices", response_model=DeviceList, summary="Devices with presence and last values", responses=AUTH
 )
 async def list_devices(
+    request: Request,
     ctx: Ctx,
     who: Reader,
     kind: str | None = None,
@@ -64,21 +69,25 @@ async def list_devices(
         and (building is None or d.building == building)
         and (online is None or d.online == online)
     ]
+    shown = [_shown(who, d) for d in selected[offset : offset + limit]]
+    await record_device_reads(ctx, who, request, shown)
     return DeviceList(
         total=len(selected),
         online=sum(1 for d in selected if d.online),
-        items=[_device_out(ctx, who, d) for d in selected[offset : offset + limit]],
+        items=[_device_out(ctx, s) for s in shown],
     )
 
 
 @router.get(
     "/devices/{device_id}", response_model=DeviceOut, summary="One device", responses={**NOT_FOUND, **AUTH}
 )
-async def get_device(ctx: Ctx, who: Reader, device_id: str) -> DeviceOut:
+async def get_device(request: Request, ctx: Ctx, who: Reader, device_id: str) -> DeviceOut:
     device = ctx.registry.get(device_id)
     if device is None:
         raise HTTPException(404, f"no device {device_id!r}")
-    return _device_out(ctx, who, device)
+    shown = _shown(who, device)
+    await record_device_reads(ctx, who, request, [shown])
+    return _device_out(ctx, shown)
 
 
 @router.get(
