@@ -31,8 +31,8 @@ class ApiContext:
     readiness: Callable[[], dict[str, Any]]
     alarms_active: Callable[[str], list[str]]
     desk: ServiceDesk
+    device_reads: DeviceReads  # built from privacy.device_read_window
     open311_keyless_reads: bool = False  # services.open311_keyless_reads
-    device_reads: DeviceReads = field(default_factory=lambda: DeviceReads(3600.0))
 
 
 @dataclass(slots=True)
