@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from gateway import __version__
+from gateway.clock import now_ms
 from gateway.settings import MqttSettings, Settings, SettingsError, load_settings
 from gateway.store.lock import DataDirUnusable
 
@@ -607,7 +608,6 @@ def residents_export(
     """Everything kept about one resident, as JSON (requests, their steps and ratings, votes)."""
     import getpass
     import json
-    import time
 
     from gateway.services import access_log
     from gateway.services import residents as rights
@@ -624,7 +624,7 @@ def residents_export(
             access_log.record(
             store.conn,
                 access_log.Access(
-                    int(time.time() * 1000), f"cli:{getpass.getuser()}", "installer", "cli",
+                    now_ms(), f"cli:{getpass.getuser()}", "installer", "cli",
                     "cgw residents export", tuple(read),
                 ),
             )  # fmt: skip
@@ -649,7 +649,6 @@ def residents_erase(
 ) -> None:
     """Erase what is kept about one resident: personal data emptied, figures kept; prints a report."""
     import json
-    import time
 
     from gateway.services import residents as rights
     from gateway.store.maintenance import forget_dead_letters
@@ -660,7 +659,7 @@ def residents_erase(
         typer.confirm("erase this resident's personal data (it cannot be undone)?", abort=True)
     store = _service_store(settings)
     try:
-        report = rights.erase(store.conn, resident, int(time.time() * 1000))
+        report = rights.erase(store.conn, resident, now_ms())
     finally:
         store.close()
     # Dead letters refused before they were redacted may still name the resident.

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+
+def now_ms() -> int:
+    """The wall clock in epoch milliseconds: the one way the gateway stamps what it records."""
+    return time.time_ns() // 1_000_000
+
+
 # More than scheduling noise or an NTP slew (which changes the rate by at most 0.05 %), less
 # than any step a real correction makes.
 JUMP_S = 2.0

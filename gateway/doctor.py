@@ -23,6 +23,7 @@ import httpx
 import paho.mqtt.client as paho
 
 from drivers.mqtt import broker_client
+from gateway.clock import now_ms
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
@@ -411,7 +412,7 @@ def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:
             write = http.post(
                 f"{s.url}/api/v2/write",
                 params={"org": s.org, "bucket": s.bucket, "precision": "ms"},
-                content=f"cgw_doctor,community={settings.community} ok=1 {int(time.time() * 1000)}",
+                content=f"cgw_doctor,community={settings.community} ok=1 {now_ms()}",
                 headers=headers,
             )
     except httpx.HTTPError as exc:

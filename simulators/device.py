@@ -11,7 +11,6 @@ import asyncio
 import logging
 import random
 import socket
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 import aiomqtt
 import orjson
 
+from gateway import clock
 from simulators.community import SimDevice
 from simulators.faults import BURST_SIZE, SKEW_MS, FaultPlan, malformed_payload
 from simulators.signals import signal_for
@@ -170,7 +170,7 @@ class SimulatedDevice:
         return {"ts": self._ts(ts_ms), "seq": self._seq, "metrics": metrics}, events
 
     async def _publish_reading(self, client: aiomqtt.Client, faults: set[str]) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         reading, events = self._reading(now_ms)
         if "clock_skew" in faults:
             reading["ts"] = self._ts(now_ms + self._rng.choice((SKEW_MS, -SKEW_MS * 30 * 24)))
@@ -196,7 +196,7 @@ class SimulatedDevice:
             self._counters["fault:duplicate"] += 1
         if "burst" in faults:
             self._counters["fault:burst"] += 1
-            base = int(time.time() * 1000)
+            base = clock.now_ms()
             for i in range(BURST_SIZE):
                 burst, _ = self._reading(base + i + 1)
                 await self._send(client, burst)

@@ -26,6 +26,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.api.context import ApiContext, context
+from gateway.clock import now_ms
 from gateway.limits import KeyedRateLimit
 from gateway.settings import Role, TokenGrant
 
@@ -102,7 +103,7 @@ def check_token(
             f"role {principal.role!r} may not do this (needs one of: {', '.join(allowed)})",
         )
     if write_limit is not None and not write_limit.allow(principal.token_id):
-        if write_limit.should_log(principal.token_id, int(time.time() * 1000)):
+        if write_limit.should_log(principal.token_id, now_ms()):
             log.warning("token %s is writing faster than auth.write_rate_limit allows", principal.token_id)
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,

@@ -7,9 +7,9 @@ and alarm state need no locks; it also runs the presence sweep and periodic devi
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
+from gateway.clock import now_ms
 from gateway.models import RawMessage
 from gateway.pipeline.process import Processor
 from gateway.pipeline.route import Router
@@ -20,10 +20,6 @@ from gateway.stats import GatewayMetrics
 # gateway comes back with them up to this old; the readings themselves are all in the store.
 # Rarely, because every snapshot rewrites a page per few devices (the SD card's wear).
 SNAPSHOT_INTERVAL_S = 300.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Pipeline:

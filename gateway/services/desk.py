@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway.clock import now_ms
 from gateway.logsummary import LogSummary
 from gateway.models import DeadLetter, DeviceEvent, event_id
 from gateway.services import access_log, evaluation, needs, residents
@@ -526,7 +526,3 @@ def _refusal(message: TerminalMessage, reason: str) -> dict[str, Any]:
         if isinstance(value, str):
             ack[key] = value[:128]
     return ack
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -17,9 +17,9 @@ import asyncio
 import logging
 import shutil
 import sqlite3
-import time
 from pathlib import Path
 
+from gateway import clock
 from gateway.settings import StoreSettings
 from gateway.store.schema import connect, transaction
 from gateway.store.writer import MINUTE_MS, StoreWriter
@@ -119,7 +119,7 @@ class StoreMaintenance:
         return deleted
 
     async def run_once(self, now_ms: int | None = None, *, settle: bool = True) -> None:
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         try:
             await self._writer.call(self._work, now, settle)
         except sqlite3.Error as exc:

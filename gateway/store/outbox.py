@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+from gateway import clock
 
 Policy = Literal["drop_oldest_telemetry", "block"]
 
@@ -119,7 +120,7 @@ class Outbox:
             if self.policy == "block":
                 raise OutboxFull(f"the outbox is full ({self.max_bytes} bytes) and the policy is block")
             dropped = self._drop_oldest_telemetry(conn, over)
-        now_ms = int(time.time() * 1000)
+        now_ms = clock.now_ms()
         conn.executemany(
             "INSERT INTO outbox (sink, important, body, points, created_ms, batch, from_ms, to_ms, size) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

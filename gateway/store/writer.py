@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import privacy
+from gateway.clock import now_ms
 from gateway.files import private_store
 from gateway.limits import FloodNotes
 from gateway.models import event_id
@@ -311,7 +312,7 @@ class StoreWriter:
         self._metrics.store_writes.labels(table="dead_letters").inc(len(letters))
         if trimmed:
             self._metrics.dead_letters_trimmed.inc(trimmed)
-            if self._trim_notes.should_log("dead_letters", int(time.time() * 1000)):
+            if self._trim_notes.should_log("dead_letters", now_ms()):
                 log.warning(
                     "dead letters over store.dead_letter_max_bytes (%d bytes): deleted the %d oldest",
                     self.dead_letters.max_bytes,

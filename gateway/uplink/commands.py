@@ -24,7 +24,6 @@ may send commands is the district broker's ACL (docs/uplink.md).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -32,6 +31,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway import __version__, privacy
+from gateway.clock import now_ms
 from gateway.models import DISTRICT, DeviceEvent
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
@@ -115,7 +115,7 @@ class DistrictCommands:
         self._last_event_ms = 0
 
     async def handle(self, payload: bytes) -> dict[str, Any]:
-        now = int(time.time() * 1000)
+        now = now_ms()
         try:
             raw = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -186,7 +186,7 @@ class DistrictCommands:
 
     async def _carry_out(self, command: Command) -> dict[str, Any]:
         if isinstance(command, Ping):
-            return {"community": self._community, "version": __version__, "ts_ms": int(time.time() * 1000)}
+            return {"community": self._community, "version": __version__, "ts_ms": now_ms()}
         if isinstance(command, Transition):
             request = await self._desk.transition(
                 command.service_request_id,
@@ -242,7 +242,7 @@ def _refused(ident: Any, action: Any, error: str) -> dict[str, Any]:
 
 async def summaries(desk: ServiceDesk) -> list[tuple[str, dict[str, Any]]]:
     """The snapshots sent up: the ranked needs list (last 7 days) and 30 days of evaluation."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     needs = await desk.needs_list(7 * 86_400_000)
     start = now - 30 * 86_400_000
     evaluation = await desk.evaluations(start, now + 1, ("overall", "service", "provider"), "all")

@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 from drivers.link import BrokerLink
 from drivers.mqtt import broker_client
 from gateway import __version__
+from gateway.clock import now_ms
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.stats import GatewayMetrics
@@ -238,7 +239,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
         return up_topic(self._community, "status")
 
     def _status(self, state: str) -> bytes:
-        return orjson.dumps({"state": state, "ts_ms": int(time.time() * 1000), "version": __version__})
+        return orjson.dumps({"state": state, "ts_ms": now_ms(), "version": __version__})
 
     def _make_client(self) -> paho.Client:
         client = broker_client(self._settings, self._client_id, clean_session=False, manual_ack=False)

@@ -6,14 +6,13 @@ so all of it works with the uplink down.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from gateway import privacy
+from gateway import clock, privacy
 from gateway.api.access import record_device_reads
 from gateway.api.auth import Principal, Reader
 from gateway.api.context import ApiContext, context
@@ -113,7 +112,7 @@ async def get_telemetry(
 ) -> Telemetry:
     if ctx.registry.get(device_id) is None:
         raise HTTPException(404, f"no device {device_id!r}")
-    now_ms = int(time.time() * 1000)
+    now_ms = clock.now_ms()
     end_ms = epoch_ms(end, default=now_ms + 1)
     start_ms = epoch_ms(start, default=end_ms - 3_600_000)
     if start_ms >= end_ms:

@@ -4,7 +4,6 @@ group or provider. The definitions are in `gateway/services/evaluation.py` and d
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,6 +14,7 @@ from gateway.api.auth import Reader
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import ErrorBody
+from gateway.clock import now_ms
 from gateway.services.evaluation import By, Period
 
 router = APIRouter(prefix="/api/v1", tags=["evaluation"])
@@ -70,7 +70,7 @@ async def evaluate(
     by: By = "overall",
     period: Period = "all",
 ) -> Evaluation:
-    end_ms = epoch_ms(end, default=int(time.time() * 1000) + 1)
+    end_ms = epoch_ms(end, default=now_ms() + 1)
     start_ms = epoch_ms(start, default=end_ms - 30 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")

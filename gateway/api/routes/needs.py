@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -19,6 +18,7 @@ from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.routes.requests import REFUSED, refused
 from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
+from gateway.clock import now_ms
 from gateway.durations import parse_duration
 from gateway.services import needs
 from gateway.services.intake import IntakeError, NewVote, household_key, household_secret
@@ -149,7 +149,7 @@ async def hotspots(
     alpha: Annotated[float, Query(gt=0, le=0.5)] = 0.001,
     min_count: Annotated[int, Query(ge=1, le=10_000)] = 3,
 ) -> Hotspots:
-    window_end = epoch_ms(end, default=int(time.time() * 1000))
+    window_end = epoch_ms(end, default=now_ms())
     window_start = window_end - duration_ms(window, "window")
     baseline_start = window_start - duration_ms(baseline, "baseline")
     items = await ctx.desk.hotspots(window_start, window_end, baseline_start, alpha, min_count)
@@ -172,7 +172,7 @@ async def hotspots(
     responses=BAD,
 )
 async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datetime | None = None) -> Heatmap:
-    end_ms = epoch_ms(end, default=int(time.time() * 1000))
+    end_ms = epoch_ms(end, default=now_ms())
     start_ms = epoch_ms(start, default=end_ms - 7 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
@@ -236,9 +236,7 @@ async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -
         key = f"api:{who.token_id}|{body.vote_id}" if body.vote_id else None
         secret = household_secret(body.pin, body.card)
         status, proposal = await ctx.desk.vote(
-            NewVote(
-                proposal_id, household, body.choice, int(time.time() * 1000), None, key, secret, who.actor
-            )
+            NewVote(proposal_id, household, body.choice, now_ms(), None, key, secret, who.actor)
         )
     except IntakeError as exc:
         raise HTTPException(422, str(exc)) from None

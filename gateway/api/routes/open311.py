@@ -17,7 +17,6 @@ tickets it filed, and the others answer 404 to it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -34,6 +33,7 @@ from gateway.api.access import record_reads
 from gateway.api.auth import Principal, open311_reader, require_api_key
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
+from gateway.clock import now_ms
 from gateway.services import open311
 from gateway.services.intake import IntakeError, open311_request
 from gateway.services.lifecycle import OPEN311_CLOSED, STATES
@@ -325,7 +325,7 @@ async def list_requests(
             # second, so an end_date without a fraction includes its whole second.
             end += 1 if end_date.microsecond else 1000
         if start is None and end is None:
-            end = int(time.time() * 1000) + 1
+            end = now_ms() + 1
             start = end - 90 * DAY_MS
         elif start is None:
             assert end is not None
@@ -449,7 +449,7 @@ async def post_request(
     form = await _post_fields(request)
     check_jurisdiction(ctx, form.get("jurisdiction_id"))
     try:
-        new = open311_request(ctx.desk.catalogue, form, int(time.time() * 1000))
+        new = open311_request(ctx.desk.catalogue, form, now_ms())
     except IntakeError as exc:
         # The spec: 404 for a service_code it does not know, 400 for any other bad field.
         raise HTTPException(404 if str(exc).startswith("unknown_service") else 400, str(exc)) from None

@@ -7,7 +7,6 @@ viewers the redacted view, a terminal the status of the tickets it filed (others
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from gateway.api.auth import Operator, Principal, Reader, Terminal
 from gateway.api.context import ApiContext, context
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
+from gateway.clock import now_ms
 from gateway.services.intake import NewRating
 from gateway.services.lifecycle import State
 from gateway.services.store import DeskError, TransitionError
@@ -244,7 +244,7 @@ async def transition(
     responses=REFUSED,
 )
 async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: RatingIn) -> RatingResult:
-    when = epoch_ms(body.ts, default=int(time.time() * 1000))
+    when = epoch_ms(body.ts, default=now_ms())
     try:
         view, first = await ctx.desk.rate(
             NewRating(ticket, body.score, body.comment, when, who.actor, who.actor, body.rating_code)
@@ -265,7 +265,7 @@ async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: 
 async def assess(ctx: Ctx, _: Operator, body: AssessmentIn) -> AssessmentOut:
     try:
         saved = await ctx.desk.assess(
-            ts_ms=epoch_ms(body.ts, default=int(time.time() * 1000)),
+            ts_ms=epoch_ms(body.ts, default=now_ms()),
             assessor=body.assessor,
             provider_id=body.provider_id,
             score=body.score,
