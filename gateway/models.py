@@ -8,11 +8,14 @@ data files); nothing here validates itself.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
+# How a device became known: the installer's inventory, its own birth message, or its traffic.
+Source = Literal["inventory", "birth", "auto"]
 # The district platform, as the actor of its commands and the source of their events.
 DISTRICT = "district"
 
@@ -93,3 +96,95 @@ def event_id(event: DeviceEvent) -> int:
     """
     key = f"{event.device_id}|{event.ts_ms}|{event.type}|{event.source}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+class Rejected(ValueError):
+    """A message the gateway refuses; str() is `"<reason code>: <detail>"`."""
+
+
+@dataclass(slots=True)
+class Device:
+    """What the gateway knows about one device; also the row the API shows."""
+
+    device_id: str
+    kind: str
+    source: Source
+    building: str | None = None
+    floor: int | None = None
+    unit: str | None = None
+    fw: str | None = None
+    battery: float | None = None
+    rssi: float | None = None
+    online: bool = False
+    first_seen_ms: int | None = None
+    last_seen_ms: int | None = None
+    presence_ms: int | None = None  # when `online` last changed
+    last_ts_ms: int | None = None
+    last_seq: int | None = None
+    last_values: dict[str, float] = field(default_factory=dict)
+    pinned_kind: bool = False  # kind and location come from the inventory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "kind": self.kind,
+            "source": self.source,
+            "building": self.building,
+            "floor": self.floor,
+            "unit": self.unit,
+            "fw": self.fw,
+            "battery": self.battery,
+            "rssi": self.rssi,
+            "online": self.online,
+            "first_seen_ms": self.first_seen_ms,
+            "last_seen_ms": self.last_seen_ms,
+            "presence_ms": self.presence_ms,
+            "last_ts_ms": self.last_ts_ms,
+            "last_seq": self.last_seq,
+            "last_values": dict(self.last_values),
+        }
+
+
+@dataclass(slots=True)
+class TerminalMessage:
+    """A `request`, `rating` or `vote` message that passed the pipeline's checks."""
+
+    device_id: str
+    channel: str
+    obj: dict[str, Any]
+    ts_ms: int
+    received_ms: int
+    topic: str
+    payload: bytes
+    building: str | None = None
+    # Set when the pipeline already refused it (e.g. `not_a_terminal`): the desk only answers,
+    # dead-letters and counts it, the same way as its own refusals.
+    refused: str | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """What the pipeline made of one batch of raw messages: the records the store, the sinks, the
+    uplink, the service desk and the live stream each read their part of."""
+
+    readings: list[Reading] = field(default_factory=list)
+    events: list[DeviceEvent] = field(default_factory=list)
+    presence: list[PresenceChange] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    devices: list[Device] = field(default_factory=list)  # changed, to persist
+    terminal: list[TerminalMessage] = field(default_factory=list)  # for the service desk
+    records: list[dict[str, Any]] = field(default_factory=list)  # service records (desk)
+    forgotten: list[str] = field(default_factory=list)  # idle self-registered devices, to delete
+    # Called once everything above is durable (local store and outbox): acks to the broker.
+    on_durable: list[Callable[[], None]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.readings
+            or self.events
+            or self.presence
+            or self.dead_letters
+            or self.devices
+            or self.terminal
+            or self.forgotten
+        )

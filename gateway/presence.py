@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from gateway.models import DeviceEvent, PresenceChange, Severity
+from gateway.models import Device, DeviceEvent, PresenceChange, Severity
 from gateway.profiles import ProfileSet
-from gateway.registry import Device, DeviceRegistry
+from gateway.registry import DeviceRegistry
 
 
 class PresenceTracker:

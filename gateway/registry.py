@@ -13,7 +13,6 @@ ids cannot be registered without end nor kept forever.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,55 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.logsummary import LogSummary
-from gateway.pipeline.decode import Rejected
+from gateway.models import Device, Rejected
 from gateway.profiles import ProfileSet
 
 log = logging.getLogger(__name__)
-
-Source = Literal["inventory", "birth", "auto"]
-
-
-@dataclass(slots=True)
-class Device:
-    """What the gateway knows about one device; also the row the API shows."""
-
-    device_id: str
-    kind: str
-    source: Source
-    building: str | None = None
-    floor: int | None = None
-    unit: str | None = None
-    fw: str | None = None
-    battery: float | None = None
-    rssi: float | None = None
-    online: bool = False
-    first_seen_ms: int | None = None
-    last_seen_ms: int | None = None
-    presence_ms: int | None = None  # when `online` last changed
-    last_ts_ms: int | None = None
-    last_seq: int | None = None
-    last_values: dict[str, float] = field(default_factory=dict)
-    pinned_kind: bool = False  # kind and location come from the inventory
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "device_id": self.device_id,
-            "kind": self.kind,
-            "source": self.source,
-            "building": self.building,
-            "floor": self.floor,
-            "unit": self.unit,
-            "fw": self.fw,
-            "battery": self.battery,
-            "rssi": self.rssi,
-            "online": self.online,
-            "first_seen_ms": self.first_seen_ms,
-            "last_seen_ms": self.last_seen_ms,
-            "presence_ms": self.presence_ms,
-            "last_ts_ms": self.last_ts_ms,
-            "last_seq": self.last_seq,
-            "last_values": dict(self.last_values),
-        }
 
 
 class InventoryError(Exception):

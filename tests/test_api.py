@@ -21,8 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from gateway.application import Gateway
-from gateway.models import DeviceEvent, Reading
-from gateway.pipeline.process import Processed
+from gateway.models import Batch, DeviceEvent, Reading
 from tests.harness import gateway_settings, served
 
 BASE_MS = (int(time.time()) - 3600) * 1000  # within raw retention
@@ -44,7 +43,7 @@ def build_gateway(data_dir: Path) -> Gateway:
         device.online = True
         await gateway.writer._write_with_retry(
             [
-                Processed(
+                Batch(
                     readings=[
                         Reading("api-aq-1", "air_quality", BASE_MS + i, {"pm25": float(i)}, i, "2")
                         for i in range(10)

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
+from gateway.models import Rejected
+from gateway.pipeline.decode import TimeWindow, decode_object, parse_timestamp
 from gateway.topics import TopicError, device_topic, parse
 
 WINDOW = TimeWindow(max_future_ms=600_000, max_past_ms=7 * 86_400_000)

@@ -27,10 +27,8 @@ import orjson
 import pytest
 import yaml
 
-from gateway.models import DeviceEvent, PresenceChange, Reading
-from gateway.pipeline.process import Processed
+from gateway.models import Batch, Device, DeviceEvent, PresenceChange, Reading
 from gateway.profiles import load_profiles
-from gateway.registry import Device
 from gateway.settings import InfluxSettings, load_settings
 from gateway.sinks.influx import InfluxSink
 from gateway.stats import GatewayMetrics
@@ -171,7 +169,7 @@ def written_by_the_sink(tmp_path: Path) -> dict[str, set[str]]:
         "service_group": "repairs", "source": "terminal", "requested_ms": 0, "expected_ms": 3_600_000,
     }  # fmt: skip
     profiles = load_profiles()
-    batch = Processed(
+    batch = Batch(
         readings=[Reading(f"d-{p.kind}", p.kind, 1, dict.fromkeys(p.metrics, 1.0)) for p in profiles],
         devices=[Device(device_id=f"d-{p.kind}", kind=p.kind, source="inventory") for p in profiles],
         events=[DeviceEvent("d", "generic", 1, "fault", "critical", "m", {}, "device")],

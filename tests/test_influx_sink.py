@@ -18,8 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.models import DeviceEvent, PresenceChange, Reading
-from gateway.pipeline.process import Processed
+from gateway.models import Batch, DeviceEvent, PresenceChange, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.influx import InfluxSink, retry_after_s
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines
@@ -65,7 +64,7 @@ class Pipe:
         presence: list[PresenceChange] = (),  # type: ignore[assignment]
     ) -> None:
         await self.writer.put_durable(
-            Processed(readings=list(readings), events=list(events), presence=list(presence))
+            Batch(readings=list(readings), events=list(events), presence=list(presence))
         )
 
 

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.models import DeadLetter, DeviceEvent, Reading, event_id
-from gateway.pipeline.process import Processed
-from gateway.registry import Device
+from gateway.models import Batch, DeadLetter, Device, DeviceEvent, Reading, event_id
 from gateway.settings import StoreSettings
 from gateway.stats import GatewayMetrics
 from gateway.store.maintenance import StoreMaintenance
@@ -33,11 +31,11 @@ async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
     await writer.close()
 
 
-def batch(*readings: Reading, events: tuple[DeviceEvent, ...] = ()) -> Processed:
-    return Processed(readings=list(readings), events=list(events))
+def batch(*readings: Reading, events: tuple[DeviceEvent, ...] = ()) -> Batch:
+    return Batch(readings=list(readings), events=list(events))
 
 
-async def write(writer: StoreWriter, processed: Processed) -> None:
+async def write(writer: StoreWriter, processed: Batch) -> None:
     await writer._write_with_retry([processed])
 
 
@@ -82,7 +80,7 @@ async def test_retention_prunes_raw_rollups_events_and_dead_letters(store) -> No
     old, recent = T0, T0 + 3 * 86_400_000
     await write(
         writer,
-        Processed(
+        Batch(
             readings=[
                 Reading("d1", "generic", old, {"v": 1.0}),
                 Reading("d1", "generic", recent, {"v": 2.0}),
@@ -178,7 +176,7 @@ async def test_a_failing_disk_is_retried_not_lost(tmp_path: Path) -> None:
     real = writer._write
     calls = 0
 
-    def flaky(batches: list[Processed]) -> None:
+    def flaky(batches: list[Batch]) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:

@@ -7,8 +7,7 @@ from pathlib import Path
 import orjson
 
 from gateway import privacy
-from gateway.models import DeviceEvent, Reading
-from gateway.pipeline.process import Processed
+from gateway.models import Batch, DeviceEvent, Reading
 from gateway.settings import UplinkSettings
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox
@@ -59,7 +58,7 @@ def test_a_rating_is_keyed_by_its_request() -> None:
 
 def test_only_chosen_telemetry_goes_up_and_alarms_always_do() -> None:
     choice = TelemetryChoice(["energy_meter", "air_quality.pm25"])
-    batch = Processed(
+    batch = Batch(
         readings=[
             Reading("m1", "energy_meter", 1, {"kwh": 3.0, "v": 230.0}),
             Reading("a1", "air_quality", 2, {"pm25": 12.0, "temp_c": 21.0}),
@@ -92,7 +91,7 @@ def test_an_alarm_goes_up_as_an_allow_list_without_free_text() -> None:
     ruled = DeviceEvent(
         "a1", "air_quality", 5, "pm25_high", "warning", message="PM2.5 above 75", source="rule"
     )
-    rows = items.encode([Processed(events=[typed, ruled])], TelemetryChoice([]), "uplink")
+    rows = items.encode([Batch(events=[typed, ruled])], TelemetryChoice([]), "uplink")
     sent = [orjson.loads(item) for _, item in items.parse(rows[0].body)]
     assert "13800138000" not in rows[0].body and "2-301" not in rows[0].body
     assert set(sent[0]) == {*items.ALARM_FIELDS, "data"}  # a device's own text stays home
@@ -104,7 +103,7 @@ def test_messages_stay_under_the_size_limit_and_snapshots_are_one_each(tmp_path:
     settings = UplinkSettings(url="mqtt://district:1883", max_message_bytes=4096)
     sink = UplinkSink(settings, "up", "north", GatewayMetrics(), tmp_path / "db", Outbox(1 << 20, "block"))
     readings = [Reading(f"d{i}", "generic", i, {"v": float(i)}) for i in range(200)]
-    body = items.encode([Processed(readings=readings)], TelemetryChoice(["generic"]), "uplink")[0].body
+    body = items.encode([Batch(readings=readings)], TelemetryChoice(["generic"]), "uplink")[0].body
     snapshots = "\n".join(
         items.snapshot_row(stream, {"key": stream}, "uplink").body
         for stream in ("needs", "evaluation", "needs")

@@ -13,9 +13,7 @@ from typing import Any
 
 import orjson
 
-
-class Rejected(ValueError):
-    """A message the gateway refuses; str() is `"<reason code>: <detail>"`."""
+from gateway.models import Rejected
 
 
 @dataclass(frozen=True, slots=True)

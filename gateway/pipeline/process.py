@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from gateway.limits import Admission, DeviceRateLimit, FloodNotes
-from gateway.models import DeadLetter, DeviceEvent, PresenceChange, RawMessage, Reading
-from gateway.pipeline.decode import Rejected, TimeWindow, decode_object, parse_timestamp
+from gateway.models import (
+    SEVERITIES,
+    Batch,
+    DeadLetter,
+    Device,
+    DeviceEvent,
+    PresenceChange,
+    RawMessage,
+    Reading,
+    Rejected,
+    TerminalMessage,
+)
+from gateway.pipeline.decode import TimeWindow, decode_object, parse_timestamp
 from gateway.presence import PresenceTracker, presence_event
 from gateway.profiles import ProfileSet
-from gateway.registry import Device, DeviceRegistry
+from gateway.registry import DeviceRegistry
 from gateway.rules import AlarmEngine
-from gateway.services.desk import TerminalMessage
 from gateway.stats import GatewayMetrics
 from gateway.topics import INBOUND_CHANNELS, TERMINAL_CHANNELS, TopicError, parse
 
@@ -32,34 +40,6 @@ EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_BATCH_ITEMS = 1000
 MAX_MESSAGE_CHARS = 1024
 FLOOD_KEEP_BYTES = 256  # of each rate-limited payload, in its dead letter
-SEVERITIES = ("info", "warning", "critical")
-
-
-@dataclass(slots=True)
-class Processed:
-    """What one batch became: records for the stores, sinks and the live stream."""
-
-    readings: list[Reading] = field(default_factory=list)
-    events: list[DeviceEvent] = field(default_factory=list)
-    presence: list[PresenceChange] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    devices: list[Device] = field(default_factory=list)  # changed, to persist
-    terminal: list[TerminalMessage] = field(default_factory=list)  # for the service desk
-    records: list[dict[str, Any]] = field(default_factory=list)  # service records (desk)
-    forgotten: list[str] = field(default_factory=list)  # idle self-registered devices, to delete
-    # Called once everything above is durable (local store and outbox): acks to the broker.
-    on_durable: list[Callable[[], None]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.readings
-            or self.events
-            or self.presence
-            or self.dead_letters
-            or self.devices
-            or self.terminal
-            or self.forgotten
-        )
 
 
 class Processor:
@@ -89,8 +69,8 @@ class Processor:
         self._unlogged: dict[str, int] = {}
         self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
-    def process(self, batch: list[RawMessage]) -> Processed:
-        out = Processed()
+    def process(self, batch: list[RawMessage]) -> Batch:
+        out = Batch()
         for topic, payload, received_ms in batch:
             device_id: str | None = None
             channel: str | None = None
@@ -116,9 +96,9 @@ class Processor:
         self._finish(out)
         return out
 
-    def sweep(self, now_ms: int) -> Processed:
+    def sweep(self, now_ms: int) -> Batch:
         """Heartbeat time-outs, run periodically by the pipeline task."""
-        out = Processed()
+        out = Batch()
         for change in self._presence.sweep(now_ms):
             self._add_presence(out, change)
         self._finish(out)
@@ -127,7 +107,7 @@ class Processor:
 
     # -- channels -----------------------------------------------------------------------------
 
-    def _status(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+    def _status(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Batch) -> None:
         state = obj.get("state")
         if state not in ("online", "offline"):
             raise Rejected(f"schema: status.state must be 'online' or 'offline', got {state!r}")
@@ -143,7 +123,7 @@ class Processor:
         if change is not None:
             self._add_presence(out, change)
 
-    def _telemetry(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+    def _telemetry(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Batch) -> None:
         device = self._registry.resolve(device_id, received_ms)
         self._seen(device, received_ms, out)
         profile = self._profiles.get(device.kind) or self._profiles.generic
@@ -184,7 +164,7 @@ class Processor:
             raise Rejected(str(exc)) from None
         return Reading(device.device_id, device.kind, ts_ms, values, seq, device.building)
 
-    def _event(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Processed) -> None:
+    def _event(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Batch) -> None:
         device = self._registry.resolve(device_id, received_ms)
         self._seen(device, received_ms, out)
         event_type = obj.get("type")
@@ -224,7 +204,7 @@ class Processor:
         topic: str,
         payload: bytes,
         received_ms: int,
-        out: Processed,
+        out: Batch,
     ) -> None:
         """Requests, ratings and votes: checked here for the device, read by the service desk.
 
@@ -249,19 +229,19 @@ class Processor:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _seen(self, device: Device, received_ms: int, out: Processed) -> None:
+    def _seen(self, device: Device, received_ms: int, out: Batch) -> None:
         change = self._presence.seen(device, received_ms, "message")
         if change is not None:
             self._add_presence(out, change)
 
-    def _add_presence(self, out: Processed, change: PresenceChange) -> None:
+    def _add_presence(self, out: Batch, change: PresenceChange) -> None:
         out.presence.append(change)
         out.events.append(presence_event(change))
         self._metrics.presence_changes.labels(state="online" if change.online else "offline").inc()
 
     def _reject(
         self,
-        out: Processed,
+        out: Batch,
         topic: str,
         device_id: str | None,
         channel: str | None,
@@ -287,7 +267,7 @@ class Processor:
                 self._unlogged[key] = self._unlogged.get(key, 0) + 1
 
     def _flooded(
-        self, out: Processed, topic: str, device_id: str, channel: str, payload: bytes, received_ms: int
+        self, out: Batch, topic: str, device_id: str, channel: str, payload: bytes, received_ms: int
     ) -> None:
         """Over the device's rate limit: refused like any bad message, but logged once a minute
         and kept short (a flood must not fill the disk with copies of itself)."""
@@ -297,7 +277,7 @@ class Processor:
         if self._rate_limit.should_log(device_id, received_ms):
             log.warning("device %s is flooding: refusing what exceeds its rate limit", device_id)
 
-    def _finish(self, out: Processed) -> None:
+    def _finish(self, out: Batch) -> None:
         """Update last values, run the alarm rules, and collect devices to persist."""
         for reading in out.readings:
             device = self._registry.get(reading.device_id)

@@ -14,8 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.models import DeviceEvent, PresenceChange, event_id
-from gateway.pipeline.process import Processed
+from gateway.models import Batch, DeviceEvent, PresenceChange, event_id
 from gateway.services.desk import DeskOutput, ServiceDesk
 from gateway.store.writer import StoreWriter
 from gateway.stream import StreamHub
@@ -37,7 +36,7 @@ class Router:
         self._desk = desk
         self._publish = publish
 
-    async def route(self, processed: Processed) -> None:
+    async def route(self, processed: Batch) -> None:
         # Live stream first: it never blocks, and operators see an alarm as early as possible.
         # Presence goes before events: a device comes online before what it then reports.
         for change in processed.presence:
@@ -62,7 +61,7 @@ class Router:
     async def deliver(self, output: DeskOutput) -> None:
         """The service desk's own output (operators' actions, deadline checks): durable, then told."""
         self._live(output)
-        batch = Processed(events=output.events, dead_letters=output.dead_letters, records=output.records)
+        batch = Batch(events=output.events, dead_letters=output.dead_letters, records=output.records)
         batch.on_durable.append(self._forwarded(output))
         await self._store.put_durable(batch)
         self._send_acks(output)
@@ -70,7 +69,7 @@ class Router:
     async def record(self, event: DeviceEvent) -> None:
         """An event of the gateway's own making (a district command): live, then durable."""
         self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
-        await self._store.put_durable(Processed(events=[event]))
+        await self._store.put_durable(Batch(events=[event]))
 
     def _live(self, output: DeskOutput) -> None:
         for name, data in output.stream:

@@ -23,7 +23,7 @@ import orjson
 
 from gateway.clock import now_ms
 from gateway.logsummary import LogSummary
-from gateway.models import DeadLetter, DeviceEvent, event_id
+from gateway.models import DeadLetter, DeviceEvent, TerminalMessage, event_id
 from gateway.services import access_log, evaluation, needs, residents
 from gateway.services.catalogue import Catalogue
 from gateway.services.households import HouseholdRegister
@@ -48,23 +48,6 @@ T = TypeVar("T")
 
 DESK_DEVICE = "service-desk"
 API_REFUSALS_KEPT = 1000
-
-
-@dataclass(slots=True)
-class TerminalMessage:
-    """A `request`, `rating` or `vote` message that passed the pipeline's checks."""
-
-    device_id: str
-    channel: str
-    obj: dict[str, Any]
-    ts_ms: int
-    received_ms: int
-    topic: str
-    payload: bytes
-    building: str | None = None
-    # Set when the pipeline already refused it (e.g. `not_a_terminal`): the desk only answers,
-    # dead-letters and counts it, the same way as its own refusals.
-    refused: str | None = None
 
 
 @dataclass(slots=True)

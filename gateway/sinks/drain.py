@@ -17,14 +17,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from gateway.models import Batch
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken
 from gateway.store.schema import connect
-
-if TYPE_CHECKING:
-    from gateway.pipeline.process import Processed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,7 +86,7 @@ class OutboxDrain(ABC):
         return self._outbox.pending(self.name)
 
     @abstractmethod
-    def encode(self, batches: list[Processed], commit_no: int | None) -> list[OutboxRow]:
+    def encode(self, batches: list[Batch], commit_no: int | None) -> list[OutboxRow]:
         """The outbox rows of committed batches (runs on the writer's thread, in its transaction);
         `commit_no` names the telemetry rows the commit inserted, for a reference."""
 

@@ -21,7 +21,6 @@ import sqlite3
 import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
 from influxdb_client.client.influxdb_client import InfluxDBClient
@@ -30,15 +29,12 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from gateway.models import Reading
+from gateway.models import Batch, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
 from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken, rows_of
-
-if TYPE_CHECKING:
-    from gateway.pipeline.process import Processed
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +60,7 @@ class InfluxSink(OutboxDrain):
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         self._max_lines: int | None = None  # learnt from a 413: the most lines InfluxDB took at once
 
-    def encode(self, batches: list[Processed], commit_no: int | None) -> list[OutboxRow]:
+    def encode(self, batches: list[Batch], commit_no: int | None) -> list[OutboxRow]:
         """Line protocol for committed batches' events and records (one row), and references to
         the telemetry the commit inserted (rendered by `expand` when the sink takes them)."""
         community = self._community

@@ -25,9 +25,7 @@ from gateway import privacy
 from gateway.clock import now_ms
 from gateway.files import private_store
 from gateway.limits import FloodNotes
-from gateway.models import event_id
-from gateway.pipeline.process import Processed
-from gateway.registry import Device
+from gateway.models import Batch, Device, event_id
 from gateway.stats import GatewayMetrics
 from gateway.store.dead_letters import DeadLetterBudget, row_bytes
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
@@ -41,7 +39,7 @@ MINUTE_MS = 60_000
 # A sink's outbox rows for committed batches; the second argument is the commit's number in the
 # telemetry rows' `batch` column when it inserted any (None: none), for a sink that refers to
 # rows instead of copying them (gateway/store/outbox.py).
-Encoder = Callable[[list[Processed], int | None], list[OutboxRow]]
+Encoder = Callable[[list[Batch], int | None], list[OutboxRow]]
 
 
 SMALL_BATCH = 100  # readings: fewer, and a batch alone in the queue waits for company
@@ -52,7 +50,7 @@ HELD_READINGS = 500
 MAX_BATCHES = 64  # batches in one transaction when the queue holds a backlog
 
 
-def _quiet(batch: Processed) -> bool:
+def _quiet(batch: Batch) -> bool:
     """Telemetry (and device snapshots) alone: it may wait for the commit interval.
 
     Events, refusals and terminal messages are never held: an operator who sees an alarm on
@@ -61,7 +59,7 @@ def _quiet(batch: Processed) -> bool:
     return not (batch.events or batch.dead_letters or batch.terminal or batch.records)
 
 
-def _trickle(batch: Processed) -> bool:
+def _trickle(batch: Batch) -> bool:
     """Telemetry alone, and a little of it: worth a wait for company before a commit."""
     return _quiet(batch) and len(batch.readings) < SMALL_BATCH
 
@@ -88,7 +86,7 @@ class StoreWriter:
         self._outbox = outbox
         self._encoders = encoders or []
         self._listeners: list[Callable[[], None]] = []
-        self._queue: asyncio.Queue[Processed] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=queue_size)
         # One thread, so the one connection is only ever used from it.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-store")
         self._conn: sqlite3.Connection | None = None
@@ -115,7 +113,7 @@ class StoreWriter:
             self._outbox.load(self._conn)
         return [_device_from_row(row) for row in self._conn.execute(_SELECT_DEVICES)]
 
-    async def put(self, processed: Processed) -> None:
+    async def put(self, processed: Batch) -> None:
         """Queue a batch for writing; waits while the queue is full (back-pressure)."""
         await self._queue.put(processed)
         self._arrived.set()
@@ -162,7 +160,7 @@ class StoreWriter:
         """Call `listener` (on the event loop) after each commit: the sinks wake up with it."""
         self._listeners.append(listener)
 
-    async def put_durable(self, processed: Processed) -> None:
+    async def put_durable(self, processed: Batch) -> None:
         """Queue a batch and wait until it is committed (for callers who answer a client)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -210,7 +208,7 @@ class StoreWriter:
 
     # -- writing -------------------------------------------------------------------------------
 
-    async def _write_with_retry(self, batches: list[Processed]) -> None:
+    async def _write_with_retry(self, batches: list[Batch]) -> None:
         delay = 0.5
         while True:
             try:
@@ -229,7 +227,7 @@ class StoreWriter:
                 # An outbox waiting for a sink is checked often: the sink may drain at any moment.
                 delay = min(delay * 2, 1.0 if full else 10.0)
 
-    def _write(self, batches: list[Processed]) -> None:
+    def _write(self, batches: list[Batch]) -> None:
         conn = self.connection
         # The commit's number in the telemetry rows' `batch`: the outbox's next id, unique as long
         # as each commit that inserts telemetry for a sink adds an outbox row (the reference

@@ -13,17 +13,14 @@ floor, never the unit, household, address, coordinates, photo, contact or any fr
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from gateway import privacy
-from gateway.models import DISTRICT, DeviceEvent, Reading
+from gateway.models import DISTRICT, Batch, DeviceEvent, Reading
 from gateway.pipeline.route import event_payload
 from gateway.store.outbox import OutboxRow, rows_of
-
-if TYPE_CHECKING:
-    from gateway.pipeline.process import Processed
 
 STREAMS = ("requests", "ratings", "alarms", "commands", "telemetry", "needs", "evaluation")
 # Snapshots: the district wants the latest on connecting, so they are published retained.
@@ -55,7 +52,7 @@ class TelemetryChoice:
         return {k: v for k, v in reading.metrics.items() if k in wanted}
 
 
-def encode(batches: list[Processed], choice: TelemetryChoice, sink: str) -> list[OutboxRow]:
+def encode(batches: list[Batch], choice: TelemetryChoice, sink: str) -> list[OutboxRow]:
     """Outbox rows for the uplink: one row of what is never dropped, one row of telemetry."""
     important: list[str] = []
     telemetry: list[str] = []

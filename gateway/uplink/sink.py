@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
@@ -32,6 +32,7 @@ from drivers.link import BrokerLink
 from drivers.mqtt import broker_client
 from gateway import __version__
 from gateway.clock import now_ms
+from gateway.models import Batch
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.stats import GatewayMetrics
@@ -39,9 +40,6 @@ from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Taken
 from gateway.store.schema import transaction
 from gateway.uplink import items
 from gateway.uplink.items import SNAPSHOTS, TelemetryChoice
-
-if TYPE_CHECKING:
-    from gateway.pipeline.process import Processed
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
 
     # -- the writer's side -----------------------------------------------------------------------
 
-    def encode(self, batches: list[Processed], commit_no: int | None) -> list[OutboxRow]:
+    def encode(self, batches: list[Batch], commit_no: int | None) -> list[OutboxRow]:
         return items.encode(batches, self._choice, self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------------
