@@ -25,7 +25,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.api.context import ApiContext, context
+from gateway.api.context import ApiContext, Ctx
 from gateway.clock import now_ms
 from gateway.limits import KeyedRateLimit
 from gateway.settings import Role, TokenGrant
@@ -119,7 +119,7 @@ def optional(*roles: Role) -> Callable[..., Principal | None]:
 
     def check(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        ctx: Annotated[ApiContext, Depends(context)],
+        ctx: Ctx,
     ) -> Principal | None:
         if credentials is None:
             return None
@@ -142,7 +142,7 @@ def require(*roles: Role) -> Callable[..., Principal]:
     def check(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        ctx: Annotated[ApiContext, Depends(context)],
+        ctx: Ctx,
     ) -> Principal:
         token = credentials.credentials if credentials is not None else None
         return check_token(token, ctx.token_digests, allowed, _write_limit(request, ctx))
@@ -161,7 +161,7 @@ def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
     async def check(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        ctx: Annotated[ApiContext, Depends(context)],
+        ctx: Ctx,
     ) -> Principal:
         token = credentials.credentials if credentials is not None else None
         if token is None and request.headers.get("content-type", "").startswith(_FORM_TYPES):
@@ -180,7 +180,7 @@ def require_api_key(*roles: Role) -> Callable[..., Awaitable[Principal]]:
 def open311_reader(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ctx: Annotated[ApiContext, Depends(context)],
+    ctx: Ctx,
 ) -> Principal | None:
     """Who reads Open311 requests: a bearer token's principal, or None for a keyless reader when
     the installer opened keyless reads (`services.open311_keyless_reads`); otherwise 403."""

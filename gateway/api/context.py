@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet
@@ -59,3 +59,8 @@ class DeviceReads:
 def context(request: Request) -> ApiContext:
     ctx: ApiContext = request.app.state.ctx
     return ctx
+
+
+# What a route declares to be handed the gateway: `ctx: Ctx` (one definition, as the FastAPI
+# template's `SessionDep`).
+Ctx = Annotated[ApiContext, Depends(context)]

@@ -13,12 +13,11 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import Principal, require
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import AUTH
 
 router = APIRouter(prefix="/api/v1", tags=["privacy"])
-Ctx = Annotated[ApiContext, Depends(context)]
 Installer = Annotated[Principal, Depends(require("installer"))]
 
 

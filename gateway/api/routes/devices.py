@@ -10,12 +10,12 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from gateway import clock, privacy
 from gateway.api.access import record_device_reads
 from gateway.api.auth import Principal, Reader
-from gateway.api.context import ApiContext, context
+from gateway.api.context import ApiContext, Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import (
     AUTH,
@@ -30,7 +30,6 @@ from gateway.durations import Duration
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
-Ctx = Annotated[ApiContext, Depends(context)]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
 
 # Without a step, ranges up to this long return raw points; longer ones are bucketed.

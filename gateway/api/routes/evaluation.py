@@ -5,20 +5,19 @@ group or provider. The definitions are in `gateway/services/evaluation.py` and d
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import Reader
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import ErrorBody
 from gateway.clock import now_ms
 from gateway.services.evaluation import By, Period
 
 router = APIRouter(prefix="/api/v1", tags=["evaluation"])
-Ctx = Annotated[ApiContext, Depends(context)]
 BAD: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},
     403: {"model": ErrorBody},

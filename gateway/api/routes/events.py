@@ -9,10 +9,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from gateway.api.auth import Operator, Reader
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import (
     AUTH,
@@ -28,7 +28,6 @@ from gateway.clock import now_ms
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
-Ctx = Annotated[ApiContext, Depends(context)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
 # Event ids are 63-bit (see gateway.models.event_id): anything larger cannot name an event.

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.auth import Principal, Scraper, optional
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.api.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -33,7 +33,7 @@ async def healthz() -> Health:
     responses={503: {"model": Ready, "description": "Not ready: see which check failed"}},
 )
 async def readyz(
-    ctx: Annotated[ApiContext, Depends(context)],
+    ctx: Ctx,
     who: Annotated[Principal | None, Depends(optional("operator", "installer", "metrics"))],
 ) -> JSONResponse:
     checks = ctx.readiness()
@@ -51,5 +51,5 @@ async def readyz(
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(ctx: Annotated[ApiContext, Depends(context)], _: Scraper) -> Response:
+async def metrics(ctx: Ctx, _: Scraper) -> Response:
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,12 +9,12 @@ import io
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import Operator, Reader, Terminal
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.routes.requests import REFUSED, refused
 from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
@@ -26,7 +26,6 @@ from gateway.services.store import DeskError
 from gateway.text import csv_cell
 
 router = APIRouter(prefix="/api/v1", tags=["needs and plans"])
-Ctx = Annotated[ApiContext, Depends(context)]
 BAD: dict[int | str, dict[str, Any]] = {**AUTH, 422: {"model": ErrorBody}}
 DurationText = Annotated[str, Query(max_length=32, description='e.g. "24h", "7d", "90m"')]
 ProposalId = Annotated[str, Path(max_length=64)]

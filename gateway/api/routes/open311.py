@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from gateway import privacy
 from gateway.api.access import record_reads
 from gateway.api.auth import Principal, open311_reader, require_api_key
-from gateway.api.context import ApiContext, context
+from gateway.api.context import ApiContext, Ctx
 from gateway.api.moments import epoch_ms
 from gateway.clock import now_ms
 from gateway.services import open311
@@ -69,7 +69,6 @@ class Open311Route(APIRoute):
 
 
 router = APIRouter(prefix="/open311/v2", tags=["open311"], route_class=Open311Route)
-Ctx = Annotated[ApiContext, Depends(context)]
 # None: a keyless reader, admitted only when the installer opened keyless reads.
 Reader311 = Annotated[Principal | None, Depends(open311_reader)]
 Filer311 = Annotated[Principal, Depends(require_api_key("terminal", "operator", "installer"))]

@@ -10,13 +10,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway import privacy
 from gateway.api.access import record_reads
 from gateway.api.auth import Operator, Principal, Reader, Terminal
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
 from gateway.clock import now_ms
@@ -25,7 +25,6 @@ from gateway.services.lifecycle import State
 from gateway.services.store import DeskError, TransitionError
 
 router = APIRouter(prefix="/api/v1", tags=["service requests"])
-Ctx = Annotated[ApiContext, Depends(context)]
 REFUSED: dict[int | str, dict[str, Any]] = {  # the writes' refusals
     **AUTH,
     **TOO_MANY,

@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import privacy
 from gateway.api.access import record_reads
 from gateway.api.auth import Reader
-from gateway.api.context import ApiContext, context
+from gateway.api.context import Ctx
 from gateway.stream import StreamFull, StreamItem
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
@@ -41,7 +41,7 @@ STREAM_TYPES = ("alarm", "event", "presence", "ack", "request", "rating", "vote"
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
 async def stream(
-    ctx: Annotated[ApiContext, Depends(context)],
+    ctx: Ctx,
     who: Reader,
     types: Annotated[str | None, Query(description="Comma-separated: " + ",".join(STREAM_TYPES))] = None,
 ) -> EventSourceResponse:
