@@ -19,9 +19,9 @@ from typing import Any
 from prometheus_client import Gauge
 
 from drivers.base import Driver
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.settings import BrokerSettings, MqttSettings
-from gateway.stats import GatewayMetrics
 
 
 class BrokerLink:
@@ -128,13 +128,13 @@ class MqttIntake(BrokerLink, Driver):
         self,
         settings: MqttSettings,
         client_id: str,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         batch_size: int = 2000,
         max_pending: int = 20_000,
     ) -> None:
         self._settings = settings
         self._client_id = client_id
-        self._metrics = metrics
+        self._instruments = instruments
         self._batch_size = batch_size
         self._max_pending = max_pending
         self._pending: deque[RawMessage] = deque()
@@ -146,7 +146,7 @@ class MqttIntake(BrokerLink, Driver):
             settings,
             f"the broker {settings.url}",
             "CGW_MQTT",
-            metrics.driver_connected.labels(driver=self.name),
+            instruments.driver_connected.labels(driver=self.name),
         )
         self._init_client()
 

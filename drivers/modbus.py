@@ -19,9 +19,9 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from drivers.base import Driver, Ingress
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.settings import ModbusDevice, ModbusRegister, ModbusSettings
-from gateway.stats import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ def _plan(table: str, group: list[ModbusRegister]) -> ReadPlan:
 class ModbusDriver(Driver):
     name = "modbus"
 
-    def __init__(self, settings: ModbusSettings, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, settings: ModbusSettings, instruments: Instruments | None = None) -> None:
         self._settings = settings
-        self._metrics = metrics
+        self._instruments = instruments
         self._online: set[str] = set()
         self._stop = asyncio.Event()
 
@@ -173,8 +173,8 @@ class ModbusDriver(Driver):
             await ingress.put([_message(device.device_id, "status", {"state": "offline"}, now_ms)])
 
     def _count_error(self, device: ModbusDevice, reason: str) -> None:
-        if self._metrics is not None:
-            self._metrics.driver_errors.labels(driver=self.name, reason=reason).inc()
+        if self._instruments is not None:
+            self._instruments.driver_errors.labels(driver=self.name, reason=reason).inc()
 
     async def _wait(self, seconds: float) -> None:
         try:

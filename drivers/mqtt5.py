@@ -56,7 +56,7 @@ class Mqtt5Driver(MqttIntake):
         self._outgoing: deque[tuple[str, bytes, int, bool]] = deque()
         self._inflight: dict[int, bytes] = {}
         self._next_id = 0
-        self._dropped_out = self._metrics.driver_errors.labels(driver=self.name, reason="publish_dropped")
+        self._dropped_out = self._instruments.driver_errors.labels(driver=self.name, reason="publish_dropped")
         self._unacked = 0  # batches handed to the pipeline and not yet durable
         self._all_acked = asyncio.Event()
         self._all_acked.set()

@@ -26,6 +26,7 @@ from gateway.api.app import create_app
 from gateway.api.context import ApiContext, DeviceReads
 from gateway.api.headers import allowed_names
 from gateway.clock import ClockWatch
+from gateway.instruments import Instruments
 from gateway.limits import DeviceRateLimit, KeyedRateLimit
 from gateway.pipeline.decode import TimeWindow
 from gateway.pipeline.process import Processor
@@ -40,7 +41,6 @@ from gateway.services.households import HouseholdRegister
 from gateway.settings import Settings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.influx import InfluxSink
-from gateway.stats import GatewayMetrics
 from gateway.store.lock import DataDirLock
 from gateway.store.maintenance import StoreMaintenance, rollup_delay_ms
 from gateway.store.outbox import Outbox
@@ -81,7 +81,7 @@ class Gateway:
         self.settings = settings
         self._own_lock = data_lock is None
         self.data_lock = data_lock or DataDirLock(settings.data_dir)
-        self.metrics = GatewayMetrics()
+        self.instruments = Instruments()
         self.profiles = load_profiles(settings.profiles_dir)
         self.inventory = (
             load_inventory(settings.inventory, self.profiles) if settings.inventory is not None else []
@@ -98,20 +98,20 @@ class Gateway:
             settings.services_db_path,
             self.catalogue,
             settings.community,
-            self.metrics,
+            self.instruments,
             settings.services.check_interval_s,
             HouseholdRegister.load(settings.services.households),
             settings.privacy,
         )
         self.hub = StreamHub(
-            self.metrics,
+            self.instruments,
             settings.api.stream_queue,
             settings.api.stream_max_subscribers,
             settings.api.stream_max_per_token,
         )
         self.outbox = Outbox(settings.outbox.max_bytes, settings.outbox.when_full)
         self.influx = (
-            InfluxSink(settings.influx, settings.community, self.metrics, settings.db_path, self.outbox)
+            InfluxSink(settings.influx, settings.community, self.instruments, settings.db_path, self.outbox)
             if settings.influx.enabled
             else None
         )
@@ -120,7 +120,7 @@ class Gateway:
                 settings.uplink,
                 settings.uplink_client_id,
                 settings.community,
-                self.metrics,
+                self.instruments,
                 settings.db_path,
                 self.outbox,
             )
@@ -130,7 +130,7 @@ class Gateway:
         self.sinks: list[OutboxDrain] = [s for s in (self.influx, self.uplink) if s is not None]
         self.writer = StoreWriter(
             settings.db_path,
-            self.metrics,
+            self.instruments,
             settings.pipeline.queue_size,
             self.outbox,
             [sink.encode for sink in self.sinks],
@@ -147,13 +147,13 @@ class Gateway:
         )
         driver = Mqtt5Driver if settings.mqtt.protocol == "5" else _paho_driver()
         self.mqtt: MqttIntake = driver(
-            settings.mqtt, settings.mqtt_client_id, self.metrics, settings.pipeline.batch_size
+            settings.mqtt, settings.mqtt_client_id, self.instruments, settings.pipeline.batch_size
         )
         self.drivers: list[Driver] = [self.mqtt, *(extra_drivers or [])]
         if settings.modbus.devices:
             from drivers.modbus import ModbusDriver  # pymodbus only where Modbus is used
 
-            self.drivers.append(ModbusDriver(settings.modbus, self.metrics))
+            self.drivers.append(ModbusDriver(settings.modbus, self.instruments))
         window = TimeWindow(
             max_future_ms=int(settings.pipeline.max_future.total_seconds() * 1000),
             max_past_ms=int(settings.pipeline.max_past.total_seconds() * 1000),
@@ -162,7 +162,7 @@ class Gateway:
             self.profiles,
             self.registry,
             self.alarms,
-            self.metrics,
+            self.instruments,
             window,
             settings.mqtt.max_payload_bytes,
             DeviceRateLimit(settings.pipeline.device_rate_limit, settings.pipeline.backlog_allowance),
@@ -185,7 +185,7 @@ class Gateway:
             self.processor,
             self.router,
             self.registry,
-            self.metrics,
+            self.instruments,
             settings.pipeline.queue_size,
             settings.pipeline.presence_sweep_s,
         )
@@ -196,7 +196,7 @@ class Gateway:
                 profiles=self.profiles,
                 reader=self.reader,
                 hub=self.hub,
-                metrics=self.metrics,
+                instruments=self.instruments,
                 token_digests=settings.auth.digests(),
                 write_limit=KeyedRateLimit(settings.auth.write_rate_limit),
                 readiness=self.readiness,

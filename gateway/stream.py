@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from gateway.stats import GatewayMetrics
+from gateway.instruments import Instruments
 
 StreamItem = tuple[str, dict[str, Any]]  # (SSE event name, JSON-able data)
 
@@ -25,9 +25,13 @@ class StreamHub:
     """Publish once, deliver to all current subscribers."""
 
     def __init__(
-        self, metrics: GatewayMetrics, queue_size: int = 1000, max_subscribers: int = 64, max_per_key: int = 4
+        self,
+        instruments: Instruments,
+        queue_size: int = 1000,
+        max_subscribers: int = 64,
+        max_per_key: int = 4,
     ) -> None:
-        self._metrics = metrics
+        self._instruments = instruments
         self._queue_size = queue_size
         self._max = max_subscribers
         self._max_per_key = max_per_key
@@ -42,7 +46,7 @@ class StreamHub:
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()
-                self._metrics.stream_dropped.inc()
+                self._instruments.stream_dropped.inc()
             queue.put_nowait((name, data))
 
     def room_for(self, key: str) -> None:

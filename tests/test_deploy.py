@@ -27,11 +27,11 @@ import orjson
 import pytest
 import yaml
 
+from gateway.instruments import Instruments
 from gateway.models import Batch, Device, DeviceEvent, PresenceChange, Reading
 from gateway.profiles import load_profiles
 from gateway.settings import InfluxSettings, load_settings
 from gateway.sinks.influx import InfluxSink
-from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox
 from gateway.store.schema import connect
 from gateway.store.writer import StoreWriter
@@ -180,7 +180,7 @@ def written_by_the_sink(tmp_path: Path) -> dict[str, set[str]]:
             {"kind": "rating", "request": request, "score": 5, "ts_ms": 7_300_000},
         ],
     )
-    db, outbox, metrics = tmp_path / "s.db", Outbox(10**6, "block"), GatewayMetrics()
+    db, outbox, metrics = tmp_path / "s.db", Outbox(10**6, "block"), Instruments()
     sink = InfluxSink(InfluxSettings(url="http://127.0.0.1:9"), "c", metrics, db, outbox)
 
     async def commit() -> None:

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.instruments import Instruments
 from gateway.limits import DeviceRateLimit
 from gateway.models import RawMessage
 from gateway.pipeline.decode import TimeWindow
@@ -45,7 +46,6 @@ from gateway.services.intake import (
     terminal_vote,
 )
 from gateway.settings import PipelineSettings, StoreSettings
-from gateway.stats import GatewayMetrics
 from tests.harness import AS_OPERATOR, api, eventually, gateway_settings, mosquitto_pub, running
 from tests.services import GatewayProcess, MosquittoProcess
 
@@ -56,8 +56,8 @@ WINDOW = TimeWindow(max_future_ms=600_000, max_past_ms=7 * 86_400_000)
 CHANNELS = ("status", "telemetry", "event", "request", "rating", "vote")
 
 
-def processor(policy: str = "open", rate: str = "", allowance: int = 0) -> tuple[Processor, GatewayMetrics]:
-    metrics = GatewayMetrics()
+def processor(policy: str = "open", rate: str = "", allowance: int = 0) -> tuple[Processor, Instruments]:
+    metrics = Instruments()
     registry = DeviceRegistry(PROFILES, policy)  # type: ignore[arg-type]
     proc = Processor(
         PROFILES,
@@ -71,9 +71,12 @@ def processor(policy: str = "open", rate: str = "", allowance: int = 0) -> tuple
     return proc, metrics
 
 
-def rejected(metrics: GatewayMetrics) -> float:
+def rejected(instruments: Instruments) -> float:
     return sum(
-        s.value for m in metrics.messages_rejected.collect() for s in m.samples if s.name.endswith("_total")
+        s.value
+        for m in instruments.messages_rejected.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
     )
 
 

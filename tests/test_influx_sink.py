@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.instruments import Instruments
 from gateway.models import Batch, DeviceEvent, PresenceChange, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.influx import InfluxSink, retry_after_s
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines
-from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, Policy
 from gateway.store.writer import StoreWriter
 from tests.harness import eventually
@@ -36,12 +36,12 @@ class Pipe:
 
     def __init__(self, db: Path, url: str, max_bytes: int = 10**9, policy: Policy = "drop_oldest_telemetry",
                  **overrides: Any) -> None:  # fmt: skip
-        self.metrics = GatewayMetrics()
+        self.instruments = Instruments()
         self.outbox = Outbox(max_bytes, policy)
         fields = {"url": url, "token": "t", "org": "o", "bucket": "b", "flush_interval_s": 0.05, **overrides}
         settings = InfluxSettings(**fields)
-        self.sink = InfluxSink(settings, "testville", self.metrics, db, self.outbox)
-        self.writer = StoreWriter(db, self.metrics, 64, self.outbox, [self.sink.encode])
+        self.sink = InfluxSink(settings, "testville", self.instruments, db, self.outbox)
+        self.writer = StoreWriter(db, self.instruments, 64, self.outbox, [self.sink.encode])
         self.writer.on_commit(self.sink.wake)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -68,8 +68,8 @@ class Pipe:
         )
 
 
-def outcome(metrics: GatewayMetrics, name: str) -> float:
-    return float(metrics.sink_points.labels(sink="influx", outcome=name)._value.get())
+def outcome(instruments: Instruments, name: str) -> float:
+    return float(instruments.sink_points.labels(sink="influx", outcome=name)._value.get())
 
 
 # -- line protocol ------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_every_line_parses_as_one_point(
 
 async def test_points_land_once_with_their_tags_values_and_times(victoria: Any, tmp_path: Path) -> None:
     async with Pipe(tmp_path / "s.db", victoria.url) as pipe:
-        sink, metrics = pipe.sink, pipe.metrics
+        sink, metrics = pipe.sink, pipe.instruments
         readings = [
             Reading("lp-aq-1", "air_quality", NOW - 2000 + i, {"pm25": 10.0 + i, "co2_ppm": 400 + i}, i, "3")
             for i in range(5)
@@ -204,7 +204,7 @@ async def test_an_outage_loses_nothing_keeps_order_and_survives_a_restart(
         assert await pipe.sink.drain(30)
         series = await asyncio.to_thread(victoria_private.export, '{__name__="generic_v",device_id="out-1"}')
         assert series[0]["values"] == [float(i) for i in range(200)]
-        assert pipe.sink.healthy and outcome(pipe.metrics, "written") == 199  # the first was sent before
+        assert pipe.sink.healthy and outcome(pipe.instruments, "written") == 199  # the first was sent before
 
 
 def _probe(fn: Any) -> Any:
@@ -223,7 +223,7 @@ async def test_a_full_outbox_drops_the_oldest_telemetry_and_never_an_event(tmp_p
             await pipe.submit([Reading("full-1", "generic", NOW + i, {"v": float(i)})])
         assert pipe.outbox.bytes <= 20_000
         dropped = pipe.outbox.dropped_points
-        assert dropped > 500 and pipe.metrics.outbox_dropped._value.get() == dropped
+        assert dropped > 500 and pipe.instruments.outbox_dropped._value.get() == dropped
         taken = await pipe.sink._call(pipe.sink._take)
         lines = taken.body.split("\n")
         assert lines[0].startswith("device_event")  # the event was kept, and goes first
@@ -329,8 +329,8 @@ async def test_a_batch_too_large_is_split_and_every_good_point_lands(victoria: A
             await pipe.submit(readings, [huge])
             assert await pipe.sink.drain(20)
             # The event alone is over the limit: no retry can send it, so it alone is dropped.
-            assert outcome(pipe.metrics, "rejected") == 1
-            assert outcome(pipe.metrics, "written") == 300
+            assert outcome(pipe.instruments, "rejected") == 1
+            assert outcome(pipe.instruments, "written") == 300
             # Later batches go in pieces of what went through: no more refusals.
             refused = sum(1 for _ in gate.arrivals)
             await pipe.submit([Reading("big-1", "generic", NOW + i, {"v": float(1000 + i)}, 1000 + i)
@@ -338,7 +338,7 @@ async def test_a_batch_too_large_is_split_and_every_good_point_lands(victoria: A
             assert await pipe.sink.drain(20)
             later = gate.arrivals[refused:]
             assert later and all(lines <= pipe.sink._max_lines for _, lines in later)  # type: ignore[operator]
-            assert outcome(pipe.metrics, "written") == 600 and outcome(pipe.metrics, "rejected") == 1
+            assert outcome(pipe.instruments, "written") == 600 and outcome(pipe.instruments, "rejected") == 1
     series = await asyncio.to_thread(victoria.export, '{__name__="generic_v",device_id="big-1"}')
     assert series[0]["values"] == [float(i) for i in range(300)] + [float(1000 + i) for i in range(300)]
 
@@ -365,7 +365,7 @@ async def test_a_busy_or_failing_server_is_retried_with_backoff_and_nothing_is_d
             assert f"InfluxDB answered {script[0][0]}" in (pipe.sink.last_error or "")
             assert pipe.sink.buffered == 50
             assert await pipe.sink.drain(20)
-            assert pipe.sink.healthy and outcome(pipe.metrics, "rejected") == 0
+            assert pipe.sink.healthy and outcome(pipe.instruments, "rejected") == 0
     times = [t for t, _ in gate.arrivals]
     assert len(times) == len(script) + 1
     for (before, after), wait in zip(itertools.pairwise(times), waits, strict=True):
@@ -399,7 +399,7 @@ async def test_refusals_are_reported_and_only_bad_data_is_dropped(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     async with Pipe(tmp_path / "s.db", f"http://127.0.0.1:{server.server_address[1]}", token=token) as pipe:
-        sink, metrics = pipe.sink, pipe.metrics
+        sink, metrics = pipe.sink, pipe.instruments
         await pipe.submit([Reading("ref-1", "generic", NOW, {"v": 1.0})])
         if kept:
             await eventually(_probe(lambda: not sink.healthy), 5, "the refusal")

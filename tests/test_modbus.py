@@ -13,9 +13,9 @@ from pymodbus.simulator.simdata import DataType, SimData
 from pymodbus.simulator.simdevice import SimDevice
 
 from drivers.modbus import ModbusDriver, plan_reads
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.settings import ModbusDevice, ModbusRegister, ModbusSettings
-from gateway.stats import GatewayMetrics
 from simulators.modbus_meter import SimulatedMeter, example_modbus_devices, serve_meter
 from tests.harness import api, eventually, gateway_settings, running
 from tests.services import free_port
@@ -73,7 +73,7 @@ async def test_driver_reads_scaled_values_and_reports_presence() -> None:
     meter = SimulatedMeter(values=dict(KNOWN))
     server = await serve_meter("127.0.0.1", port, meter)
     devices = example_modbus_devices("127.0.0.1", port, poll_s=0.05)
-    driver = ModbusDriver(ModbusSettings(devices=devices), GatewayMetrics())
+    driver = ModbusDriver(ModbusSettings(devices=devices), Instruments())
     inbox = Inbox()
     task = asyncio.create_task(driver.run(inbox))
     try:
@@ -152,7 +152,7 @@ async def test_each_type_word_order_and_table_reads_a_hand_computed_image() -> N
     server = await serve_image(port)
     device = ModbusDevice(device_id="image-1", host="127.0.0.1", port=port, poll_s=0.05,
                           registers=[register for register, *_ in IMAGE])  # fmt: skip
-    driver = ModbusDriver(ModbusSettings(devices=[device]), GatewayMetrics())
+    driver = ModbusDriver(ModbusSettings(devices=[device]), Instruments())
     inbox = Inbox()
     task = asyncio.create_task(driver.run(inbox))
     try:
@@ -186,7 +186,7 @@ async def test_a_refused_span_and_an_absent_device_do_not_stop_the_others() -> N
         timeout_s=0.2,
         registers=[ModbusRegister(metric="voltage_v", address=4, scale=0.1)],
     )
-    metrics = GatewayMetrics()
+    metrics = Instruments()
     driver = ModbusDriver(ModbusSettings(devices=[absent, good]), metrics)
     inbox = Inbox()
     task = asyncio.create_task(driver.run(inbox))

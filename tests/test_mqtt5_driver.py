@@ -21,9 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from drivers.mqtt import MqttDriver
 from drivers.mqtt5 import Mqtt5Driver, _Connection
 from gateway.broker import LocalBroker
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.settings import MqttSettings
-from gateway.stats import GatewayMetrics
 from tests.harness import eventually
 from tests.services import MosquittoProcess
 
@@ -72,7 +72,7 @@ class Running:
 
 async def start(port: int, ingress: Holding, client_id: str = "cgw-test", **kw: int) -> Running:
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", keepalive_s=5)
-    driver = Mqtt5Driver(settings, client_id, GatewayMetrics(), **kw)
+    driver = Mqtt5Driver(settings, client_id, Instruments(), **kw)
     task = asyncio.create_task(driver.run(ingress))
     await eventually(lambda: driver.connected, 15, "the driver to connect")
     return Running(driver, task)
@@ -181,7 +181,7 @@ async def test_publications_wait_for_the_connection_and_respect_receive_maximum(
         listener.connect("127.0.0.1", strict.port)
         listener.loop_start()
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{strict.port}", keepalive_s=5)
-        driver = Mqtt5Driver(settings, "cgw-out", GatewayMetrics())
+        driver = Mqtt5Driver(settings, "cgw-out", Instruments())
         held = Holding()
         # The broker is down while the first 30 are published: they wait in the driver.
         strict.stop()
@@ -209,7 +209,7 @@ async def test_a_broker_without_mqtt5_is_named_with_the_setting_to_change(tmp_pa
     amqtt = LocalBroker(tmp_path, prefer_mosquitto=False)  # amqtt speaks MQTT 3.1.1 only
     url = await amqtt.start()
     try:
-        driver = Mqtt5Driver(MqttSettings(url=url), "cgw-old", GatewayMetrics())
+        driver = Mqtt5Driver(MqttSettings(url=url), "cgw-old", Instruments())
         task = asyncio.create_task(driver.run(Holding()))
         await eventually(lambda: driver.last_error is not None, 15, "an error")
         assert not driver.connected
@@ -250,7 +250,7 @@ async def test_a_client_taking_over_the_client_id_is_named(
     """Two gateways with one community name on one broker knock each other off: the log says so."""
     settings = MqttSettings(url=mosquitto.url, keepalive_s=5, protocol=protocol)
     kind = Mqtt5Driver if protocol == "5" else MqttDriver
-    driver = kind(settings, "cgw-twin", GatewayMetrics())
+    driver = kind(settings, "cgw-twin", Instruments())
     task = asyncio.create_task(driver.run(Holding()))
     await eventually(lambda: driver.connected, 15, "the driver to connect")
     other = paho.Client(CallbackAPIVersion.VERSION2, client_id="cgw-twin")
@@ -283,7 +283,7 @@ async def test_a_client_taking_over_the_client_id_is_named(
 async def test_a_broker_that_says_session_taken_over_is_named_for_certain() -> None:
     """A unit test of the connection's parser: an MQTT 5 broker may say why it closes (Mosquitto,
     above, does not)."""
-    driver = Mqtt5Driver(MqttSettings(url="mqtt://127.0.0.1:1"), "cgw-twin", GatewayMetrics())
+    driver = Mqtt5Driver(MqttSettings(url="mqtt://127.0.0.1:1"), "cgw-twin", Instruments())
     connection = _Connection(driver, 0)
     connection.data_received(
         mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER).write()

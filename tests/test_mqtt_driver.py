@@ -20,8 +20,8 @@ from pydantic import SecretStr
 
 from drivers.mqtt import MqttDriver
 from gateway.credentials import hash_password
+from gateway.instruments import Instruments
 from gateway.settings import MqttSettings
-from gateway.stats import GatewayMetrics
 from tests.harness import eventually
 from tests.services import MosquittoProcess
 from tests.test_mqtt5_driver import Holding, publish
@@ -39,7 +39,7 @@ class Running:
 
 
 async def start(settings: MqttSettings, ingress: Holding, client_id: str = "cgw-311", **kw: int) -> Running:
-    driver = MqttDriver(settings, client_id, GatewayMetrics(), **kw)
+    driver = MqttDriver(settings, client_id, Instruments(), **kw)
     task = asyncio.create_task(driver.run(ingress))
     await eventually(lambda: driver.connected, 15, "the driver to connect")
     return Running(driver, task)
@@ -132,7 +132,7 @@ async def test_a_refused_login_names_the_settings_to_check(
         settings = at(broker.port).model_copy(
             update={"username": "cgw", "password": SecretStr("pw-not-this-one")}
         )
-        driver = MqttDriver(settings, "cgw-refused", GatewayMetrics())
+        driver = MqttDriver(settings, "cgw-refused", Instruments())
         task = asyncio.create_task(driver.run(Holding()))
         with caplog.at_level(logging.ERROR, logger="drivers.mqtt"):
             error = await eventually(lambda: driver.last_error, 15, "the refusal")

@@ -717,15 +717,15 @@ VALID = {"id": "v1", "expires_ms": int(time.time() * 1000) + 3_000_000, "action"
 
 def test_any_district_message_gets_one_answer_and_only_a_valid_one_acts(tmp_path: Path) -> None:
     """DistrictCommands over a real local store and service desk (no broker: `publish` is kept)."""
+    from gateway.instruments import Instruments
     from gateway.profiles import load_profiles
     from gateway.registry import DeviceRegistry
     from gateway.services.catalogue import load_catalogue
     from gateway.services.desk import ServiceDesk
-    from gateway.stats import GatewayMetrics
     from gateway.store.writer import StoreWriter
     from gateway.uplink.commands import DistrictCommands
 
-    metrics = GatewayMetrics()
+    metrics = Instruments()
     profiles = load_profiles()
     registry = DeviceRegistry(profiles, "open")
     registry.on_birth("aq-1", {"kind": "air_quality"}, 0)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.instruments import Instruments
 from gateway.models import Batch, DeadLetter, Device, DeviceEvent, Reading, event_id
 from gateway.settings import StoreSettings
-from gateway.stats import GatewayMetrics
 from gateway.store.maintenance import StoreMaintenance
 from gateway.store.queries import EventFilter, StoreReader
 from gateway.store.schema import MIGRATIONS, connect, migrate
@@ -23,7 +23,7 @@ T0 = 1_790_000_040_000 - 1_790_000_040_000 % MINUTE  # a whole minute
 
 @pytest.fixture
 async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    writer = StoreWriter(tmp_path / "cgw.sqlite3", GatewayMetrics())
+    writer = StoreWriter(tmp_path / "cgw.sqlite3", Instruments())
     await writer.open()
     reader = StoreReader(tmp_path / "cgw.sqlite3", raw_retention_ms=48 * 3_600_000)
     yield writer, reader
@@ -148,12 +148,12 @@ async def test_events_filter_and_acknowledge_once(store) -> None:  # type: ignor
 
 async def test_devices_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "cgw.sqlite3"
-    writer = StoreWriter(path, GatewayMetrics())
+    writer = StoreWriter(path, Instruments())
     await writer.open()
     device = Device("d1", "elevator", "birth", building="3", online=True, last_values={"floor": 4.0})
     await writer.save_devices([device])
     await writer.close()
-    again = StoreWriter(path, GatewayMetrics())
+    again = StoreWriter(path, Instruments())
     restored = await again.open()
     await again.close()
     assert restored == [device]
@@ -171,7 +171,7 @@ def test_migrations_apply_once_and_refuse_newer_files(tmp_path: Path) -> None:
 
 
 async def test_a_failing_disk_is_retried_not_lost(tmp_path: Path) -> None:
-    writer = StoreWriter(tmp_path / "cgw.sqlite3", GatewayMetrics())
+    writer = StoreWriter(tmp_path / "cgw.sqlite3", Instruments())
     await writer.open()
     real = writer._write
     calls = 0
@@ -191,7 +191,7 @@ async def test_a_failing_disk_is_retried_not_lost(tmp_path: Path) -> None:
 
 
 async def test_a_trickle_is_one_group_commit_and_a_waiting_caller_cuts_it_short(tmp_path: Path) -> None:
-    metrics = GatewayMetrics()
+    metrics = Instruments()
     # A group commit window far longer than the test: only the durable put can end it.
     writer = StoreWriter(tmp_path / "cgw.sqlite3", metrics, group_commit_s=600)
     await writer.open()

@@ -8,12 +8,12 @@ happens in the hub's queue, which this drives directly.)
 
 from __future__ import annotations
 
-from gateway.stats import GatewayMetrics
+from gateway.instruments import Instruments
 from gateway.stream import StreamHub
 
 
 async def test_a_slow_subscriber_loses_its_oldest_items_counted_and_the_others_lose_nothing() -> None:
-    metrics = GatewayMetrics()
+    metrics = Instruments()
     hub = StreamHub(metrics, queue_size=3)
     got: list[int] = []
     async with hub.subscribe() as slow, hub.subscribe() as fast:

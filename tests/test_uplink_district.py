@@ -290,7 +290,7 @@ async def test_a_full_command_queue_drops_and_counts_what_does_not_fit(
                 await asyncio.to_thread(platform.command, "north", f"q{n}", "ping")
 
             def dropped() -> float:
-                return gw.metrics.uplink_commands.labels(action="unknown", outcome="dropped")._value.get()
+                return gw.instruments.uplink_commands.labels(action="unknown", outcome="dropped")._value.get()
 
             # Every command has either a place in the queue (or is being carried out) or is dropped.
             await eventually(lambda: dropped() >= sent - COMMAND_QUEUE - 1, 15, "the overflow")

@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 
 from gateway import privacy
+from gateway.instruments import Instruments
 from gateway.models import Batch, DeviceEvent, Reading
 from gateway.settings import UplinkSettings
-from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox
 from gateway.uplink import items
 from gateway.uplink.items import TelemetryChoice
@@ -101,7 +101,7 @@ def test_an_alarm_goes_up_as_an_allow_list_without_free_text() -> None:
 
 def test_messages_stay_under_the_size_limit_and_snapshots_are_one_each(tmp_path: Path) -> None:
     settings = UplinkSettings(url="mqtt://district:1883", max_message_bytes=4096)
-    sink = UplinkSink(settings, "up", "north", GatewayMetrics(), tmp_path / "db", Outbox(1 << 20, "block"))
+    sink = UplinkSink(settings, "up", "north", Instruments(), tmp_path / "db", Outbox(1 << 20, "block"))
     readings = [Reading(f"d{i}", "generic", i, {"v": float(i)}) for i in range(200)]
     body = items.encode([Batch(readings=readings)], TelemetryChoice(["generic"]), "uplink")[0].body
     snapshots = "\n".join(

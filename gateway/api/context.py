@@ -8,12 +8,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from gateway.instruments import Instruments
 from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
 from gateway.services.desk import ServiceDesk
 from gateway.settings import TokenGrant
-from gateway.stats import GatewayMetrics
 from gateway.store.queries import StoreReader
 from gateway.stream import StreamHub
 
@@ -25,7 +25,7 @@ class ApiContext:
     profiles: ProfileSet
     reader: StoreReader
     hub: StreamHub
-    metrics: GatewayMetrics
+    instruments: Instruments
     token_digests: dict[str, TokenGrant]
     write_limit: KeyedRateLimit  # per token
     readiness: Callable[[], dict[str, Any]]

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway.instruments import Instruments
 from gateway.limits import Admission, DeviceRateLimit, FloodNotes
 from gateway.models import (
     SEVERITIES,
@@ -31,7 +32,6 @@ from gateway.presence import PresenceTracker, presence_event
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
 from gateway.rules import AlarmEngine
-from gateway.stats import GatewayMetrics
 from gateway.topics import INBOUND_CHANNELS, TERMINAL_CHANNELS, TopicError, parse
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Processor:
         profiles: ProfileSet,
         registry: DeviceRegistry,
         alarms: AlarmEngine,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         window: TimeWindow,
         max_payload_bytes: int,
         rate_limit: DeviceRateLimit | None = None,
@@ -59,7 +59,7 @@ class Processor:
         self._registry = registry
         self._presence = PresenceTracker(registry, profiles)
         self._alarms = alarms
-        self._metrics = metrics
+        self._instruments = instruments
         self._window = window
         self._max_bytes = max_payload_bytes
         self._rate_limit = rate_limit or DeviceRateLimit("")
@@ -67,7 +67,7 @@ class Processor:
         # and dead-lettered, but junk from one device must not fill the journal.
         self._log_notes = FloodNotes()
         self._unlogged: dict[str, int] = {}
-        self._received = {ch: metrics.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
+        self._received = {ch: instruments.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
     def process(self, batch: list[RawMessage]) -> Batch:
         out = Batch()
@@ -237,7 +237,7 @@ class Processor:
     def _add_presence(self, out: Batch, change: PresenceChange) -> None:
         out.presence.append(change)
         out.events.append(presence_event(change))
-        self._metrics.presence_changes.labels(state="online" if change.online else "offline").inc()
+        self._instruments.presence_changes.labels(state="online" if change.online else "offline").inc()
 
     def _reject(
         self,
@@ -253,7 +253,7 @@ class Processor:
     ) -> None:
         letter = DeadLetter(received_ms, topic, device_id, reason, payload, channel)
         out.dead_letters.append(letter)
-        self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
+        self._instruments.messages_rejected.labels(reason=letter.reason_code).inc()
         if logged:
             # Newcomers and bad topics each bring a new name: theirs are logged by reason.
             key = device_id if device_id and letter.reason_code not in _NEWCOMER else letter.reason_code
@@ -287,9 +287,9 @@ class Processor:
                 if reading.seq is not None:
                     device.last_seq = reading.seq
             out.events.extend(self._alarms.observe(reading))
-        self._metrics.readings.inc(len(out.readings))
+        self._instruments.readings.inc(len(out.readings))
         for event in out.events:
-            self._metrics.events.labels(severity=event.severity).inc()
+            self._instruments.events.labels(severity=event.severity).inc()
         out.devices = self._registry.take_dirty()
 
 

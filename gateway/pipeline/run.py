@@ -10,11 +10,11 @@ import asyncio
 from collections.abc import Callable
 
 from gateway.clock import now_ms
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.pipeline.process import Processor
 from gateway.pipeline.route import Router
 from gateway.registry import DeviceRegistry
-from gateway.stats import GatewayMetrics
 
 # Last values and last-seen times are saved in bulk this often (and at shutdown): a killed
 # gateway comes back with them up to this old; the readings themselves are all in the store.
@@ -30,19 +30,19 @@ class Pipeline:
         processor: Processor,
         router: Router,
         registry: DeviceRegistry,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         queue_size: int,
         sweep_interval_s: float,
     ) -> None:
         self._processor = processor
         self._router = router
         self._registry = registry
-        self._metrics = metrics
+        self._instruments = instruments
         self._inbox: asyncio.Queue[tuple[list[RawMessage], Callable[[], None] | None]] = asyncio.Queue(
             maxsize=queue_size
         )
         self._sweep_interval_s = sweep_interval_s
-        self._depth = metrics.queue_depth.labels(stage="inbox")
+        self._depth = instruments.queue_depth.labels(stage="inbox")
 
     async def put(self, batch: list[RawMessage], on_durable: Callable[[], None] | None = None) -> None:
         """Queue a driver's batch; `on_durable` is called once all of it is durable (or refused)."""
@@ -88,5 +88,5 @@ class Pipeline:
 
     def _update_presence_gauges(self) -> None:
         online = sum(1 for d in self._registry.all() if d.online)
-        self._metrics.devices.labels(state="online").set(online)
-        self._metrics.devices.labels(state="offline").set(len(self._registry) - online)
+        self._instruments.devices.labels(state="online").set(online)
+        self._instruments.devices.labels(state="offline").set(len(self._registry) - online)

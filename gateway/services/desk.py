@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway.clock import now_ms
+from gateway.instruments import Instruments
 from gateway.logsummary import LogSummary
 from gateway.models import DeadLetter, DeviceEvent, TerminalMessage, event_id
 from gateway.services import access_log, evaluation, needs, residents
@@ -40,7 +41,6 @@ from gateway.services.intake import (
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.store import DeskError, ServiceStore, Step
 from gateway.settings import PrivacySettings
-from gateway.stats import GatewayMetrics
 from gateway.topics import device_topic
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class ServiceDesk:
         path: Path,
         catalogue: Catalogue,
         community: str,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         check_interval_s: float = 60.0,
         households: HouseholdRegister | None = None,
         privacy: PrivacySettings | None = None,
@@ -92,7 +92,7 @@ class ServiceDesk:
         self._community = community
         self._store = ServiceStore(path, catalogue, community)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
-        self._metrics = metrics
+        self._instruments = instruments
         self._check_interval_s = check_interval_s
         # A repeated vote or rating is routine: told a few lines an hour (gateway/logsummary.py).
         self._refusals = LogSummary(log)
@@ -199,7 +199,7 @@ class ServiceDesk:
                     message.channel,
                 )
                 out.dead_letters.append(letter)
-                self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
+                self._instruments.messages_rejected.labels(reason=letter.reason_code).inc()
                 # Answered to the terminal, dead-lettered and counted: a resident's outcome (a second
                 # vote, a missing field), not the operator's problem, so not a WARNING.
                 self._refusals.note(f"refused {message.channel}s", f"{message.device_id}: {reason}")
@@ -213,7 +213,7 @@ class ServiceDesk:
         )
         view, step = self._store.create(new, terminal_actor(message.device_id))
         status = "accepted" if step is not None else "duplicate"
-        self._metrics.service_requests.labels(source="terminal", outcome=status).inc()
+        self._instruments.service_requests.labels(source="terminal", outcome=status).inc()
         out.acks.append(
             (
                 device_topic(message.device_id, "ack"),
@@ -244,7 +244,7 @@ class ServiceDesk:
         view, first, step = self._store.rate(rating, now_ms())
         if not first:
             return False
-        self._metrics.ratings.labels(score=str(rating.score)).inc()
+        self._instruments.ratings.labels(score=str(rating.score)).inc()
         out.stream.append(
             (
                 "rating",
@@ -317,7 +317,7 @@ class ServiceDesk:
         )
         view, step = self._store.create(new, f"sensor {event.device_id}")
         self._store.link_signal(key, view["id"])
-        self._metrics.service_requests.labels(source="sensor", outcome="accepted").inc()
+        self._instruments.service_requests.labels(source="sensor", outcome="accepted").inc()
         if step is not None:
             out.step(step)
 
@@ -345,7 +345,7 @@ class ServiceDesk:
                 building=request["building"],
             )
             out.events.append(event)
-            self._metrics.service_alarms.labels(type=alarm_type).inc()
+            self._instruments.service_alarms.labels(type=alarm_type).inc()
         await self._emit(out)
         return out
 
@@ -354,7 +354,7 @@ class ServiceDesk:
     async def file(self, new: NewRequest, actor: str) -> tuple[dict[str, Any], bool]:
         """File a request from the API; (request, created) — False when it was a re-send."""
         view, step = await self._call(self._store.create, new, actor)
-        self._metrics.service_requests.labels(
+        self._instruments.service_requests.labels(
             source=new.source, outcome="accepted" if step else "duplicate"
         ).inc()
         if step is not None:
@@ -414,7 +414,7 @@ class ServiceDesk:
         if ":" not in reason or not reason.split(":", 1)[0].isidentifier():
             reason = f"refused: {reason}"
         letter = DeadLetter(now_ms(), f"api/{channel}", who[:128], reason, orjson.dumps(body), channel)
-        self._metrics.messages_rejected.labels(reason=letter.reason_code).inc()
+        self._instruments.messages_rejected.labels(reason=letter.reason_code).inc()
         self._refusals.note(f"refused {channel}s over the API", f"{who[:128]}: {reason}")
         self._api_refusals.append(letter)
 

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.instruments import Instruments
 from gateway.models import Batch
-from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken
 from gateway.store.schema import connect
 
@@ -42,7 +42,7 @@ class OutboxDrain(ABC):
 
     def __init__(
         self,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         db_path: Path,
         outbox: Outbox,
         batch_points: int,
@@ -60,7 +60,7 @@ class OutboxDrain(ABC):
         self._healthy = True
         self.last_error: str | None = None
         self._retry_after_s = 0.0  # the far side's own wait before the next attempt (Retry-After)
-        m = metrics
+        m = instruments
         self._written = m.sink_points.labels(sink=self.name, outcome="written")
         self._failed = m.sink_points.labels(sink=self.name, outcome="failed")
         self._rejected = m.sink_points.labels(sink=self.name, outcome="rejected")

@@ -29,11 +29,11 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from gateway.instruments import Instruments
 from gateway.models import Batch, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
-from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken, rows_of
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,14 @@ class InfluxSink(OutboxDrain):
     name = "influx"
 
     def __init__(
-        self, settings: InfluxSettings, community: str, metrics: GatewayMetrics, db_path: Path, outbox: Outbox
+        self,
+        settings: InfluxSettings,
+        community: str,
+        instruments: Instruments,
+        db_path: Path,
+        outbox: Outbox,
     ) -> None:
-        super().__init__(metrics, db_path, outbox, settings.batch_size, settings.flush_interval_s)
+        super().__init__(instruments, db_path, outbox, settings.batch_size, settings.flush_interval_s)
         self._settings = settings
         self._community = community
         self.target = f"InfluxDB at {settings.url}"

@@ -24,9 +24,9 @@ import orjson
 from gateway import privacy
 from gateway.clock import now_ms
 from gateway.files import private_store
+from gateway.instruments import Instruments
 from gateway.limits import FloodNotes
 from gateway.models import Batch, Device, event_id
-from gateway.stats import GatewayMetrics
 from gateway.store.dead_letters import DeadLetterBudget, row_bytes
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
 from gateway.store.schema import connect, migrate, transaction
@@ -70,7 +70,7 @@ class StoreWriter:
     def __init__(
         self,
         path: Path,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         queue_size: int = 64,
         outbox: Outbox | None = None,
         encoders: list[Encoder] | None = None,
@@ -82,7 +82,7 @@ class StoreWriter:
         self._group_commit_s = group_commit_s
         self._hurry = asyncio.Event()  # someone waits for a commit: no lingering
         self._arrived = asyncio.Event()  # a batch was queued (the held commit looks at it)
-        self._metrics = metrics
+        self._instruments = instruments
         self._outbox = outbox
         self._encoders = encoders or []
         self._listeners: list[Callable[[], None]] = []
@@ -117,7 +117,7 @@ class StoreWriter:
         """Queue a batch for writing; waits while the queue is full (back-pressure)."""
         await self._queue.put(processed)
         self._arrived.set()
-        self._metrics.queue_depth.labels(stage="store").set(self._queue.qsize())
+        self._instruments.queue_depth.labels(stage="store").set(self._queue.qsize())
 
     async def run(self) -> None:
         """Write batches until cancelled; several waiting batches go in one transaction."""
@@ -154,7 +154,7 @@ class StoreWriter:
                 listener()
             for _ in batches:
                 self._queue.task_done()
-            self._metrics.queue_depth.labels(stage="store").set(self._queue.qsize())
+            self._instruments.queue_depth.labels(stage="store").set(self._queue.qsize())
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call `listener` (on the event loop) after each commit: the sinks wake up with it."""
@@ -214,7 +214,7 @@ class StoreWriter:
             try:
                 started = time.perf_counter()
                 await self._call(self._write, batches)
-                self._metrics.store_write_seconds.observe(time.perf_counter() - started)
+                self._instruments.store_write_seconds.observe(time.perf_counter() - started)
                 self.last_error = None
                 return
             except (sqlite3.Error, OutboxFull) as exc:
@@ -305,11 +305,11 @@ class StoreWriter:
                 rows = [row for encode in self._encoders for row in encode(batches, inserted)]
                 if rows:
                     dropped = self._outbox.append(conn, rows)
-        self._metrics.store_writes.labels(table="telemetry").inc(len(telemetry))
-        self._metrics.store_writes.labels(table="events").inc(len(events))
-        self._metrics.store_writes.labels(table="dead_letters").inc(len(letters))
+        self._instruments.store_writes.labels(table="telemetry").inc(len(telemetry))
+        self._instruments.store_writes.labels(table="events").inc(len(events))
+        self._instruments.store_writes.labels(table="dead_letters").inc(len(letters))
         if trimmed:
-            self._metrics.dead_letters_trimmed.inc(trimmed)
+            self._instruments.dead_letters_trimmed.inc(trimmed)
             if self._trim_notes.should_log("dead_letters", now_ms()):
                 log.warning(
                     "dead letters over store.dead_letter_max_bytes (%d bytes): deleted the %d oldest",
@@ -317,12 +317,12 @@ class StoreWriter:
                     trimmed,
                 )
         if dropped:
-            self._metrics.outbox_dropped.inc(dropped)
+            self._instruments.outbox_dropped.inc(dropped)
             log.warning("outbox full: dropped the %d oldest telemetry points", dropped)
         if self._outbox is not None:
-            self._metrics.outbox_bytes.set(self._outbox.bytes)
+            self._instruments.outbox_bytes.set(self._outbox.bytes)
             for sink in {row.sink for row in rows}:
-                self._metrics.outbox_pending.labels(sink=sink).set(self._outbox.pending(sink))
+                self._instruments.outbox_pending.labels(sink=sink).set(self._outbox.pending(sink))
 
     async def save_devices(self, devices: list[Device]) -> None:
         """Persist device snapshots (last values, presence) outside the pipeline's batches."""

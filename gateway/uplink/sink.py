@@ -32,10 +32,10 @@ from drivers.link import BrokerLink
 from drivers.mqtt import broker_client
 from gateway import __version__
 from gateway.clock import now_ms
+from gateway.instruments import Instruments
 from gateway.models import Batch
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
-from gateway.stats import GatewayMetrics
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Taken
 from gateway.store.schema import transaction
 from gateway.uplink import items
@@ -68,11 +68,11 @@ class UplinkSink(OutboxDrain, BrokerLink):
         settings: UplinkSettings,
         client_id: str,
         community: str,
-        metrics: GatewayMetrics,
+        instruments: Instruments,
         db_path: Path,
         outbox: Outbox,
     ) -> None:
-        super().__init__(metrics, db_path, outbox, settings.batch_points, idle_s=1.0)
+        super().__init__(instruments, db_path, outbox, settings.batch_points, idle_s=1.0)
         self._settings = settings
         self._client_id = client_id
         self._community = community
@@ -80,13 +80,13 @@ class UplinkSink(OutboxDrain, BrokerLink):
             settings,
             f"the district broker {settings.url}",
             "CGW_UPLINK",
-            metrics.driver_connected.labels(driver="uplink"),
+            instruments.driver_connected.labels(driver="uplink"),
         )
         self._choice = TelemetryChoice(settings.telemetry)
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=COMMAND_QUEUE)
-        self._command_counter = metrics.uplink_commands
+        self._command_counter = instruments.uplink_commands
         self._summarize: Summarize | None = None
         self._command: Command | None = None
 

@@ -52,4 +52,4 @@ async def readyz(
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 async def metrics(ctx: Ctx, _: Scraper) -> Response:
-    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(ctx.instruments.registry), media_type=CONTENT_TYPE_LATEST)

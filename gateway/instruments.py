@@ -1,7 +1,8 @@
-"""The gateway's Prometheus metrics, on a registry owned by one application instance.
+"""The gateway's Prometheus instruments (counters, gauges, histograms), on a registry owned by one
+application instance. Called instruments, not metrics: "metrics" are the devices' values.
 
 No module-level collectors: tests run several gateways in one process, and each must count
-only its own traffic. Components receive the `GatewayMetrics` object they report to.
+only its own traffic. Components receive the `Instruments` object they report to.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gateway.wear import WrittenBytesCollector
 
 
-class GatewayMetrics:
+class Instruments:
     """Every counter, gauge and histogram the gateway exports at /metrics."""
 
     def __init__(self) -> None:
