@@ -28,8 +28,9 @@ from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
 from gateway.settings import MIN_TOKEN_LENGTH, BrokerSettings, Settings, hidden
+from gateway.sqlite import connect
 from gateway.store.lock import holder as lock_holder
-from gateway.store.schema import MIGRATIONS, connect
+from gateway.store.schema import MIGRATIONS
 
 MIN_FREE_MB = 500
 MAX_CLOCK_SKEW_S = 5.0

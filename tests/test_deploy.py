@@ -32,8 +32,8 @@ from gateway.models import Batch, Device, DeviceEvent, PresenceChange, Reading
 from gateway.profiles import load_profiles
 from gateway.settings import InfluxSettings, load_settings
 from gateway.sinks.influx import InfluxSink
+from gateway.sqlite import connect
 from gateway.store.outbox import Outbox
-from gateway.store.schema import connect
 from gateway.store.writer import StoreWriter
 from tests.harness import mosquitto_pub, terminal_birth
 from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess, wait_for

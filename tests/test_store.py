@@ -12,9 +12,10 @@ import pytest
 from gateway.instruments import Instruments
 from gateway.models import Batch, DeadLetter, Device, DeviceEvent, Reading, event_id
 from gateway.settings import StoreSettings
+from gateway.sqlite import connect, migrate
 from gateway.store.maintenance import StoreMaintenance
 from gateway.store.queries import EventFilter, StoreReader
-from gateway.store.schema import MIGRATIONS, connect, migrate
+from gateway.store.schema import MIGRATIONS
 from gateway.store.writer import StoreWriter
 
 MINUTE = 60_000
@@ -161,12 +162,12 @@ async def test_devices_survive_a_restart(tmp_path: Path) -> None:
 
 def test_migrations_apply_once_and_refuse_newer_files(tmp_path: Path) -> None:
     conn = connect(tmp_path / "m.sqlite3")
-    assert migrate(conn) == len(MIGRATIONS)
-    assert migrate(conn) == len(MIGRATIONS)  # idempotent
+    assert migrate(conn, MIGRATIONS, "the local store") == len(MIGRATIONS)
+    assert migrate(conn, MIGRATIONS, "the local store") == len(MIGRATIONS)  # idempotent
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="newer than this gateway"):
-        migrate(conn)
+        migrate(conn, MIGRATIONS, "the local store")
     conn.close()
 
 

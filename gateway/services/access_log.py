@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from gateway.store.schema import transaction
+from gateway.sqlite import transaction
 
 SCHEMA = [
     """CREATE TABLE access_log (

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from gateway.services.lifecycle import OPEN311_CLOSED
-from gateway.store.schema import transaction
+from gateway.sqlite import transaction
 
 SCHEMA = ["ALTER TABLE requests ADD COLUMN pseudonymised_ms INTEGER"]
 

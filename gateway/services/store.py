@@ -23,7 +23,7 @@ from gateway.services import access_log, lifecycle, residents
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating, NewRequest, NewVote
 from gateway.services.lifecycle import State, TransitionError
-from gateway.store.schema import connect, migrate, transaction
+from gateway.sqlite import connect, migrate, transaction
 
 MIGRATIONS: list[list[str]] = [
     [

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from gateway.instruments import Instruments
 from gateway.models import Batch
+from gateway.sqlite import connect
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken
-from gateway.store.schema import connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway import clock
 from gateway.settings import StoreSettings
-from gateway.store.schema import connect, transaction
+from gateway.sqlite import connect, transaction
 from gateway.store.writer import MINUTE_MS, StoreWriter
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.store.schema import connect
+from gateway.sqlite import connect
 
 T = TypeVar("T")
 

@@ -1,15 +1,11 @@
 """Tables of the local store, and the migrations that bring an older file up to date.
 
-`PRAGMA user_version` holds the schema version; each migration is a list of statements applied
-in one transaction, so an upgrade either completes or leaves the old schema intact.
+`gateway.sqlite.migrate` applies them (`PRAGMA user_version` holds the schema version; each
+migration is a list of statements applied in one transaction, so an upgrade either completes or
+leaves the old schema intact).
 """
 
 from __future__ import annotations
-
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 MIGRATIONS: list[list[str]] = [
     # 1: telemetry, roll-ups, events, dead letters, devices
@@ -83,56 +79,3 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX outbox_droppable",
     ],
 ]
-
-# Small pages: a commit writes every page it touches to the WAL whole, and a trickle's commit
-# touches a few (the ends of telemetry and of the outbox), so 1 KiB pages write a quarter
-# of what 4 KiB pages would. Set before the file exists; an older file keeps its page size.
-PAGE_SIZE = 1024
-
-
-def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
-    """A connection set up the way every part of the gateway uses the store."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed batch survives power loss, not only a crash of the process.
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
-
-
-@contextmanager
-def transaction(conn: sqlite3.Connection, *, immediate: bool = False) -> Iterator[None]:
-    """One transaction on a `connect()`ed (autocommit) connection: committed when the block
-    ends, rolled back when the block or the commit fails. `immediate` takes the write lock at
-    once, so a read-then-write block cannot fail half-way on a busy database."""
-    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # A failed COMMIT (a full disk) may have rolled back already: the first error is the one
-        # to report, not "no transaction is active".
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def migrate(
-    conn: sqlite3.Connection, migrations: list[list[str]] = MIGRATIONS, what: str = "the local store"
-) -> int:
-    """Apply every migration the file has not seen, each in its own transaction; returns the
-    resulting version. A file from a newer gateway is refused, never opened half-understood."""
-    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(migrations):
-        raise RuntimeError(
-            f"{what} has schema version {version}, newer than this gateway knows "
-            f"({len(migrations)}): upgrade cgw or restore a backup"
-        )
-    for number, statements in enumerate(migrations[version:], start=version + 1):
-        with transaction(conn, immediate=True):
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
-    return len(migrations)

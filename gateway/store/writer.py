@@ -27,9 +27,10 @@ from gateway.files import private_store
 from gateway.instruments import Instruments
 from gateway.limits import FloodNotes
 from gateway.models import Batch, Device, event_id
+from gateway.sqlite import connect, migrate, transaction
 from gateway.store.dead_letters import DeadLetterBudget, row_bytes
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
-from gateway.store.schema import connect, migrate, transaction
+from gateway.store.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,7 +107,7 @@ class StoreWriter:
     def _open(self) -> list[Device]:
         self._conn = connect(self._path)
         self._sync = "FULL"
-        migrate(self._conn)
+        migrate(self._conn, MIGRATIONS, "the local store")
         self.dead_letters.load(self._conn)
         self._dirty_minutes.update(_minutes_not_rolled_up(self._conn))
         if self._outbox is not None:

@@ -36,8 +36,8 @@ from gateway.instruments import Instruments
 from gateway.models import Batch
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
+from gateway.sqlite import transaction
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Taken
-from gateway.store.schema import transaction
 from gateway.uplink import items
 from gateway.uplink.items import SNAPSHOTS, TelemetryChoice
 
