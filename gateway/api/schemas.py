@@ -167,3 +167,23 @@ class Summary(BaseModel):
     by_building: dict[str, dict[str, int]]
     open_alarms: int
     stream_subscribers: int
+
+
+# The access log (routes/access.py)
+
+
+class AccessOut(BaseModel):
+    id: int
+    ts_ms: int
+    who: str = Field(
+        description="The token's name (cgw token --name), else the first 8 hex digits of its digest"
+    )
+    role: str
+    token_id: str
+    endpoint: str = Field(description='The route read, e.g. "GET /api/v1/requests/{ticket}"')
+    records: list[str] = Field(description="The tickets (or households) whose personal data was read")
+    count: int
+
+
+class AccessList(BaseModel):
+    items: list[AccessOut]

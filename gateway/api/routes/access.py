@@ -10,32 +10,14 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, Field
 
 from gateway.api.auth import Principal, require
 from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
-from gateway.api.schemas import AUTH
+from gateway.api.schemas import AUTH, AccessList
 
 router = APIRouter(prefix="/api/v1", tags=["privacy"])
 Installer = Annotated[Principal, Depends(require("installer"))]
-
-
-class AccessOut(BaseModel):
-    id: int
-    ts_ms: int
-    who: str = Field(
-        description="The token's name (cgw token --name), else the first 8 hex digits of its digest"
-    )
-    role: str
-    token_id: str
-    endpoint: str = Field(description='The route read, e.g. "GET /api/v1/requests/{ticket}"')
-    records: list[str] = Field(description="The tickets (or households) whose personal data was read")
-    count: int
-
-
-class AccessList(BaseModel):
-    items: list[AccessOut]
 
 
 @router.get(
