@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from gateway.services.evaluation import By, Period
 from gateway.text import clean
 
 SeverityName = Literal["info", "warning", "critical"]
@@ -187,3 +188,36 @@ class AccessOut(BaseModel):
 
 class AccessList(BaseModel):
     items: list[AccessOut]
+
+
+# Evaluation (routes/evaluation.py)
+
+
+class Figures(BaseModel):
+    key: str = Field(description="The service code, group or provider id (or 'all')")
+    period_start_ms: int
+    period_end_ms: int
+    requests: int
+    valid: int = Field(description="Requests not rejected and not merged as duplicates")
+    completed: int
+    completion_rate: float | None
+    on_time: int
+    on_time_rate: float | None
+    ratings: int
+    satisfaction_mean: float | None
+    satisfaction_rate: float | None = Field(description="Share of ratings of 4 and 5")
+    complaints: int
+    complaints_resolved: int
+    complaint_resolution_rate: float | None
+    median_hours_to_complete: float | None
+    p90_hours_to_complete: float | None
+    assessments: int
+    assessment_mean: float | None
+
+
+class Evaluation(BaseModel):
+    start_ms: int
+    end_ms: int
+    by: By
+    period: Period
+    rows: list[Figures]

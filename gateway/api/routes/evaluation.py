@@ -8,12 +8,11 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
 
 from gateway.api.auth import Reader
 from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
-from gateway.api.schemas import ErrorBody
+from gateway.api.schemas import ErrorBody, Evaluation, Figures
 from gateway.clock import now_ms
 from gateway.services.evaluation import By, Period
 
@@ -23,36 +22,6 @@ BAD: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody},
     422: {"model": ErrorBody},
 }
-
-
-class Figures(BaseModel):
-    key: str = Field(description="The service code, group or provider id (or 'all')")
-    period_start_ms: int
-    period_end_ms: int
-    requests: int
-    valid: int = Field(description="Requests not rejected and not merged as duplicates")
-    completed: int
-    completion_rate: float | None
-    on_time: int
-    on_time_rate: float | None
-    ratings: int
-    satisfaction_mean: float | None
-    satisfaction_rate: float | None = Field(description="Share of ratings of 4 and 5")
-    complaints: int
-    complaints_resolved: int
-    complaint_resolution_rate: float | None
-    median_hours_to_complete: float | None
-    p90_hours_to_complete: float | None
-    assessments: int
-    assessment_mean: float | None
-
-
-class Evaluation(BaseModel):
-    start_ms: int
-    end_ms: int
-    by: By
-    period: Period
-    rows: list[Figures]
 
 
 @router.get(
