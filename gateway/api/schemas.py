@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
@@ -221,3 +222,101 @@ class Evaluation(BaseModel):
     by: By
     period: Period
     rows: list[Figures]
+
+
+# Needs and plans (routes/needs.py)
+
+
+class Hotspot(BaseModel):
+    service_group: str
+    building: str | None
+    count: int
+    expected: float
+    ratio: float
+    p_value: float
+    score: float
+    sources: dict[str, int]
+    services: dict[str, int]
+    peak_start_ms: int
+    peak_count: int
+    why: str = Field(description="Why this cell is a hotspot, in words")
+
+
+class Hotspots(BaseModel):
+    window_start_ms: int
+    window_end_ms: int
+    baseline_start_ms: int
+    method: str
+    items: list[Hotspot]
+
+
+class Heatmap(BaseModel):
+    start_ms: int
+    end_ms: int
+    buildings: dict[str, dict[str, int]] = Field(description="building → service group → need signals")
+
+
+class Need(BaseModel):
+    rank: int
+    need_id: str
+    service_code: str
+    service_group: str
+    building: str | None
+    requests: list[str]
+    households: int
+    sensor_signals: int
+    oldest_ms: int
+    overdue: int
+    priority: int
+    score: float
+    why: str
+
+
+class NeedsList(BaseModel):
+    items: list[Need]
+
+
+class ProposalIn(BaseModel):
+    title: Text = Field(min_length=1, max_length=200)
+    description: Text = Field("", max_length=4000)
+    need_ids: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=100)
+    closes: datetime | None = Field(None, description="When voting closes (optional)")
+
+
+class Proposal(BaseModel):
+    id: str
+    title: str
+    description: str
+    needs: list[str]
+    created_ms: int
+    created_by: str
+    closes_ms: int | None
+    closed_ms: int | None
+    filed_ms: int | None
+    open: bool
+    votes: dict[str, int]
+    households_voted: int
+    result: Literal["open", "passed", "rejected"]
+    approval: float | None
+
+
+class ProposalList(BaseModel):
+    items: list[Proposal]
+
+
+class VoteIn(BaseModel):
+    building: str = Field(min_length=1, max_length=32)
+    unit: str = Field(min_length=1, max_length=32)
+    choice: Literal["yes", "no", "abstain"]
+    vote_id: str | None = Field(None, max_length=128, description="The terminal's id for this vote")
+    pin: str | None = Field(None, max_length=64, description="The household's PIN (household register)")
+    card: str | None = Field(None, max_length=64, description="Or the household's card number")
+
+
+class VoteResult(BaseModel):
+    status: Literal["accepted", "duplicate"]
+    proposal: Proposal
+
+
+class CloseIn(BaseModel):
+    file: bool = Field(False, description="Also file it in the plan for the street office")

@@ -11,13 +11,27 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 
 from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import Ctx
 from gateway.api.moments import epoch_ms
 from gateway.api.routes.requests import REFUSED, refused
-from gateway.api.schemas import AUTH, TOO_MANY, ErrorBody, Text
+from gateway.api.schemas import (
+    AUTH,
+    TOO_MANY,
+    CloseIn,
+    ErrorBody,
+    Heatmap,
+    Hotspot,
+    Hotspots,
+    Need,
+    NeedsList,
+    Proposal,
+    ProposalIn,
+    ProposalList,
+    VoteIn,
+    VoteResult,
+)
 from gateway.clock import now_ms
 from gateway.durations import parse_duration
 from gateway.services import needs
@@ -36,101 +50,6 @@ def duration_ms(text: str, name: str) -> int:
     if not isinstance(value, timedelta) or value.total_seconds() < 60 or value.days > 3660:
         raise HTTPException(422, f"{name} must be a duration between 1m and 3660d, like 24h or 14d")
     return int(value.total_seconds() * 1000)
-
-
-class Hotspot(BaseModel):
-    service_group: str
-    building: str | None
-    count: int
-    expected: float
-    ratio: float
-    p_value: float
-    score: float
-    sources: dict[str, int]
-    services: dict[str, int]
-    peak_start_ms: int
-    peak_count: int
-    why: str = Field(description="Why this cell is a hotspot, in words")
-
-
-class Hotspots(BaseModel):
-    window_start_ms: int
-    window_end_ms: int
-    baseline_start_ms: int
-    method: str
-    items: list[Hotspot]
-
-
-class Heatmap(BaseModel):
-    start_ms: int
-    end_ms: int
-    buildings: dict[str, dict[str, int]] = Field(description="building → service group → need signals")
-
-
-class Need(BaseModel):
-    rank: int
-    need_id: str
-    service_code: str
-    service_group: str
-    building: str | None
-    requests: list[str]
-    households: int
-    sensor_signals: int
-    oldest_ms: int
-    overdue: int
-    priority: int
-    score: float
-    why: str
-
-
-class NeedsList(BaseModel):
-    items: list[Need]
-
-
-class ProposalIn(BaseModel):
-    title: Text = Field(min_length=1, max_length=200)
-    description: Text = Field("", max_length=4000)
-    need_ids: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=100)
-    closes: datetime | None = Field(None, description="When voting closes (optional)")
-
-
-class Proposal(BaseModel):
-    id: str
-    title: str
-    description: str
-    needs: list[str]
-    created_ms: int
-    created_by: str
-    closes_ms: int | None
-    closed_ms: int | None
-    filed_ms: int | None
-    open: bool
-    votes: dict[str, int]
-    households_voted: int
-    result: Literal["open", "passed", "rejected"]
-    approval: float | None
-
-
-class ProposalList(BaseModel):
-    items: list[Proposal]
-
-
-class VoteIn(BaseModel):
-    building: str = Field(min_length=1, max_length=32)
-    unit: str = Field(min_length=1, max_length=32)
-    choice: Literal["yes", "no", "abstain"]
-    vote_id: str | None = Field(None, max_length=128, description="The terminal's id for this vote")
-    pin: str | None = Field(None, max_length=64, description="The household's PIN (household register)")
-    card: str | None = Field(None, max_length=64, description="Or the household's card number")
-
-
-class VoteResult(BaseModel):
-    status: Literal["accepted", "duplicate"]
-    proposal: Proposal
-
-
-class CloseIn(BaseModel):
-    file: bool = Field(False, description="Also file it in the plan for the street office")
 
 
 @router.get(
