@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field
 
 from gateway.services.evaluation import By, Period
+from gateway.services.lifecycle import State
 from gateway.text import clean
 
 SeverityName = Literal["info", "warning", "critical"]
@@ -320,3 +321,117 @@ class VoteResult(BaseModel):
 
 class CloseIn(BaseModel):
     file: bool = Field(False, description="Also file it in the plan for the street office")
+
+
+# Service requests (routes/requests.py)
+
+
+class RequestOut(BaseModel):
+    id: str
+    service_code: str
+    service_group: str
+    state: State
+    status: str = Field(description="Open311 status: open or closed")
+    source: str
+    device_id: str | None
+    description: str
+    building: str | None
+    floor: int | None
+    unit: str | None
+    household: str | None
+    address: str | None
+    address_id: str | None
+    lat: float | None
+    long: float | None
+    media_url: str | None
+    attributes: dict[str, Any]
+    requested_ms: int
+    updated_ms: int
+    expected_ms: int
+    state_since_ms: int
+    provider_id: str | None
+    status_notes: str | None
+    merged_into: str | None
+    completed_ms: int | None
+    overdue: bool
+
+
+class StepOut(BaseModel):
+    ts_ms: int
+    from_state: str | None
+    to_state: str
+    actor: str
+    note: str
+    provider_id: str | None
+
+
+class RatingOut(BaseModel):
+    ts_ms: int
+    score: int
+    comment: str
+    rater: str
+
+
+class RequestDetail(RequestOut):
+    history: list[StepOut]
+    rating: RatingOut | None
+
+
+class RequestList(BaseModel):
+    items: list[RequestOut]
+
+
+class TransitionIn(BaseModel):
+    to: State = Field(description="The lifecycle stage to move to")
+    note: Text = Field("", max_length=2000, description="Why (kept in the audit trail and as status_notes)")
+    provider_id: str | None = Field(None, max_length=64, description="When assigning: who delivers")
+    merged_into: str | None = Field(
+        None, max_length=128, description="When merging: the request it duplicates"
+    )
+    ts: datetime | None = Field(None, description="When it happened, if not now (recording past work)")
+
+
+class RatingIn(BaseModel):
+    score: int = Field(ge=1, le=5)
+    comment: Text = Field("", max_length=2000)
+    ts: datetime | None = None
+    rating_code: str | None = Field(
+        None,
+        max_length=32,
+        description="The request's rating code (the kiosk's receipt); not needed by the token that filed it",
+    )
+
+
+class RatingResult(BaseModel):
+    status: str = Field(description="accepted, or duplicate (the first rating stands)")
+    request: RequestOut
+
+
+class AssessmentIn(BaseModel):
+    provider_id: str = Field(max_length=64)
+    score: int = Field(ge=1, le=5)
+    assessor: Text = Field(min_length=1, max_length=200, description="Who assessed (a third party)")
+    comment: Text = Field("", max_length=2000)
+    service_code: str | None = Field(None, max_length=128)
+    service_request_id: str | None = Field(None, max_length=128)
+    ts: datetime | None = None
+
+
+class AssessmentOut(BaseModel):
+    id: int
+    ts_ms: int
+    assessor: str
+    provider_id: str
+    service_code: str | None
+    service_request_id: str | None
+    score: int
+    comment: str
+
+
+class ProviderOut(BaseModel):
+    id: str
+    name_zh: str
+    name_en: str
+    type: str
+    services: list[str]
+    workload: dict[str, int] = Field(description="Active requests by stage, plus active and overdue totals")
