@@ -1,4 +1,6 @@
-"""Response and request models of the API: they are the OpenAPI document's schemas."""
+"""Every request and response model of the API, in one place: they are the OpenAPI document's
+schemas, so a model's class name is its component name and must be unique here (the Open311
+request is `Open311RequestOut`, the operators' `RequestOut`)."""
 
 from __future__ import annotations
 
@@ -172,7 +174,7 @@ class Summary(BaseModel):
     stream_subscribers: int
 
 
-# The access log (routes/access.py)
+# The access log of personal-data reads (routes/access.py)
 
 
 class AccessOut(BaseModel):
@@ -435,3 +437,91 @@ class ProviderOut(BaseModel):
     type: str
     services: list[str]
     workload: dict[str, int] = Field(description="Active requests by stage, plus active and overdue totals")
+
+
+# Open311 GeoReport v2 (routes/open311.py): the spec's field names
+
+
+class Open311Error(BaseModel):
+    code: int
+    description: str
+
+
+class ServiceOut(BaseModel):
+    service_code: str
+    service_name: str
+    description: str
+    metadata: bool
+    type: Literal["realtime", "batch", "blackbox"]
+    keywords: str
+    group: str
+
+
+class ValueOut(BaseModel):
+    key: str
+    name: str
+
+
+class AttributeOut(BaseModel):
+    variable: bool
+    code: str
+    datatype: str
+    required: bool
+    datatype_description: str | None
+    order: int
+    description: str
+    values: list[ValueOut]
+
+
+class DefinitionOut(BaseModel):
+    service_code: str
+    attributes: list[AttributeOut]
+
+
+class Open311RequestOut(BaseModel):
+    service_request_id: str
+    status: Literal["open", "closed"]
+    status_notes: str | None
+    service_name: str
+    service_code: str
+    description: str
+    agency_responsible: str | None
+    service_notice: str | None
+    requested_datetime: str
+    updated_datetime: str
+    expected_datetime: str | None
+    address: str | None
+    address_id: str | None
+    zipcode: str | None
+    lat: float | None
+    long: float | None
+    media_url: str | None
+    extended_attributes: dict[str, Any] | None = Field(
+        None, description="The gateway's lifecycle (extension; with extensions=true)"
+    )
+
+
+class PostedOut(BaseModel):
+    service_request_id: str
+    service_notice: str | None
+    account_id: str | None
+
+
+class TokenOut(BaseModel):
+    service_request_id: str | None
+    token: str
+
+
+class DiscoveryEndpoint(BaseModel):
+    specification: str
+    url: str
+    changeset: str
+    type: str
+    formats: list[str]
+
+
+class DiscoveryOut(BaseModel):
+    changeset: str
+    contact: str
+    key_service: str
+    endpoints: list[DiscoveryEndpoint]

@@ -26,13 +26,21 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
 
 from gateway import privacy
 from gateway.api.access import record_reads
 from gateway.api.auth import Principal, open311_reader, require_api_key
 from gateway.api.context import ApiContext, Ctx
 from gateway.api.moments import epoch_ms
+from gateway.api.schemas import (
+    DefinitionOut,
+    DiscoveryOut,
+    Open311Error,
+    Open311RequestOut,
+    PostedOut,
+    ServiceOut,
+    TokenOut,
+)
 from gateway.clock import now_ms
 from gateway.services import open311
 from gateway.services.intake import IntakeError, open311_request
@@ -81,91 +89,6 @@ Jurisdiction = Annotated[str | None, Query(max_length=128, description="Optional
 DAY_MS = 86_400_000
 STATUS_FILTER = "^(open|closed)(,(open|closed))?$"
 MAX_RESULTS = 1000
-
-
-class Open311Error(BaseModel):
-    code: int
-    description: str
-
-
-class ServiceOut(BaseModel):
-    service_code: str
-    service_name: str
-    description: str
-    metadata: bool
-    type: Literal["realtime", "batch", "blackbox"]
-    keywords: str
-    group: str
-
-
-class ValueOut(BaseModel):
-    key: str
-    name: str
-
-
-class AttributeOut(BaseModel):
-    variable: bool
-    code: str
-    datatype: str
-    required: bool
-    datatype_description: str | None
-    order: int
-    description: str
-    values: list[ValueOut]
-
-
-class DefinitionOut(BaseModel):
-    service_code: str
-    attributes: list[AttributeOut]
-
-
-class RequestOut(BaseModel):
-    service_request_id: str
-    status: Literal["open", "closed"]
-    status_notes: str | None
-    service_name: str
-    service_code: str
-    description: str
-    agency_responsible: str | None
-    service_notice: str | None
-    requested_datetime: str
-    updated_datetime: str
-    expected_datetime: str | None
-    address: str | None
-    address_id: str | None
-    zipcode: str | None
-    lat: float | None
-    long: float | None
-    media_url: str | None
-    extended_attributes: dict[str, Any] | None = Field(
-        None, description="The gateway's lifecycle (extension; with extensions=true)"
-    )
-
-
-class PostedOut(BaseModel):
-    service_request_id: str
-    service_notice: str | None
-    account_id: str | None
-
-
-class TokenOut(BaseModel):
-    service_request_id: str | None
-    token: str
-
-
-class DiscoveryEndpoint(BaseModel):
-    specification: str
-    url: str
-    changeset: str
-    type: str
-    formats: list[str]
-
-
-class DiscoveryOut(BaseModel):
-    changeset: str
-    contact: str
-    key_service: str
-    endpoints: list[DiscoveryEndpoint]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -291,7 +214,7 @@ async def service_definition(
 @router.get(
     "/requests.{fmt}",
     summary="Service requests, filtered as the spec says (newest first, at most 1000)",
-    responses={**_ok(list[RequestOut]), **_errors(400, 403, 404)},
+    responses={**_ok(list[Open311RequestOut]), **_errors(400, 403, 404)},
 )
 async def list_requests(
     ctx: Ctx,
@@ -351,7 +274,7 @@ async def list_requests(
 @router.get(
     "/requests/{service_request_id}.{fmt}",
     summary="One service request (a list of one, as the spec has it)",
-    responses={**_ok(list[RequestOut]), **_errors(400, 403, 404)},
+    responses={**_ok(list[Open311RequestOut]), **_errors(400, 403, 404)},
 )
 async def get_request(
     ctx: Ctx,
