@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query
 
 from gateway.api.auth import Principal, require
 from gateway.api.context import Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import AUTH, AccessList
 
 router = APIRouter(prefix="/api/v1", tags=["privacy"])

@@ -16,7 +16,7 @@ from gateway import clock, privacy
 from gateway.api.access import record_device_reads
 from gateway.api.auth import Principal, Reader
 from gateway.api.context import ApiContext, Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import (
     AUTH,
     DeviceList,

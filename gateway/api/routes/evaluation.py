@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException
 
 from gateway.api.auth import Reader
 from gateway.api.context import Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import ErrorBody, Evaluation, Figures
 from gateway.clock import now_ms
 from gateway.services.evaluation import By, Period

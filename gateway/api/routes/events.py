@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 
 from gateway.api.auth import Operator, Reader
 from gateway.api.context import Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import (
     AUTH,
     TOO_MANY,

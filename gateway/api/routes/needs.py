@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.api.auth import Operator, Reader, Terminal
 from gateway.api.context import Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.routes.requests import REFUSED, refused
 from gateway.api.schemas import (
     AUTH,

@@ -31,7 +31,7 @@ from gateway import privacy
 from gateway.api.access import record_reads
 from gateway.api.auth import Principal, open311_reader, require_api_key
 from gateway.api.context import ApiContext, Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import (
     DefinitionOut,
     DiscoveryOut,

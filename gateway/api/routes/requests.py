@@ -16,7 +16,7 @@ from gateway import privacy
 from gateway.api.access import record_reads
 from gateway.api.auth import Operator, Principal, Reader, Terminal
 from gateway.api.context import Ctx
-from gateway.api.moments import epoch_ms
+from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import (
     AUTH,
     TOO_MANY,
