@@ -1,7 +1,9 @@
-"""Route stage: hand each processed batch to the local store, the sinks, the stream and the desk.
+"""Route stage: hand each batch to the live stream, the service desk and the local store.
 
-The store and the sink are reached through bounded queues, so when either falls behind the
-pipeline waits (and with it the driver and the broker) instead of losing acknowledged data.
+The store writer is reached through a bounded queue and commits the batch together with every
+sink's outbox rows, which the sinks then drain on their own (gateway/sinks/drain.py); so when the
+store falls behind the pipeline waits (and with it the driver and the broker) instead of losing
+acknowledged data, and a slow sink costs disk, not memory.
 Terminal messages and device events go to the service desk, whose output (acks to terminals,
 request updates, alarms) is delivered here too, the same way for every source.
 """
@@ -36,25 +38,25 @@ class Router:
         self._desk = desk
         self._publish = publish
 
-    async def route(self, processed: Batch) -> None:
+    async def route(self, batch: Batch) -> None:
         # Live stream first: it never blocks, and operators see an alarm as early as possible.
         # Presence goes before events: a device comes online before what it then reports.
-        for change in processed.presence:
+        for change in batch.presence:
             self._hub.publish("presence", presence_payload(change))
-        for event in processed.events:
+        for event in batch.events:
             self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
         output: DeskOutput | None = None
-        if self._desk is not None and (processed.terminal or processed.events):
+        if self._desk is not None and (batch.terminal or batch.events):
             # Durable in the desk before anything is acknowledged to a terminal.
-            output = await self._desk.handle(processed.terminal, processed.events)
+            output = await self._desk.handle(batch.terminal, batch.events)
             self._live(output)
-            processed.events.extend(output.events)
-            processed.dead_letters.extend(output.dead_letters)
-            processed.records.extend(output.records)
-            processed.on_durable.append(self._forwarded(output))
+            batch.events.extend(output.events)
+            batch.dead_letters.extend(output.dead_letters)
+            batch.records.extend(output.records)
+            batch.on_durable.append(self._forwarded(output))
         # One commit makes the batch durable in the local store and in every sink's outbox;
         # the batch's on_durable callbacks (broker acks) run after it.
-        await self._store.put(processed)
+        await self._store.put(batch)
         if output is not None:
             self._send_acks(output)
 

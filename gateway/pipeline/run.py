@@ -60,12 +60,12 @@ class Pipeline:
             except TimeoutError:
                 item = None
             if item is not None:
-                batch, on_durable = item
+                raw, on_durable = item
                 try:
-                    processed = self._processor.process(batch)
+                    batch = self._processor.process(raw)
                     if on_durable is not None:
-                        processed.on_durable.append(on_durable)
-                    await self._router.route(processed)
+                        batch.on_durable.append(on_durable)
+                    await self._router.route(batch)
                 finally:
                     self._inbox.task_done()
                     self._depth.set(self._inbox.qsize())
