@@ -22,7 +22,6 @@ from gateway.models import DISTRICT, Batch, DeviceEvent, Reading
 from gateway.pipeline.route import event_payload
 from gateway.store.outbox import OutboxRow, rows_of
 
-STREAMS = ("requests", "ratings", "alarms", "commands", "telemetry", "needs", "evaluation")
 # Snapshots: the district wants the latest on connecting, so they are published retained.
 SNAPSHOTS = frozenset({"needs", "evaluation"})
 
