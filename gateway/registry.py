@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.datafiles import parse_error_line
 from gateway.logsummary import LogSummary
 from gateway.models import Device, Rejected
 from gateway.profiles import ProfileSet
@@ -56,9 +57,7 @@ def load_inventory(path: Path, profiles: ProfileSet) -> list[Device]:
     except OSError as exc:
         raise InventoryError(f"inventory {path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise InventoryError(f"inventory {path}{where}: not valid YAML") from exc
+        raise InventoryError(f"inventory {path}{parse_error_line(exc)}: not valid YAML") from exc
     try:
         inventory = _Inventory.model_validate(data)
     except ValidationError as exc:

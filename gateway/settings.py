@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as _SourceError
 
+from gateway.datafiles import line_of, parse_error_line
 from gateway.durations import Duration
 from gateway.limits import check_spec
 
@@ -451,20 +452,7 @@ def _line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
         node = yaml.compose(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)]
-            if not found:
-                return line
-            key, node = found[-1]
-            line = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
+    return line_of(node, loc)
 
 
 def _nearest(loc: tuple[int | str, ...]) -> str:
@@ -521,10 +509,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise SettingsError(f"--config {path}{where}: {problem}") from exc
+        raise SettingsError(f"--config {path}{parse_error_line(exc)}: {problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
