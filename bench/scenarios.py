@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 
 from bench import baseline, gateway_runs, load
 from tests.services import GatewayProcess, MosquittoProcess, VictoriaMetricsProcess
+
+# A request the API bench makes: (name, method, path, query, form).
+Kind = tuple[str, str, str, dict[str, Any], dict[str, str] | None]
 
 
 @dataclass
@@ -72,7 +76,7 @@ def throughput(ctx: Context) -> list[Row]:
 
         def durable() -> bool:
             figures.update(gateway_runs.metrics(gw))
-            return figures.get(rows_key, 0) >= 2 * n
+            return bool(figures.get(rows_key, 0) >= 2 * n)
 
         t_local = _poll(durable, 600, "the local store")
         t_sink = _poll(lambda: gateway_runs.metrics(gw).get(sent_key, 0) >= n, 600, "the time-series store")
@@ -240,7 +244,7 @@ async def _api_load(url: str, rate: float, seconds: float) -> dict[str, list[flo
     post = {"service_code": "elderly.home_visit", "description": "bench", "building": "1"}
     async with httpx.AsyncClient(base_url=url, headers=operator, timeout=10) as setup:
         first = (await setup.post("/open311/v2/requests.json", data=post)).json()[0]["service_request_id"]
-    kinds = [
+    kinds: list[Kind] = [
         *[("GET /api/v1/devices?limit=100", "GET", "/api/v1/devices", {"limit": 100}, None)] * 7,
         *[("GET telemetry range", "GET", f"/api/v1/devices/{load.device_id(7)}/telemetry", {}, None)] * 7,
         *[("GET /open311/v2/requests/{id}.json", "GET", f"/open311/v2/requests/{first}.json", {}, None)] * 2,
@@ -260,7 +264,7 @@ async def _api_load(url: str, rate: float, seconds: float) -> dict[str, list[flo
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, headers=operator, timeout=10, limits=limits) as client:
 
-        async def one(kind: tuple[str, str, str, dict[str, object], dict[str, str] | None]) -> None:
+        async def one(kind: Kind) -> None:
             name, method, path, params, form = kind
             started = time.perf_counter()
             try:

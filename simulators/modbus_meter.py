@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator.simdata import DataType, SimData
-from pymodbus.simulator.simdevice import SimDevice
+from pymodbus.simulator import DataType, SimData, SimDevice
 
 from gateway.settings import ModbusDevice, ModbusRegister
 

@@ -28,7 +28,7 @@ class Publisher:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="fault-devices", clean_session=False)
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.1, 1)
+        self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # paho types the delays as int; it takes float seconds
         self._acked: set[int] = set()
         self.client.on_publish = lambda _c, _u, mid, _rc, _p: self._acked.add(mid)
         self.client.connect("127.0.0.1", port)

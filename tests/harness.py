@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import httpx
 import orjson
@@ -80,13 +80,21 @@ def api(gateway: Gateway, token: str = "viewer-token") -> httpx.AsyncClient:
     )
 
 
+@overload
 async def eventually(
-    probe: Callable[[], Awaitable[T | None] | T | None], timeout: float = 5.0, what: str = ""
-) -> T:
+    probe: Callable[[], Awaitable[T | None]], timeout: float = ..., what: str = ...
+) -> T: ...
+
+
+@overload
+async def eventually(probe: Callable[[], T | None], timeout: float = ..., what: str = ...) -> T: ...
+
+
+async def eventually(probe: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
     """Poll `probe` (a coroutine function, or a plain one) until it returns something truthy;
     the value is returned."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: Any = None
     while time.monotonic() < deadline:
         result = probe()
         last = await result if inspect.isawaitable(result) else result
@@ -151,7 +159,9 @@ def served(gateway: Gateway) -> Iterator[TestClient]:
         async def start() -> asyncio.Task[None]:
             return asyncio.create_task(gateway.writer.run())
 
-        task = client.portal.call(start)
+        portal = client.portal
+        assert portal is not None, "a TestClient has a portal inside its `with`"
+        task = portal.call(start)
         try:
             yield client
         finally:
@@ -162,4 +172,4 @@ def served(gateway: Gateway) -> Iterator[TestClient]:
                     await task
                 await gateway.writer.close()
 
-            client.portal.call(stop)
+            portal.call(stop)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ class GatewayProcess(_Process):
         return out
 
 
-def wait_for(probe: Any, timeout: float, what: str) -> Any:
+def wait_for(probe: Callable[..., Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -170,7 +171,12 @@ def test_demo_flags_win_over_the_environment_over_the_file_over_its_defaults(tmp
     env = {"CGW_COMMUNITY": "fromenv", "CGW_API__PORT": "9002", "CGW_DATA_DIR": "/srv/env"}
     base = load_settings(conf, env=env)
     assert chosen(base) == DemoPlace(Path("/srv/env"), "fromenv", "127.0.0.1", 9002)
-    flags = {"data_dir": Path("/srv/flag"), "community": "flag", "api_host": "0.0.0.0", "api_port": 9003}
+    flags: dict[str, Any] = {
+        "data_dir": Path("/srv/flag"),
+        "community": "flag",
+        "api_host": "0.0.0.0",
+        "api_port": 9003,
+    }
     assert chosen(base, **flags) == DemoPlace(Path("/srv/flag"), "flag", "0.0.0.0", 9003)
 
 

@@ -45,7 +45,8 @@ METRICS_TOKEN = "deploy-metrics"
 
 
 def dashboard(name: str) -> dict[str, Any]:
-    return json.loads((COMPOSE / "grafana" / "dashboards" / name).read_text())
+    board: dict[str, Any] = json.loads((COMPOSE / "grafana" / "dashboards" / name).read_text())
+    return board
 
 
 # -- the gateway-health dashboard, over real scrapes ---------------------------------------------------

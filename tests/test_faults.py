@@ -142,7 +142,12 @@ def test_gateway_killed_mid_stream_and_restarted_loses_nothing_and_lands_once(
     gateway = start_gateway(folder, mosquitto, victoria, community, CGW_MQTT__PROTOCOL=protocol)
     try:
         done = threading.Event()
-        feeder = threading.Thread(target=lambda: (publisher.publish(6000, rate=2000), done.set()))
+
+        def feed() -> None:
+            publisher.publish(6000, rate=2000)
+            done.set()
+
+        feeder = threading.Thread(target=feed)
         feeder.start()
         wait_for(lambda: len(local_numbers(gateway)) > 1000, 30, "the first thousand")
         gateway.kill()  # SIGKILL mid-stream: whatever it held unacknowledged is redelivered

@@ -155,7 +155,9 @@ async def test_presence_birth_will_and_heartbeat_timeout_are_events(tmp_path: Pa
         ).wait_for_publish(5)
         await eventually(lambda: _online(client, "will-dev", True), 3.0, "will-dev online")
         will_client.loop_stop()
-        will_client.socket().close()  # no DISCONNECT: the broker sends the Will
+        sock = will_client.socket()
+        assert sock is not None
+        sock.close()  # no DISCONNECT: the broker sends the Will
         await eventually(lambda: _online(client, "will-dev", False), 5.0, "will-dev offline by Will")
 
         mosquitto_pub(mosquitto.port, "cgw/v1/probe-1/status", '{"state":"online","kind":"quick_probe"}')
@@ -208,7 +210,8 @@ async def test_alarms_reach_the_live_stream_and_can_be_acknowledged(tmp_path: Pa
         assert alarm["severity"] == "critical" and alarm["type"] == "emergency_press"
 
         async def stored() -> list[dict[str, Any]]:
-            return (await client.get("/api/v1/alarms")).json()["items"]
+            items: list[dict[str, Any]] = (await client.get("/api/v1/alarms")).json()["items"]
+            return items
 
         alarms = await eventually(stored, 3.0, "the stored alarm")
         assert alarms[0]["id"] == alarm["id"]
@@ -252,7 +255,8 @@ async def test_messages_published_while_the_gateway_is_down_arrive_after_restart
             return series if len(series) >= 50 else None
 
         points = await eventually(all_stored, 5.0, "the 50 queued readings")
-        assert (await device(client, "meter-9"))["last_seq"] == 49
+        meter = await device(client, "meter-9")
+        assert meter is not None and meter["last_seq"] == 49
         assert [p["seq"] for p in points] == list(range(50))
         assert [p["value"] for p in points] == [100.0 + i for i in range(50)]
         # A long range is downsampled: every reading is counted once.

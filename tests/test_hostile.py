@@ -524,7 +524,7 @@ def http(gateway: GatewayProcess, token: str = OPERATOR) -> httpx.Client:
 def routes(gateway: GatewayProcess) -> list[tuple[str, str]]:
     """(method, path) of every operation in the OpenAPI document, with sample path values."""
     document = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()
-    out = []
+    out: list[tuple[str, str]] = []
     for path, operations in document["paths"].items():
         concrete = re.sub(r"\{fmt\}", "json", path)
         concrete = re.sub(r"\{[^}]+\}", "x1", concrete)

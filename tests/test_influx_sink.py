@@ -7,6 +7,7 @@ import itertools
 import re
 import threading
 import time
+from collections.abc import Sequence
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,8 +61,8 @@ class Pipe:
     async def submit(
         self,
         readings: list[Reading],
-        events: list[DeviceEvent] = (),
-        presence: list[PresenceChange] = (),  # type: ignore[assignment]
+        events: Sequence[DeviceEvent] = (),
+        presence: Sequence[PresenceChange] = (),
     ) -> None:
         await self.writer.put_durable(
             Batch(readings=list(readings), events=list(events), presence=list(presence))
@@ -101,7 +102,7 @@ def test_missing_building_tag_is_left_out() -> None:
 
 
 names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=30
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=30
 )
 
 
@@ -225,6 +226,7 @@ async def test_a_full_outbox_drops_the_oldest_telemetry_and_never_an_event(tmp_p
         dropped = pipe.outbox.dropped_points
         assert dropped > 500 and pipe.instruments.outbox_dropped._value.get() == dropped
         taken = await pipe.sink._call(pipe.sink._take)
+        assert taken is not None
         lines = taken.body.split("\n")
         assert lines[0].startswith("device_event")  # the event was kept, and goes first
         assert lines[1].endswith(f" {NOW + dropped}")  # the oldest telemetry went first
@@ -302,8 +304,8 @@ class _Gate(BaseHTTPRequestHandler):
 
 class Gate:
     def __init__(
-        self, upstream: str, max_body: int = 10**9, script: list[tuple[int, str | None]] = ()
-    ) -> None:  # type: ignore[assignment]
+        self, upstream: str, max_body: int = 10**9, script: Sequence[tuple[int, str | None]] = ()
+    ) -> None:
         self.upstream, self.max_body, self.script = upstream, max_body, list(script)
         self.lock = threading.Lock()
         self.arrivals: list[tuple[float, int]] = []

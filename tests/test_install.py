@@ -139,7 +139,7 @@ def run_once(
 
             def stored() -> bool:
                 answer = httpx.get(f"{url}/api/v1/devices/{name}", headers=headers, timeout=5).json()
-                return answer.get("last_values", {}).get("pm25") == 17.0
+                return bool(answer.get("last_values", {}).get("pm25") == 17.0)
 
             wait_for(stored, 20, "the device's reading through the generated account")
             page = httpx.get(f"{url}/dashboard/", timeout=5)

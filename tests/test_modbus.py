@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator.simdata import DataType, SimData
-from pymodbus.simulator.simdevice import SimDevice
+from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus import ModbusDriver, plan_reads
 from gateway.instruments import Instruments
@@ -32,9 +32,11 @@ class Inbox:
         self.messages: list[RawMessage] = []
         self._changed = asyncio.Event()
 
-    async def put(self, batch: list[RawMessage]) -> None:
+    async def put(self, batch: list[RawMessage], on_durable: Callable[[], None] | None = None) -> None:
         self.messages.extend(batch)
         self._changed.set()
+        if on_durable is not None:  # kept as soon as put, as a pipeline that never refuses
+            on_durable()
 
     async def wait_for(self, predicate: Any, timeout: float = 5.0) -> list[RawMessage]:
         async with asyncio.timeout(timeout):

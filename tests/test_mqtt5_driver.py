@@ -170,14 +170,14 @@ async def test_publications_wait_for_the_connection_and_respect_receive_maximum(
         listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="listener")
 
         def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-            received.append(msg.payload)
+            received.append(bytes(msg.payload))
             if len(received) == 60:
                 got_all.set()
 
         listener.on_message = on_message
         # Subscribed on every connect: the broker is stopped and started below.
         listener.on_connect = lambda c, *_: c.subscribe("cgw/v1/+/cmd", qos=1)
-        listener.reconnect_delay_set(0.1, 0.5)
+        listener.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # paho types the delays as int; it takes float seconds
         listener.connect("127.0.0.1", strict.port)
         listener.loop_start()
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{strict.port}", keepalive_s=5)

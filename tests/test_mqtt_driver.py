@@ -100,9 +100,9 @@ async def test_publications_made_while_the_broker_is_away_go_out_when_it_is_back
 ) -> None:
     received: list[bytes] = []
     listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="listener", clean_session=False)
-    listener.on_message = lambda _c, _u, msg: received.append(msg.payload)
+    listener.on_message = lambda _c, _u, msg: received.append(bytes(msg.payload))
     listener.on_connect = lambda c, *_: c.subscribe("cgw/v1/+/cmd", qos=1)
-    listener.reconnect_delay_set(0.1, 0.5)
+    listener.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # paho types the delays as int; it takes float seconds
     listener.connect("127.0.0.1", mosquitto.port)
     listener.loop_start()
     try:

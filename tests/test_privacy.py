@@ -42,7 +42,11 @@ class Acks:
         self._client.on_message = lambda c, u, m: self.items.append(orjson.loads(m.payload))
         self._subscribed = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._client.on_subscribe = lambda *a: loop.call_soon_threadsafe(self._subscribed.set)
+
+        def subscribed(*_: Any) -> None:
+            loop.call_soon_threadsafe(self._subscribed.set)
+
+        self._client.on_subscribe = subscribed
         self._client.connect("127.0.0.1", port)
         self._client.subscribe(f"cgw/v1/{device_id}/ack", qos=1)
         self._client.loop_start()

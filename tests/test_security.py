@@ -305,7 +305,7 @@ def test_the_deploy_mosquitto_configuration_works_with_the_generated_files(locke
     path.write_text(conf)
     process = subprocess.Popen(["mosquitto", "-c", str(path)], stderr=subprocess.PIPE)
     try:
-        wait_port(port, process)  # type: ignore[arg-type]
+        wait_port(port, process)
         assert pub(port, "cgw/v1/dev-a/telemetry", "{}").returncode != 0  # anonymous refused
         assert (
             pub(port, "cgw/v1/dev-a/telemetry", "{}", "-u", "dev-a", "-P", passwords["dev-a"]).returncode == 0
@@ -428,7 +428,7 @@ async def test_district_commands_are_checked_carried_out_once_and_recorded(
             ping = await listener.ask({"id": "p1", "action": "ping", "expires_ms": in_ms(60)})
             assert ping["ok"] and ping["result"]["community"] == "testville"
             # Each refusal says why.
-            refusals = {
+            refusals: dict[str, dict[str, Any]] = {
                 "no-expiry": {"action": "ping"},
                 "expired": {"action": "ping", "expires_ms": in_ms(-1)},
                 "too-far": {"action": "ping", "expires_ms": in_ms(2 * 3600)},

@@ -161,7 +161,7 @@ def expected_hotspots(
         elif baseline_start <= ts < start:
             b[(group, building)] += 1
     level = alpha / len(set(k) | set(b))
-    spots = []
+    spots: list[tuple[tuple[str, str], dict[str, Any]]] = []
     with localcontext() as ctx:
         ctx.prec = 60
         for cell, count in k.items():
@@ -231,8 +231,8 @@ async def simulated_week(tmp_path: Path, mosquitto: Any, victoria: Any) -> Any:
 
 
 async def test_a_simulated_week_is_reported_exactly(simulated_week: Any) -> None:
-    gw, log, victoria = simulated_week
     log: ServiceLog
+    gw, log, victoria = simulated_week
     assert len(log.requests) > 150 and log.duplicates_acked > 0
     async with api(gw) as client:
         start, end = iso(log.start_ms - 3_600_000), iso(log.end_ms + 1)

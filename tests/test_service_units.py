@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import random
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,7 +207,7 @@ def row(
 
 def test_evaluation_definitions() -> None:
     h = 3_600_000
-    rows = [
+    rows: list[Mapping[str, Any]] = [
         row("evaluated", 2 * h, 5),
         row("closed", 12 * h, 2),
         row("completed", 4 * h),
@@ -216,7 +218,7 @@ def test_evaluation_definitions() -> None:
         row("rejected", None, group="complaint"),
         row("triaged", None, group="complaint"),
     ]
-    f = evaluation.figures(rows, [{"score": 4}, {"score": 3}])  # type: ignore[list-item]
+    f = evaluation.figures(rows, [{"score": 4}, {"score": 3}])
     assert (f["requests"], f["valid"], f["completed"]) == (9, 6, 4)
     assert f["completion_rate"] == 4 / 6 and f["on_time"] == 3 and f["on_time_rate"] == 3 / 4
     assert f["satisfaction_mean"] == 3.5 and f["satisfaction_rate"] == 0.5

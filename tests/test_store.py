@@ -204,7 +204,7 @@ async def test_a_trickle_is_one_group_commit_and_a_waiting_caller_cuts_it_short(
         last = batch(Reading("d1", "generic", T0 + 10, {"v": 10.0}))
         await asyncio.wait_for(writer.put_durable(last), 30)
         await writer.drain()
-        commits = metrics.store_write_seconds.collect()[0].samples
+        commits = next(iter(metrics.store_write_seconds.collect())).samples
         count = next(s.value for s in commits if s.name.endswith("_count"))
         assert count == 1, "eleven batches, one transaction"
         with sqlite3.connect(tmp_path / "cgw.sqlite3") as conn:

@@ -40,7 +40,7 @@ class District:
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="district", clean_session=False)
-        self.client.reconnect_delay_set(0.1, 1)
+        self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # paho types the delays as int; it takes float seconds
         self.client.on_connect = lambda c, *_: c.subscribe("cgw/v1/up/#", qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -72,7 +72,10 @@ class District:
         ident = command.get("id")
         if ident is None:
             return {}
-        return wait_for(lambda: self.replies(community).get(ident), 20, f"the answer to {ident}")
+        reply: dict[str, Any] = wait_for(
+            lambda: self.replies(community).get(ident), 20, f"the answer to {ident}"
+        )
+        return reply
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -202,7 +205,8 @@ def test_three_communities_reach_the_district_once_and_in_full(
             30,
             f"{name}'s evaluation of all its requests",
         )
-        assert district.last(name, "status")["state"] == "online"
+        status = district.last(name, "status")
+        assert status is not None and status["state"] == "online"
     status_topics = {
         t for t, body, _ in district.messages if t.endswith("/status") and body["state"] == "online"
     }
@@ -266,7 +270,7 @@ def test_district_commands_are_carried_out_and_answered(
     wait_for(lambda: south.api("GET", "/api/v1/devices/fault-0")["kind"] == "air_quality", 10, "the birth")
     received: list[bytes] = []
     device = paho.Client(CallbackAPIVersion.VERSION2, client_id="south-device-0")
-    device.on_message = lambda _c, _u, msg: received.append(msg.payload)
+    device.on_message = lambda _c, _u, msg: received.append(bytes(msg.payload))
     subscribed = threading.Event()
     device.on_subscribe = lambda *_: subscribed.set()
     device.connect("127.0.0.1", south.broker.port)

@@ -185,8 +185,10 @@ async def test_the_uplink_logs_in_with_its_own_account_over_tls(
     wrong = community_settings(tmp_path / "wrong", mosquitto, secure_district)
     wrong = wrong.model_copy(update={"uplink": wrong.uplink.model_copy(update={"password": None})})
     async with running(wrong) as gw:
-        error = await eventually(lambda: gw.uplink and gw.uplink.last_error, 15, "the refusal")
-        assert "refused the connection" in error and not gw.uplink.reachable
+        refused = gw.uplink
+        assert refused is not None
+        error = await eventually(lambda: refused.last_error, 15, "the refusal")
+        assert "refused the connection" in error and not refused.reachable
         async with api(gw, "operator-token") as client:  # details only for those who fix things
             detail = (await client.get("/readyz")).json()["checks"]["uplink"]["detail"]
         assert "refused the connection" in detail
@@ -200,12 +202,14 @@ async def test_the_uplink_logs_in_with_its_own_account_over_tls(
         update={"uplink": untrusting.uplink.model_copy(update={"tls_ca": other_file})}
     )
     async with running(untrusting) as gw:
+        uplink = gw.uplink
+        assert uplink is not None
         error = await eventually(
-            lambda: "certificate" in (gw.uplink.last_error or "") and gw.uplink.last_error,
+            lambda: uplink.last_error if "certificate" in (uplink.last_error or "") else None,
             15,
             "the TLS refusal",
         )
-        assert not gw.uplink.reachable
+        assert not uplink.reachable
 
 
 async def test_a_snapshot_command_sends_the_needs_list_and_the_evaluation_now(
@@ -290,7 +294,9 @@ async def test_a_full_command_queue_drops_and_counts_what_does_not_fit(
                 await asyncio.to_thread(platform.command, "north", f"q{n}", "ping")
 
             def dropped() -> float:
-                return gw.instruments.uplink_commands.labels(action="unknown", outcome="dropped")._value.get()
+                return float(
+                    gw.instruments.uplink_commands.labels(action="unknown", outcome="dropped")._value.get()
+                )
 
             # Every command has either a place in the queue (or is being carried out) or is dropped.
             await eventually(lambda: dropped() >= sent - COMMAND_QUEUE - 1, 15, "the overflow")
