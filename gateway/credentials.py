@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.files import private_dir, write_private
-from gateway.topics import INBOUND_CHANNELS, PREFIX, TERMINAL_CHANNELS
+from gateway.topics import INBOUND_CHANNELS, OUTBOUND_CHANNELS, PREFIX, TERMINAL_CHANNELS
 
 GATEWAY_USER = "cgw-gateway"
 # Mosquitto reads the iteration count from each line; its own tool writes 101, which is cheap to
 # attack offline. 10,000 still costs a broker well under a millisecond per connection.
 ITERATIONS = 10_000
-OUTBOUND_CHANNELS = ("ack", "cmd")
 
 
 def hash_password(password: str, salt: bytes | None = None, iterations: int = ITERATIONS) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from gateway.topics import TERMINAL_CHANNELS
+
 # The roles whose work needs residents' personal data.
 PERSONAL_READERS = frozenset({"operator", "installer"})
 
@@ -82,9 +84,9 @@ INTERNAL = frozenset({"filed_by"})
 # A dead letter keeps at most this much of what was refused, whatever the reason: enough to see
 # what a device got wrong, too little to hold a copy of anything (docs/privacy.md).
 DEAD_LETTER_KEEP_BYTES = 256
-# Of a refused terminal message (request, rating, vote), only the keys that name no one: the
-# message's own ids, the service, the building and floor, the score, the proposal.
-TERMINAL_CHANNELS = frozenset({"request", "rating", "vote"})
+# Of a refused terminal message (topics.TERMINAL_CHANNELS: request, rating, vote), only the keys
+# that name no one: the message's own ids, the service, the building and floor, the score, the
+# proposal.
 DEAD_LETTER_KEYS = frozenset(
     {
         "request_id",
