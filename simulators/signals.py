@@ -80,7 +80,9 @@ class AirQuality(Signal):
 
 
 @dataclass
-class Smoke(Signal):
+class BatteryAlarm(Signal):
+    """A battery-powered detector or button whose alarm comes now and then and lasts a while."""
+
     alarm_until: float = 0.0
     battery: float = 90.0
 
@@ -88,19 +90,33 @@ class Smoke(Signal):
         super().__post_init__()
         self.battery = self.device.battery or 90.0
 
-    def sample(self, sim_s: float, dt: float) -> tuple[dict[str, float], list[Event]]:
+    drain_per_hour: float = 0.01  # battery points
+
+    def alarm(
+        self,
+        sim_s: float,
+        dt: float,
+        per_hour: float,
+        minutes: tuple[float, float] | float,
+        type_: str,
+        message: str,
+    ) -> tuple[bool, list[Event]]:
+        """Whether the alarm is on at `sim_s` (it lasts `minutes`, or a random span within them),
+        and its critical event when it has just come; the battery drains meanwhile."""
         events: list[Event] = []
-        if sim_s >= self.alarm_until and self.chance(0.004, dt):
-            self.alarm_until = sim_s + self.rng.uniform(3, 15) * 60
-            events.append(
-                {
-                    "type": "smoke_alarm",
-                    "severity": "critical",
-                    "message": f"smoke detected on floor {self.device.floor}",
-                }
-            )
-        self.battery = max(5.0, self.battery - dt / 3600 * 0.01)
-        smoking = sim_s < self.alarm_until
+        if sim_s >= self.alarm_until and self.chance(per_hour, dt):
+            lasts = minutes if isinstance(minutes, float) else self.rng.uniform(*minutes)
+            self.alarm_until = sim_s + lasts * 60
+            events.append({"type": type_, "severity": "critical", "message": message})
+        self.battery = max(5.0, self.battery - dt / 3600 * self.drain_per_hour)
+        return sim_s < self.alarm_until, events
+
+
+@dataclass
+class Smoke(BatteryAlarm):
+    def sample(self, sim_s: float, dt: float) -> tuple[dict[str, float], list[Event]]:
+        message = f"smoke detected on floor {self.device.floor}"
+        smoking, events = self.alarm(sim_s, dt, 0.004, (3, 15), "smoke_alarm", message)
         return {
             "smoke": 1.0 if smoking else 0.0,
             "temp_c": round(21 + 4 * daily(sim_s, 15) + (12 if smoking else 0) + self.rng.gauss(0, 0.3), 1),
@@ -109,58 +125,25 @@ class Smoke(Signal):
 
 
 @dataclass
-class Leak(Signal):
-    leak_until: float = 0.0
-    battery: float = 90.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.battery = self.device.battery or 90.0
-
+class Leak(BatteryAlarm):
     def sample(self, sim_s: float, dt: float) -> tuple[dict[str, float], list[Event]]:
-        events: list[Event] = []
-        if sim_s >= self.leak_until and self.chance(0.003, dt):
-            self.leak_until = sim_s + self.rng.uniform(20, 90) * 60
-            events.append(
-                {
-                    "type": "water_leak",
-                    "severity": "critical",
-                    "message": f"water detected in building {self.device.building}",
-                }
-            )
-        self.battery = max(5.0, self.battery - dt / 3600 * 0.01)
+        message = f"water detected in building {self.device.building}"
+        leaking, events = self.alarm(sim_s, dt, 0.003, (20, 90), "water_leak", message)
         return {
-            "leak": 1.0 if sim_s < self.leak_until else 0.0,
+            "leak": 1.0 if leaking else 0.0,
             "temp_c": round(16 + 3 * daily(sim_s, 15) + self.rng.gauss(0, 0.2), 1),
             "battery_pct": round(self.battery, 1),
         }, events
 
 
 @dataclass
-class EmergencyButton(Signal):
-    pressed_until: float = 0.0
-    battery: float = 90.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.battery = self.device.battery or 90.0
+class EmergencyButton(BatteryAlarm):
+    drain_per_hour: float = 0.005
 
     def sample(self, sim_s: float, dt: float) -> tuple[dict[str, float], list[Event]]:
-        events: list[Event] = []
-        if sim_s >= self.pressed_until and self.chance(0.01, dt):
-            self.pressed_until = sim_s + 60
-            events.append(
-                {
-                    "type": "emergency_press",
-                    "severity": "critical",
-                    "message": f"emergency button pressed in unit {self.device.unit}",
-                }
-            )
-        self.battery = max(5.0, self.battery - dt / 3600 * 0.005)
-        return {
-            "pressed": 1.0 if sim_s < self.pressed_until else 0.0,
-            "battery_pct": round(self.battery, 1),
-        }, events
+        message = f"emergency button pressed in unit {self.device.unit}"
+        pressed, events = self.alarm(sim_s, dt, 0.01, 1.0, "emergency_press", message)
+        return {"pressed": 1.0 if pressed else 0.0, "battery_pct": round(self.battery, 1)}, events
 
 
 @dataclass
