@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -580,20 +581,14 @@ def _resident(contact: str | None, household: str | None) -> Any:
         raise typer.Exit(2) from None
 
 
-def _service_store(settings: Settings) -> Any:
-    from gateway.services.catalogue import load_catalogue
-    from gateway.services.store import ServiceStore
+def _service_store(settings: Settings) -> sqlite3.Connection:
+    """The services' file (`services.sqlite3`), opened (and migrated) as the gateway opens it."""
+    from gateway.services import schema
 
     if not settings.services_db_path.exists():
         console.print(f"[red]error:[/red] no service store in {settings.data_dir}: check CGW_DATA_DIR")
         raise typer.Exit(1)
-    store = ServiceStore(
-        settings.services_db_path,
-        load_catalogue(settings.services.catalogue, settings.services.stall_after),
-        settings.community,
-    )
-    store.open()
-    return store
+    return schema.connect(settings.services_db_path)
 
 
 @residents.command("export")
@@ -616,13 +611,13 @@ def residents_export(
     resident = _resident(contact, household)
     store = _service_store(settings)
     try:
-        found = rights.export(store.conn, resident)
+        found = rights.export(store, resident)
         read = [r["id"] for r in found["requests"]]
         if resident.household is not None and (read or found["votes"]):
             read.append(f"household:{resident.household}")
         if read:  # a read that found nothing read no one's data
             access_log.record(
-            store.conn,
+            store,
                 access_log.Access(
                     now_ms(), f"cli:{getpass.getuser()}", "installer", "cli",
                     "cgw residents export", tuple(read),
@@ -659,7 +654,7 @@ def residents_erase(
         typer.confirm("erase this resident's personal data (it cannot be undone)?", abort=True)
     store = _service_store(settings)
     try:
-        report = rights.erase(store.conn, resident, now_ms())
+        report = rights.erase(store, resident, now_ms())
     finally:
         store.close()
     # Dead letters refused before they were redacted may still name the resident.

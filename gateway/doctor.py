@@ -26,7 +26,7 @@ from drivers.mqtt import broker_client
 from gateway.clock import now_ms
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
-from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
+from gateway.services.schema import MIGRATIONS as SERVICE_MIGRATIONS
 from gateway.settings import MIN_TOKEN_LENGTH, BrokerSettings, Settings, hidden
 from gateway.sqlite import connect
 from gateway.store.lock import holder as lock_holder

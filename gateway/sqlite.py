@@ -7,7 +7,7 @@ drain and the services' database hold one each, the API's readers a few (`Sqlite
 WAL lets readers run beside the writer). Connecting, transactions and migrations are here too,
 so both files (the telemetry store, `cgw.sqlite3`, and `services.sqlite3`) are opened, written
 and upgraded the same way; each file's migrations stay with its owner (`gateway/store/schema.py`,
-`gateway/services/store.py`).
+`gateway/services/schema.py`).
 """
 
 from __future__ import annotations

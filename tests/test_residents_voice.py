@@ -18,7 +18,8 @@ import orjson
 
 from gateway.credentials import GATEWAY_USER
 from gateway.services.households import add_household
-from gateway.services.store import MIGRATIONS, TICKET_ALPHABET, TICKET_CHARS
+from gateway.services.requests import TICKET_ALPHABET, TICKET_CHARS
+from gateway.services.schema import MIGRATIONS
 from gateway.settings import ServicesSettings
 from tests.harness import (
     AS_OPERATOR,

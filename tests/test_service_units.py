@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.services import evaluation, lifecycle, needs
+from gateway.services import evaluation, lifecycle, needs, relay, schema
 from gateway.services.catalogue import CatalogueError, load_catalogue
 from gateway.services.intake import IntakeError, terminal_request, terminal_vote
-from gateway.services.store import MIGRATIONS, ServiceStore
 from gateway.sinks.lineprotocol import service_record_lines
 from simulators.residents import UNITS_PER_FLOOR, voting_households
 
@@ -241,7 +240,7 @@ def test_upgrade_carries_unsent_lines_over_as_records(tmp_path: Path) -> None:
     """Services migration 3: lines an older version kept, and had not forwarded, still go out."""
     path = tmp_path / "services.sqlite3"
     old = sqlite3.connect(path)
-    for statements in MIGRATIONS[:2]:
+    for statements in schema.MIGRATIONS[:2]:
         for statement in statements:
             old.execute(statement)
     old.executemany(
@@ -251,16 +250,15 @@ def test_upgrade_carries_unsent_lines_over_as_records(tmp_path: Path) -> None:
     old.commit()
     old.close()
 
-    store = ServiceStore(path, CATALOGUE, "c")
-    store.open()
+    conn = schema.connect(path)
     try:
-        upto, records = store.unsent_records()
+        upto, records = relay.unsent(conn, 0)
         lines = [line for r in records for line in service_record_lines(r, "c")]
         assert lines == ["rating,community=c score=4i 1", "b x=1 2"]
-        store.forwarded(upto)
-        assert store.conn.execute("SELECT COUNT(*) FROM outbox_records").fetchone()[0] == 0
+        relay.forget(conn, upto)
+        assert conn.execute("SELECT COUNT(*) FROM outbox_records").fetchone()[0] == 0
     finally:
-        store.close()
+        conn.close()
 
 
 def test_a_community_smaller_than_the_voters_lets_every_household_vote() -> None:

@@ -7,7 +7,7 @@ reader (the token's name, else its id), its role, the endpoint, and the tickets 
 read. Installers list it (`GET /api/v1/access-log`); entries older than
 `privacy.access_log_retention` are deleted by the service desk's periodic task.
 
-Functions over the service store's connection, called on the desk's thread.
+Functions over the services' connection (gateway/services/schema.py), run on the services' thread.
 """
 
 from __future__ import annotations

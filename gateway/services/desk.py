@@ -1,10 +1,11 @@
 """The service desk: requests, ratings and votes in; lifecycle, process control and reports out.
 
 One component with an explicit lifecycle (`open`, `run`, `close`). Every operation runs on the
-desk's own thread against `ServiceStore`, one at a time, so a terminal's request and an
-operator's action never race. What an operation produces for the outside (acks to terminals,
-live-stream items, service records for the sinks, alarms) is returned as a `DeskOutput`, and handed to the
-`deliver` callback the application wires to the stream, the local store and the sinks.
+desk's own thread against the aggregates (`requests`, `ratings`, `proposals`), one at a time,
+so a terminal's request and an operator's action never race. What an operation produces for the
+outside (acks to terminals, live-stream items, service records for the sinks, alarms) is
+returned as a `DeskOutput`, and handed to the `deliver` callback the application wires to the
+stream, the local store and the sinks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from gateway.clock import now_ms
 from gateway.instruments import Instruments
 from gateway.logsummary import LogSummary
 from gateway.models import DeadLetter, DeviceEvent, TerminalMessage, event_id
-from gateway.services import access_log, evaluation, needs, residents
+from gateway.services import (
+    access_log,
+    evaluation,
+    needs,
+    proposals,
+    ratings,
+    relay,
+    requests,
+    residents,
+    schema,
+)
 from gateway.services.catalogue import Catalogue
 from gateway.services.households import HouseholdRegister
 from gateway.services.intake import (
@@ -39,7 +50,8 @@ from gateway.services.intake import (
     terminal_vote,
 )
 from gateway.services.lifecycle import State, TransitionError
-from gateway.services.store import DeskError, ServiceStore, Step
+from gateway.services.refusals import DeskError
+from gateway.services.requests import Step
 from gateway.settings import PrivacySettings
 from gateway.topics import device_topic
 
@@ -90,7 +102,9 @@ class ServiceDesk:
         # Refusals over the API waiting for the next output; a flood keeps the newest (all counted).
         self._api_refusals: deque[DeadLetter] = deque(maxlen=API_REFUSALS_KEPT)
         self._community = community
-        self._store = ServiceStore(path, catalogue, community)
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        self._sent_upto = 0  # outbox_records handed on in this run
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-desk")
         self._instruments = instruments
         self._check_interval_s = check_interval_s
@@ -103,7 +117,7 @@ class ServiceDesk:
 
     async def open(self, deliver: Callable[[DeskOutput], Awaitable[None]]) -> None:
         self._deliver = deliver
-        await self._call(self._store.open)
+        self._conn = await self._call(schema.connect, self._path)
 
     async def run(self) -> None:
         """Process control: raise overdue and stalled alarms, every `check_interval_s`.
@@ -121,16 +135,24 @@ class ServiceDesk:
         """Pseudonymise what is past `privacy.personal_data_retention`, and delete the access
         log's entries past `privacy.access_log_retention`."""
         personal_ms = int(self._privacy.personal_data_retention.total_seconds() * 1000)
-        done = await self._call(residents.pseudonymise_closed, self._store.conn, now - personal_ms, now)
+        done = await self._call(residents.pseudonymise_closed, self.conn, now - personal_ms, now)
         if done:
             log.info("pseudonymised %d closed requests past privacy.personal_data_retention", done)
         keep_ms = int(self._privacy.access_log_retention.total_seconds() * 1000)
-        await self._call(access_log.prune, self._store.conn, now - keep_ms)
+        await self._call(access_log.prune, self.conn, now - keep_ms)
 
     async def close(self) -> None:
         self._refusals.flush_all()
-        await self._call(self._store.close)
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
         self._thread.shutdown(wait=True)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the service desk is not open")
+        return self._conn
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -147,8 +169,9 @@ class ServiceDesk:
         while self._api_refusals:
             out.dead_letters.append(self._api_refusals.popleft())
         if self._forwarded_upto:
-            self._store.forwarded(self._forwarded_upto)
-        out.records_upto, records = self._store.unsent_records()
+            relay.forget(self.conn, self._forwarded_upto)
+        self._sent_upto, records = relay.unsent(self.conn, self._sent_upto)
+        out.records_upto = self._sent_upto
         out.records.extend(records)
 
     def forwarded(self, upto: int) -> None:
@@ -211,7 +234,7 @@ class ServiceDesk:
         new = terminal_request(
             self.catalogue, message.device_id, message.obj, message.ts_ms, message.building
         )
-        view, step = self._store.create(new, terminal_actor(message.device_id))
+        view, step = requests.create(self.conn, new, terminal_actor(message.device_id), self._community)
         status = "accepted" if step is not None else "duplicate"
         self._instruments.service_requests.labels(source="terminal", outcome=status).inc()
         out.acks.append(
@@ -222,7 +245,7 @@ class ServiceDesk:
                     "status": status,
                     "service_request_id": view["id"],
                     # For the resident's receipt: rates the request from any terminal.
-                    "rating_code": self._store.rating_code(view["id"]),
+                    "rating_code": ratings.rating_code(self.conn, view["id"]),
                 },
             )
         )
@@ -241,7 +264,7 @@ class ServiceDesk:
         out.acks.append((device_topic(message.device_id, "ack"), ack))
 
     def _rate(self, rating: NewRating, out: DeskOutput) -> bool:
-        view, first, step = self._store.rate(rating, now_ms())
+        view, first, step = ratings.rate(self.conn, self.catalogue, rating, now_ms())
         if not first:
             return False
         self._instruments.ratings.labels(score=str(rating.score)).inc()
@@ -272,23 +295,7 @@ class ServiceDesk:
 
     def _counted_vote(self, vote: NewVote) -> tuple[str, dict[str, Any]]:
         """A vote checked against the household register, then recorded (one per household)."""
-        if not len(self._households):
-            raise DeskError(
-                "no_register: votes count only for households in the register, and the installer "
-                "has provided none (services.households)",
-                409,
-            )
-        if not self._households.verify(vote.household, vote.secret):
-            # The household is not named: refusals are logged and dead-lettered.
-            raise DeskError(
-                "household_not_verified: the household is not in the register, or its PIN or card "
-                "does not match",
-                403,
-            )
-        return self._store.vote(vote, now_ms())
-
-    def rating_code(self, ticket: str) -> str:
-        return self._store.rating_code(ticket)
+        return proposals.vote(self.conn, self._households, vote, now_ms())
 
     def _sensor_event(self, event: DeviceEvent, out: DeskOutput) -> None:
         match = self.catalogue.trigger(event.kind, event.type)
@@ -296,13 +303,13 @@ class ServiceDesk:
             return
         service, opens = match
         key = str(event_id(event))
-        if not self._store.sensor_signal(
-            key, event.ts_ms, event.device_id, event.building, service.service_code
+        if not requests.sensor_signal(
+            self.conn, self.catalogue, key, event.ts_ms, event.device_id, event.building, service.service_code
         ):
             return  # a redelivered event: already counted
         if not opens:
             return
-        if self._store.open_sensor_request(event.device_id, service.service_code) is not None:
+        if requests.open_sensor_request(self.conn, event.device_id, service.service_code) is not None:
             return  # the device's need is already being worked on
         new = NewRequest(
             service=service,
@@ -315,8 +322,8 @@ class ServiceDesk:
             address=f"Building {event.building}" if event.building else None,
             attributes={},
         )
-        view, step = self._store.create(new, f"sensor {event.device_id}")
-        self._store.link_signal(key, view["id"])
+        view, step = requests.create(self.conn, new, f"sensor {event.device_id}", self._community)
+        requests.link_signal(self.conn, key, view["id"])
         self._instruments.service_requests.labels(source="sensor", outcome="accepted").inc()
         if step is not None:
             out.step(step)
@@ -325,7 +332,9 @@ class ServiceDesk:
 
     async def check_deadlines(self, now: int) -> DeskOutput:
         out = DeskOutput()
-        for alarm_type, request, due_ms in await self._call(self._store.due_alarms, now):
+        for alarm_type, request, due_ms in await self._call(
+            requests.due_alarms, self.conn, self.catalogue, now
+        ):
             what = "is past its deadline" if alarm_type == "request_overdue" else "has not moved on"
             event = DeviceEvent(
                 device_id=request["device_id"] or DESK_DEVICE,
@@ -353,7 +362,7 @@ class ServiceDesk:
 
     async def file(self, new: NewRequest, actor: str) -> tuple[dict[str, Any], bool]:
         """File a request from the API; (request, created) — False when it was a re-send."""
-        view, step = await self._call(self._store.create, new, actor)
+        view, step = await self._call(requests.create, self.conn, new, actor, self._community)
         self._instruments.service_requests.labels(
             source=new.source, outcome="accepted" if step else "duplicate"
         ).inc()
@@ -374,7 +383,17 @@ class ServiceDesk:
         ts_ms: int | None = None,
     ) -> dict[str, Any]:
         step = await self._call(
-            self._store.transition, ticket, target, actor, note, provider_id, merged_into, ts_ms, now_ms()
+            requests.transition,
+            self.conn,
+            self.catalogue,
+            ticket,
+            target,
+            actor,
+            note,
+            provider_id,
+            merged_into,
+            ts_ms,
+            now_ms(),
         )
         out = DeskOutput()
         out.step(step)
@@ -421,80 +440,72 @@ class ServiceDesk:
     # -- the access log of personal-data reads --------------------------------------------------
 
     async def record_access(self, access: access_log.Access) -> None:
-        await self._call(access_log.record, self._store.conn, access)
+        await self._call(access_log.record, self.conn, access)
 
     async def access_log(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._call(lambda: access_log.listing(self._store.conn, **filters))
+        return await self._call(lambda: access_log.listing(self.conn, **filters))
 
     async def assess(self, **kwargs: Any) -> dict[str, Any]:
-        return await self._call(self._store.assess, **kwargs)
+        return await self._call(ratings.assess, self.conn, self.catalogue, **kwargs)
 
     async def get(self, ticket: str) -> dict[str, Any] | None:
-        return await self._call(self._store.get, ticket)
+        return await self._call(requests.get, self.conn, ticket)
 
     async def history(self, ticket: str) -> list[dict[str, Any]]:
-        return await self._call(self._store.history, ticket)
+        return await self._call(requests.history, self.conn, ticket)
 
     async def rating_of(self, ticket: str) -> dict[str, Any] | None:
-        return await self._call(self._store.rating_of, ticket)
+        return await self._call(ratings.rating_of, self.conn, ticket)
 
     async def requests(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._call(lambda: self._store.requests(**filters))
+        return await self._call(lambda: requests.listing(self.conn, **filters))
 
     async def workloads(self) -> dict[str, dict[str, int]]:
-        return await self._call(self._store.workloads, now_ms())
+        return await self._call(requests.workloads, self.conn, now_ms())
 
     # -- needs, plans, evaluation --------------------------------------------------------------
 
     async def signals(self, start_ms: int, end_ms: int) -> list[needs.Signal]:
-        rows = await self._call(self._store.signals, start_ms, end_ms)
-        return [needs.Signal(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return await self._call(requests.signals, self.conn, start_ms, end_ms)
 
     async def hotspots(
         self, window_start: int, window_end: int, baseline_start: int, alpha: float, min_count: int
     ) -> list[dict[str, Any]]:
-        signals = await self.signals(baseline_start, window_end)
-        names = {code: group.name_en for code, group in self.catalogue.groups.items()}
-        return needs.hotspots(
-            signals,
+        return await self._call(
+            requests.hotspots,
+            self.conn,
+            self.catalogue,
             window_start,
             window_end,
             baseline_start,
-            alpha=alpha,
-            min_count=min_count,
-            group_names=names,
+            alpha,
+            min_count,
         )
 
     async def needs_list(self, recent_ms: int) -> list[dict[str, Any]]:
-        requests = await self._call(self._store.active_requests)
-        now = now_ms()
-        signals = await self.signals(now - recent_ms, now + 1)
-        priorities = {code: group.priority for code, group in self.catalogue.groups.items()}
-        return needs.needs_list(requests, signals, priorities, now)
+        return await self._call(requests.needs_list, self.conn, self.catalogue, now_ms(), recent_ms)
 
     async def create_proposal(
         self, title: str, description: str, need_ids: list[str], closes_ms: int | None, actor: str
     ) -> dict[str, Any]:
         return await self._call(
-            self._store.create_proposal, title, description, need_ids, closes_ms, actor, now_ms()
+            proposals.create, self.conn, title, description, need_ids, closes_ms, actor, now_ms()
         )
 
     async def proposal(self, pid: str) -> dict[str, Any] | None:
-        return await self._call(self._store.proposal, pid)
+        return await self._call(proposals.get, self.conn, pid)
 
     async def proposals(self) -> list[dict[str, Any]]:
-        return await self._call(self._store.proposals)
+        return await self._call(proposals.listing, self.conn)
 
     async def close_proposal(self, pid: str, filed: bool) -> dict[str, Any]:
-        return await self._call(self._store.close_proposal, pid, now_ms(), filed)
+        return await self._call(proposals.close, self.conn, pid, now_ms(), filed)
 
     async def evaluations(
         self, start_ms: int, end_ms: int, bys: tuple[evaluation.By, ...], period: evaluation.Period
     ) -> dict[str, list[dict[str, Any]]]:
         """The same figures grouped several ways, from one read of the requests and assessments."""
-        rows = [dict(r) for r in await self._call(self._store.evaluation_rows, start_ms, end_ms)]
-        assessed = [dict(a) for a in await self._call(self._store.assessment_rows, start_ms, end_ms)]
-        return {by: evaluation.evaluate(rows, assessed, start_ms, end_ms, by, period) for by in bys}
+        return await self._call(ratings.evaluations, self.conn, start_ms, end_ms, bys, period)
 
     async def evaluation(
         self, start_ms: int, end_ms: int, by: evaluation.By, period: evaluation.Period

@@ -1,4 +1,4 @@
-"""Residents' rights and retention over the service store: export, erasure, pseudonymisation.
+"""Residents' rights and retention over the services' file: export, erasure, pseudonymisation.
 
 PIPL gives residents the right to see and to erase their personal data, and asks that it be kept
 no longer than needed (docs/privacy.md). Here:
@@ -11,8 +11,9 @@ no longer than needed (docs/privacy.md). Here:
 The rows stay, with their services, providers, times, states, scores and vote choices: every
 evaluation figure, needs count and vote tally is the same after as before.
 
-Functions over the service store's connection (opened with secure_delete, so what is emptied is
-overwritten on disk, not left in free pages), called on the desk's thread or by `cgw residents`.
+Functions over the services' connection (gateway/services/schema.py opens it with secure_delete,
+so what is emptied is overwritten on disk, not left in free pages), run on the services' thread
+or by `cgw residents`.
 """
 
 from __future__ import annotations

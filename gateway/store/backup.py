@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.files import FOLDER_MODE, private_dir, private_file, write_private
-from gateway.services.store import MIGRATIONS as SERVICE_MIGRATIONS
+from gateway.services.schema import MIGRATIONS as SERVICE_MIGRATIONS
 from gateway.store.schema import MIGRATIONS as STORE_MIGRATIONS
 
 # What a backup holds: file name -> the schema version this gateway knows for it.

@@ -37,7 +37,7 @@ from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
 from gateway.services.desk import ServiceDesk
 from gateway.services.lifecycle import State, TransitionError
-from gateway.services.store import DeskError
+from gateway.services.refusals import DeskError
 from gateway.store import commands as ledger
 from gateway.store.writer import StoreWriter
 from gateway.text import clean

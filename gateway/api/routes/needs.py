@@ -36,7 +36,7 @@ from gateway.clock import now_ms
 from gateway.durations import parse_duration
 from gateway.services import needs
 from gateway.services.intake import IntakeError, NewVote, household_key, household_secret
-from gateway.services.store import DeskError
+from gateway.services.refusals import DeskError
 from gateway.text import csv_cell
 
 router = APIRouter(prefix="/api/v1", tags=["needs and plans"])

@@ -33,8 +33,8 @@ from gateway.api.schemas import (
 )
 from gateway.clock import now_ms
 from gateway.services.intake import NewRating
-from gateway.services.lifecycle import State
-from gateway.services.store import DeskError, TransitionError
+from gateway.services.lifecycle import State, TransitionError
+from gateway.services.refusals import DeskError
 
 router = APIRouter(prefix="/api/v1", tags=["service requests"])
 REFUSED: dict[int | str, dict[str, Any]] = {  # the writes' refusals
