@@ -359,7 +359,7 @@ class Gateway:
             await sink.close()
         await self.desk.close()
         await self.writer.close()
-        self.reader.close()
+        await self.reader.close()
         if self._socket is not None:
             self._socket.close()
 

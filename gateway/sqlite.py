@@ -116,24 +116,25 @@ class SqliteThread:
 
 
 class SqliteReaders:
-    """A few `SqliteThread`s for read-only queries, each call on whichever is free: one slow
-    query does not hold up the others (WAL lets them all read beside the writer)."""
+    """A few `SqliteThread`s for read-only queries, each call on the least busy one: one slow
+    query does not hold up the others (WAL lets them all read beside the writer). No asyncio
+    queue or lock, so the pool is not tied to one event loop."""
 
     def __init__(self, name: str, connect: Callable[[], sqlite3.Connection], threads: int) -> None:
         self._threads = [SqliteThread(f"{name}-{n}", connect) for n in range(threads)]
-        self._free: asyncio.Queue[SqliteThread] = asyncio.Queue()
-        for thread in self._threads:
-            self._free.put_nowait(thread)
+        self._calls = [0] * threads  # calls given to each thread and not yet answered
 
     async def call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run fn(conn, *args, **kwargs) on a free reader's thread (waits while all are busy)."""
-        thread = await self._free.get()
+        """Run fn(conn, *args, **kwargs) on an idle reader's thread (when all are busy, behind
+        the fewest calls)."""
+        n = min(range(len(self._threads)), key=self._calls.__getitem__)
+        self._calls[n] += 1
         try:
-            return await thread.call(fn, *args, **kwargs)
+            return await self._threads[n].call(fn, *args, **kwargs)
         finally:
-            self._free.put_nowait(thread)
+            self._calls[n] -= 1
 
     async def close(self) -> None:
         for thread in self._threads:

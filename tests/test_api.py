@@ -75,7 +75,7 @@ def build_gateway(data_dir: Path) -> Gateway:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = build_gateway(tmp_path_factory.mktemp("api"))
     yield gw
-    gw.reader.close()
+    asyncio.run(gw.reader.close())
 
 
 @pytest.fixture(scope="module")

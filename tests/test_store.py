@@ -28,12 +28,17 @@ async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
     await writer.open()
     reader = StoreReader(tmp_path / "cgw.sqlite3", raw_retention_ms=48 * 3_600_000)
     yield writer, reader
-    reader.close()
+    await reader.close()
     await writer.close()
 
 
 def batch(*readings: Reading, events: tuple[DeviceEvent, ...] = ()) -> Batch:
     return Batch(readings=list(readings), events=list(events))
+
+
+def _count(conn: sqlite3.Connection, table: str) -> int:
+    count: int = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    return count
 
 
 async def write(writer: StoreWriter, processed: Batch) -> None:
@@ -60,9 +65,11 @@ async def test_rollups_are_recomputed_not_accumulated(store) -> None:  # type: i
     await maintenance.run_once(now_ms=T0 + 3 * MINUTE)
     await write(writer, batch(*readings))  # replayed after the roll-up
     await maintenance.run_once(now_ms=T0 + 3 * MINUTE)
-    rows = writer.connection.execute(
-        "SELECT minute_ms, n, sum, min, max FROM rollup_1m ORDER BY minute_ms"
-    ).fetchall()
+    rows = await writer.call(
+        lambda conn: conn.execute(
+            "SELECT minute_ms, n, sum, min, max FROM rollup_1m ORDER BY minute_ms"
+        ).fetchall()
+    )
     assert rows == [(T0, 6, 15.0, 0.0, 5.0), (T0 + MINUTE, 6, 51.0, 6.0, 11.0)]
 
 
@@ -71,9 +78,9 @@ async def test_open_minutes_wait_for_the_next_round(store) -> None:  # type: ign
     await write(writer, batch(Reading("d1", "generic", T0 + 1000, {"v": 1.0})))
     maintenance = StoreMaintenance(writer, StoreSettings())
     await maintenance.run_once(now_ms=T0 + 30_000)  # the minute is still open
-    assert writer.connection.execute("SELECT count(*) FROM rollup_1m").fetchone()[0] == 0
+    assert await writer.call(_count, "rollup_1m") == 0
     await maintenance.run_once(now_ms=T0 + 2 * MINUTE)
-    assert writer.connection.execute("SELECT count(*) FROM rollup_1m").fetchone()[0] == 1
+    assert await writer.call(_count, "rollup_1m") == 1
 
 
 async def test_retention_prunes_raw_rollups_events_and_dead_letters(store) -> None:  # type: ignore[no-untyped-def]
@@ -126,7 +133,8 @@ async def test_old_ranges_merge_rollups_with_raw(store) -> None:  # type: ignore
     new = [Reading("d1", "generic", now - MINUTE + i * 1000, {"v": 3.0}) for i in range(30)]
     await write(writer, batch(*old, *new))
     await StoreMaintenance(writer, StoreSettings()).run_once(now_ms=now)
-    writer.connection.execute("DELETE FROM telemetry WHERE ts_ms < ?", (T0 + MINUTE,))  # as retention would
+    # as retention would:
+    await writer.call(lambda conn: conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (T0 + MINUTE,)))
     result = await reader.telemetry("d1", ["v"], T0, now, 3_600_000, now_ms=now)
     assert result["source"] == "rollup_1m+raw"
     assert sum(b["count"] for b in result["series"]["v"]) == 90
@@ -177,17 +185,17 @@ async def test_a_failing_disk_is_retried_not_lost(tmp_path: Path) -> None:
     real = writer._write
     calls = 0
 
-    def flaky(batches: list[Batch]) -> None:
+    def flaky(conn: sqlite3.Connection, batches: list[Batch]) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise sqlite3.OperationalError("database or disk is full")
-        real(batches)
+        real(conn, batches)
 
     writer._write = flaky  # type: ignore[method-assign]
     await write(writer, batch(Reading("d1", "generic", T0, {"v": 1.0})))
     assert calls == 2 and writer.last_error is None
-    assert writer.connection.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 1
+    assert await writer.call(_count, "telemetry") == 1
     await writer.close()
 
 

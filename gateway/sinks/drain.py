@@ -17,14 +17,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 from gateway.instruments import Instruments
 from gateway.models import Batch
-from gateway.sqlite import connect
+from gateway.sqlite import SqliteThread, connect
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 T = TypeVar("T")
 
 LINGER_S = 0.1  # short: the end of a burst waits this long for the far side, no more
@@ -48,14 +49,18 @@ class OutboxDrain(ABC):
         batch_points: int,
         idle_s: float,
     ) -> None:
-        self._db_path = db_path
         self._outbox = outbox
         self._batch_points = batch_points
         self._idle_s = idle_s
         self._draining = False
-        # One thread owns the outbox connection and does the blocking sends, in order.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cgw-{self.name}")
-        self._conn: sqlite3.Connection | None = None
+        # The sink's own connection to the outbox, on its own thread. NORMAL: a delete lost to a
+        # power cut only sends those points again (InfluxDB keeps one value per series and time),
+        # and a FULL commit's fsync here would make the writer's next commit dirty the WAL's last
+        # page again (docs/reliability.md).
+        self._db = SqliteThread(self.name, lambda: connect(db_path, synchronous="NORMAL"))
+        # The far side's blocking client on a thread of its own, so its calls run in order (the
+        # client is closed after a send still under way) and never on the event loop.
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cgw-{self.name}-send")
         self._wake = asyncio.Event()
         self._healthy = True
         self.last_error: str | None = None
@@ -102,7 +107,7 @@ class OutboxDrain(ABC):
 
     @abstractmethod
     async def _close_client(self) -> None:
-        """Close the far side's client (on the sink's thread when it blocks)."""
+        """Close the far side's client (through `_blocking` when that blocks)."""
 
     def wake(self) -> None:
         """New rows were committed."""
@@ -113,7 +118,7 @@ class OutboxDrain(ABC):
         backoff = 0.5
         last_sent = 0.0
         while True:
-            taken = await self._call(self._take)
+            taken = await self._db.call(self._take)
             if taken is None:
                 self._buffered.set(0)
                 self._pending.set(0)
@@ -138,11 +143,11 @@ class OutboxDrain(ABC):
                 self._age.set(max(0.0, time.time() - taken.oldest_ms / 1000))
             started = time.perf_counter()
             if not taken.body:  # references to telemetry pruned meanwhile: nothing left to send
-                await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
+                await self._db.call(self._outbox.acknowledge, self.name, taken)
                 continue
             if await self._send(taken):
                 self._seconds.observe(time.perf_counter() - started)
-                await self._call(self._outbox.acknowledge, self._connection(), self.name, taken)
+                await self._db.call(self._outbox.acknowledge, self.name, taken)
                 last_sent = loop.time()
                 backoff = 0.5
             else:
@@ -164,14 +169,13 @@ class OutboxDrain(ABC):
 
     async def close(self) -> None:
         await self._close_client()
+        await self._blocking(lambda: None)  # a send still under way ends first
+        self._sender.shutdown(wait=True)
+        await self._db.close()
 
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await self._call(close)
-        self._thread.shutdown(wait=True)
+    async def _blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking call of the far side's client on the sink's sending thread, in order."""
+        return await asyncio.get_running_loop().run_in_executor(self._sender, lambda: fn(*args, **kwargs))
 
     async def _linger(self, seconds: float) -> None:
         """Wait `seconds`, or less if a full batch is ready or the sink is draining."""
@@ -185,19 +189,8 @@ class OutboxDrain(ABC):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), remaining)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            # NORMAL: a delete lost to a power cut only sends those points again (InfluxDB keeps
-            # one value per series and time), and a FULL commit's fsync here would make the
-            # writer's next commit dirty the WAL's last page again (docs/reliability.md).
-            self._conn = connect(self._db_path, synchronous="NORMAL")
-        return self._conn
-
-    def _take(self) -> Taken | None:
-        return self._outbox.take(self._connection(), self.name, self._batch_points, self.expand)
+    def _take(self, conn: sqlite3.Connection) -> Taken | None:
+        return self._outbox.take(conn, self.name, self._batch_points, self.expand)
 
     # -- outcomes, for the subclasses ------------------------------------------------------------
 

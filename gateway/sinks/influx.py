@@ -122,7 +122,7 @@ class InfluxSink(OutboxDrain):
 
     async def _write(self, lines: list[str]) -> bool:
         try:
-            await self._call(self._post, "\n".join(lines))
+            await self._blocking(self._post, "\n".join(lines))
         except ApiException as exc:
             if exc.status == 413:
                 return await self._split(lines, exc)
@@ -185,7 +185,7 @@ class InfluxSink(OutboxDrain):
         return False
 
     async def _close_client(self) -> None:
-        await self._call(self._client.close)
+        await self._blocking(self._client.close)
 
 
 # Readings further apart in time than this go in separate references: the sink reads a

@@ -1,24 +1,19 @@
 """Reads from the local store for the API: telemetry ranges, events and alarms, dead letters.
 
-Readers use their own connections on a small thread pool (WAL lets them run beside the writer),
-so a slow query never blocks the event loop or the pipeline.
+Readers use their own connections, each on a thread of its own (`gateway.sqlite.SqliteReaders`;
+WAL lets them run beside the writer), so a slow query never blocks the event loop or the pipeline.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
-from gateway.sqlite import connect
-
-T = TypeVar("T")
+from gateway.sqlite import SqliteReaders, connect
 
 MAX_POINTS = 10_000
 
@@ -43,45 +38,24 @@ class StoreReader:
     """Read-only queries; `close()` when the application stops."""
 
     def __init__(self, path: Path, raw_retention_ms: int, threads: int = 4) -> None:
-        self._path = path
         self._raw_retention_ms = raw_retention_ms
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cgw-read")
-        self._local = threading.local()
-        self._conns: list[Any] = []
-        self._lock = threading.Lock()
+        self._db = SqliteReaders("read", lambda: connect(path, synchronous="NORMAL"), threads)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._with_conn, fn, args)
-
-    def _with_conn(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self._path, synchronous="NORMAL")
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
-        return fn(conn, *args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
+    async def close(self) -> None:
+        await self._db.close()
 
     # -- events and alarms -------------------------------------------------------------------
 
     async def events(self, flt: EventFilter) -> list[dict[str, Any]]:
-        return await self._run(_events, flt)
+        return await self._db.call(_events, flt)
 
     async def event(self, event_id: int) -> dict[str, Any] | None:
-        rows = await self._run(_event_by_id, event_id)
+        rows = await self._db.call(_event_by_id, event_id)
         return rows
 
     async def acknowledge(self, event_id: int, by: str, note: str, now_ms: int) -> dict[str, Any] | None:
         """Mark an event acknowledged (idempotent: the first acknowledgement is kept)."""
-        return await self._run(_ack, event_id, by, note, now_ms)
+        return await self._db.call(_ack, event_id, by, note, now_ms)
 
     # -- telemetry ---------------------------------------------------------------------------
 
@@ -102,20 +76,20 @@ class StoreReader:
         raw_from_ms = now_ms - self._raw_retention_ms
         if step_ms is not None and start_ms < raw_from_ms:
             step_ms = max(60_000, step_ms - step_ms % 60_000)
-        return await self._run(_telemetry, device_id, metrics, start_ms, end_ms, step_ms, raw_from_ms)
+        return await self._db.call(_telemetry, device_id, metrics, start_ms, end_ms, step_ms, raw_from_ms)
 
     async def metric_names(self, device_id: str) -> list[str]:
-        return await self._run(_metric_names, device_id)
+        return await self._db.call(_metric_names, device_id)
 
     # -- dead letters ------------------------------------------------------------------------
 
     async def dead_letters(
         self, device_id: str | None, reason: str | None, limit: int, offset: int
     ) -> list[dict[str, Any]]:
-        return await self._run(_dead_letters, device_id, reason, limit, offset)
+        return await self._db.call(_dead_letters, device_id, reason, limit, offset)
 
     async def counts(self) -> dict[str, int]:
-        return await self._run(_counts)
+        return await self._db.call(_counts)
 
 
 _EVENT_COLUMNS = (
@@ -160,7 +134,7 @@ def _event_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def _events(conn: Any, flt: EventFilter) -> list[dict[str, Any]]:
+def _events(conn: sqlite3.Connection, flt: EventFilter) -> list[dict[str, Any]]:
     where: list[str] = []
     args: list[Any] = []
     for column, value in (
@@ -193,12 +167,12 @@ def _events(conn: Any, flt: EventFilter) -> list[dict[str, Any]]:
     return [_event_dict(row) for row in conn.execute(sql, args)]
 
 
-def _event_by_id(conn: Any, event_id: int) -> dict[str, Any] | None:
+def _event_by_id(conn: sqlite3.Connection, event_id: int) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)).fetchone()
     return None if row is None else _event_dict(row)
 
 
-def _ack(conn: Any, event_id: int, by: str, note: str, now_ms: int) -> dict[str, Any] | None:
+def _ack(conn: sqlite3.Connection, event_id: int, by: str, note: str, now_ms: int) -> dict[str, Any] | None:
     conn.execute(
         "UPDATE events SET acked_ms = ?, acked_by = ?, ack_note = ? WHERE id = ? AND acked_ms IS NULL",
         (now_ms, by, note, event_id),
@@ -207,7 +181,7 @@ def _ack(conn: Any, event_id: int, by: str, note: str, now_ms: int) -> dict[str,
 
 
 def _telemetry(
-    conn: Any,
+    conn: sqlite3.Connection,
     device_id: str,
     metrics: list[str] | None,
     start_ms: int,
@@ -283,7 +257,7 @@ def _telemetry(
     }
 
 
-def _metric_names(conn: Any, device_id: str) -> list[str]:
+def _metric_names(conn: sqlite3.Connection, device_id: str) -> list[str]:
     rows = conn.execute(
         "SELECT DISTINCT metric FROM rollup_1m WHERE device_id = ? "
         "UNION SELECT DISTINCT metric FROM telemetry WHERE device_id = ?",
@@ -293,7 +267,7 @@ def _metric_names(conn: Any, device_id: str) -> list[str]:
 
 
 def _dead_letters(
-    conn: Any, device_id: str | None, reason: str | None, limit: int, offset: int
+    conn: sqlite3.Connection, device_id: str | None, reason: str | None, limit: int, offset: int
 ) -> list[dict[str, Any]]:
     where, args = [], []
     if device_id is not None:
@@ -325,7 +299,7 @@ def _dead_letters(
     return out
 
 
-def _counts(conn: Any) -> dict[str, int]:
+def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {
         table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         for table in ("telemetry", "rollup_1m", "events", "dead_letters", "devices")

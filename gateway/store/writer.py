@@ -15,9 +15,8 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 
@@ -27,12 +26,13 @@ from gateway.files import private_store
 from gateway.instruments import Instruments
 from gateway.limits import FloodNotes
 from gateway.models import Batch, Device, event_id
-from gateway.sqlite import connect, migrate, transaction
+from gateway.sqlite import SqliteThread, connect, migrate, transaction
 from gateway.store.dead_letters import DeadLetterBudget, row_bytes
 from gateway.store.outbox import Outbox, OutboxFull, OutboxRow
 from gateway.store.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 T = TypeVar("T")
 
 MINUTE_MS = 60_000
@@ -88,9 +88,8 @@ class StoreWriter:
         self._encoders = encoders or []
         self._listeners: list[Callable[[], None]] = []
         self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=queue_size)
-        # One thread, so the one connection is only ever used from it.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgw-store")
-        self._conn: sqlite3.Connection | None = None
+        # The one write connection, only ever used on its own thread.
+        self._db = SqliteThread("store", lambda: connect(path))
         self._sync = "FULL"  # the connection's synchronous setting (connect() sets FULL)
         self._dirty_minutes: set[int] = set()
         self._trim_notes = FloodNotes()
@@ -101,18 +100,16 @@ class StoreWriter:
     async def open(self) -> list[Device]:
         """Create or migrate the file; returns the devices remembered from earlier runs."""
         private_store(self._path)
-        devices: list[Device] = await self._call(self._open)
-        return devices
+        return await self._db.call(self._open)
 
-    def _open(self) -> list[Device]:
-        self._conn = connect(self._path)
+    def _open(self, conn: sqlite3.Connection) -> list[Device]:
         self._sync = "FULL"
-        migrate(self._conn, MIGRATIONS, "the local store")
-        self.dead_letters.load(self._conn)
-        self._dirty_minutes.update(_minutes_not_rolled_up(self._conn))
+        migrate(conn, MIGRATIONS, "the local store")
+        self.dead_letters.load(conn)
+        self._dirty_minutes.update(_minutes_not_rolled_up(conn))
         if self._outbox is not None:
-            self._outbox.load(self._conn)
-        return [_device_from_row(row) for row in self._conn.execute(_SELECT_DEVICES)]
+            self._outbox.load(conn)
+        return [_device_from_row(row) for row in conn.execute(_SELECT_DEVICES)]
 
     async def put(self, processed: Batch) -> None:
         """Queue a batch for writing; waits while the queue is full (back-pressure)."""
@@ -179,24 +176,17 @@ class StoreWriter:
         await self._queue.join()
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._call(self._conn.close)
-            self._conn = None
-        self._thread.shutdown(wait=True)
+        await self._db.close()
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         """Run `fn(connection, *args)` on the writer thread (it owns the connection)."""
-        return await self._call(fn, self.connection, *args)
+        return await self._db.call(fn, *args, **kwargs)
 
     @property
     def path(self) -> Path:
         return self._path
-
-    @property
-    def connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the local store is not open")
-        return self._conn
 
     def take_dirty_minutes(self, closed_before_ms: int) -> list[int]:
         """Minutes ended by `closed_before_ms` that received telemetry since their last roll-up.
@@ -214,7 +204,7 @@ class StoreWriter:
         while True:
             try:
                 started = time.perf_counter()
-                await self._call(self._write, batches)
+                await self._db.call(self._write, batches)
                 self._instruments.store_write_seconds.observe(time.perf_counter() - started)
                 self.last_error = None
                 return
@@ -228,8 +218,7 @@ class StoreWriter:
                 # An outbox waiting for a sink is checked often: the sink may drain at any moment.
                 delay = min(delay * 2, 1.0 if full else 10.0)
 
-    def _write(self, batches: list[Batch]) -> None:
-        conn = self.connection
+    def _write(self, conn: sqlite3.Connection, batches: list[Batch]) -> None:
         # The commit's number in the telemetry rows' `batch`: the outbox's next id, unique as long
         # as each commit that inserts telemetry for a sink adds an outbox row (the reference
         # does). Read before the transaction: this thread is the only writer.
@@ -329,14 +318,7 @@ class StoreWriter:
         """Persist device snapshots (last values, presence) outside the pipeline's batches."""
         rows = [_device_row(d) for d in devices]
 
-        def save() -> None:
-            self.connection.executemany(_UPSERT_DEVICE, rows)
-
-        await self._call(save)
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, fn, *args)
+        await self._db.call(lambda conn: conn.executemany(_UPSERT_DEVICE, rows))
 
 
 _NEXT_BATCH = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"

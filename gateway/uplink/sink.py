@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -142,7 +143,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
             self._fail(self.last_error or f"not connected to {self.target}", taken.points)
             return False
         try:
-            await self._call(self._publish_all, client, taken.body)
+            await self._blocking(self._publish_all, client, taken.body)
         except (RuntimeError, ValueError, TimeoutError) as exc:
             self._fail(f"{self.target} did not take the batch: {exc}", taken.points)
             return False
@@ -203,7 +204,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
             return 0
         rows = [items.snapshot_row(stream, item, self.name) for stream, item in snapshots]
         try:
-            await self._call(self._append, rows)
+            await self._db.call(self._append, rows)
         except OutboxFull as exc:
             # A snapshot is made again at the next interval: nothing is lost by skipping one.
             log.warning("uplink snapshots skipped: %s", exc)
@@ -211,8 +212,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
         self.wake()
         return len(rows)
 
-    def _append(self, rows: list[OutboxRow]) -> None:
-        conn = self._connection()
+    def _append(self, conn: sqlite3.Connection, rows: list[OutboxRow]) -> None:
         with transaction(conn, immediate=True):
             self._outbox.append(conn, rows)
 
