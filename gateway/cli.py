@@ -669,7 +669,7 @@ def backup_command(
 ) -> None:
     """Copy the local stores (safe while the gateway runs) into a checked backup folder."""
     settings = _settings(config)
-    from gateway.store.backup import BackupError, backup
+    from gateway.backup import BackupError, backup
 
     try:
         made = backup(settings.data_dir, out_dir, settings.community)
@@ -690,7 +690,7 @@ def restore_command(
     settings = _settings(config)
     import httpx
 
-    from gateway.store.backup import BackupError, check, restore
+    from gateway.backup import BackupError, check, restore
 
     host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::") else settings.api.host
     try:

@@ -21,7 +21,8 @@ from gateway.files import FOLDER_MODE, private_dir, private_file, write_private
 from gateway.services.schema import MIGRATIONS as SERVICE_MIGRATIONS
 from gateway.store.schema import MIGRATIONS as STORE_MIGRATIONS
 
-# What a backup holds: file name -> the schema version this gateway knows for it.
+# What a backup holds: file name -> the schema version this gateway knows for it, from each
+# file's owner (the telemetry store and the services), which is why backup sits above both.
 FILES = {"cgw.sqlite3": len(STORE_MIGRATIONS), "services.sqlite3": len(SERVICE_MIGRATIONS)}
 
 
