@@ -51,7 +51,7 @@ HELD_READINGS = 500
 MAX_BATCHES = 64  # batches in one transaction when the queue holds a backlog
 
 
-def _quiet(batch: Batch) -> bool:
+def _telemetry_only(batch: Batch) -> bool:
     """Telemetry (and device snapshots) alone: it may wait for the commit interval.
 
     Events, refusals and terminal messages are never held: an operator who sees an alarm on
@@ -60,9 +60,9 @@ def _quiet(batch: Batch) -> bool:
     return not (batch.events or batch.dead_letters or batch.terminal or batch.records)
 
 
-def _trickle(batch: Batch) -> bool:
+def _worth_holding(batch: Batch) -> bool:
     """Telemetry alone, and a little of it: worth a wait for company before a commit."""
-    return _quiet(batch) and len(batch.readings) < SMALL_BATCH
+    return _telemetry_only(batch) and len(batch.readings) < SMALL_BATCH
 
 
 class StoreWriter:
@@ -81,7 +81,7 @@ class StoreWriter:
         self._path = path
         self.dead_letters = DeadLetterBudget(dead_letter_max_bytes)
         self._group_commit_s = group_commit_s
-        self._hurry = asyncio.Event()  # someone waits for a commit: no lingering
+        self._commit_awaited = asyncio.Event()  # a caller waits for a commit: hold nothing
         self._arrived = asyncio.Event()  # a batch was queued (the held commit looks at it)
         self._instruments = instruments
         self._outbox = outbox
@@ -111,9 +111,9 @@ class StoreWriter:
             self._outbox.load(conn)
         return [_device_from_row(row) for row in conn.execute(_SELECT_DEVICES)]
 
-    async def put(self, processed: Batch) -> None:
+    async def put(self, batch: Batch) -> None:
         """Queue a batch for writing; waits while the queue is full (back-pressure)."""
-        await self._queue.put(processed)
+        await self._queue.put(batch)
         self._arrived.set()
         self._instruments.queue_depth.labels(stage="store").set(self._queue.qsize())
 
@@ -126,22 +126,22 @@ class StoreWriter:
             # the WAL) per interval instead of one per message: that is the SD card's wear. It is
             # acknowledged to the broker only after the commit. A large batch is a backlog, not a
             # trickle, and anything else (an alarm, a refusal, a terminal message) ends the wait.
-            if self._group_commit_s and _trickle(batches[0]) and not self._hurry.is_set():
+            if self._group_commit_s and _worth_holding(batches[0]) and not self._commit_awaited.is_set():
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + self._group_commit_s
                 held = len(batches[0].readings)
                 while held < HELD_READINGS and (remaining := deadline - loop.time()) > 0:
-                    quiet = True
+                    telemetry_only = True
                     while not self._queue.empty() and held < HELD_READINGS:
                         batches.append(self._queue.get_nowait())
                         held += len(batches[-1].readings)
-                        quiet = quiet and _quiet(batches[-1])
-                    if not quiet or self._hurry.is_set():
+                        telemetry_only = telemetry_only and _telemetry_only(batches[-1])
+                    if not telemetry_only or self._commit_awaited.is_set():
                         break
                     self._arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), remaining)
-            self._hurry.clear()
+            self._commit_awaited.clear()
             while not self._queue.empty() and len(batches) < MAX_BATCHES:
                 batches.append(self._queue.get_nowait())
             await self._write_with_retry(batches)
@@ -158,7 +158,7 @@ class StoreWriter:
         """Call `listener` (on the event loop) after each commit: the sinks wake up with it."""
         self._listeners.append(listener)
 
-    async def put_durable(self, processed: Batch) -> None:
+    async def put_durable(self, batch: Batch) -> None:
         """Queue a batch and wait until it is committed (for callers who answer a client)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -166,9 +166,9 @@ class StoreWriter:
             if not done.done():
                 done.set_result(None)
 
-        processed.on_durable.append(committed)
-        self._hurry.set()
-        await self.put(processed)
+        batch.on_durable.append(committed)
+        self._commit_awaited.set()
+        await self.put(batch)
         await done
 
     async def drain(self) -> None:
@@ -263,7 +263,7 @@ class StoreWriter:
         # fsynced until the next checkpoint or the next FULL commit, so a power cut may take the
         # last seconds of telemetry (docs/reliability.md). Events, refusals, terminal messages
         # and service records are committed with FULL: they survive a power cut too.
-        sync = "NORMAL" if all(_quiet(b) for b in batches) else "FULL"
+        sync = "NORMAL" if all(_telemetry_only(b) for b in batches) else "FULL"
         if sync != self._sync:
             conn.execute(f"PRAGMA synchronous={sync}")
             self._sync = sync
