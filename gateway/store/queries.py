@@ -78,9 +78,6 @@ class StoreReader:
             step_ms = max(60_000, step_ms - step_ms % 60_000)
         return await self._db.call(_telemetry, device_id, metrics, start_ms, end_ms, step_ms, raw_from_ms)
 
-    async def metric_names(self, device_id: str) -> list[str]:
-        return await self._db.call(_metric_names, device_id)
-
     # -- dead letters ------------------------------------------------------------------------
 
     async def dead_letters(
