@@ -64,6 +64,7 @@ class InfluxSink(OutboxDrain):
         )
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         self._max_lines: int | None = None  # learnt from a 413: the most lines InfluxDB took at once
+        self._learning = False  # after a 413, until the batch is sent: _max_lines grows to what goes
 
     def encode(self, batches: list[Batch], commit_no: int | None) -> list[OutboxRow]:
         """Line protocol for committed batches' events and records (one row), and references to
@@ -115,10 +116,13 @@ class InfluxSink(OutboxDrain):
         one value per series and time, so the pieces already written land once."""
         lines = taken.body.split("\n")
         step = self._max_lines or len(lines)
-        for start in range(0, len(lines), step):
-            if not await self._write(lines[start : start + step]):
-                return False
-        return True
+        try:
+            for start in range(0, len(lines), step):
+                if not await self._write(lines[start : start + step]):
+                    return False
+            return True
+        finally:
+            self._learning = False
 
     async def _write(self, lines: list[str]) -> bool:
         try:
@@ -130,6 +134,8 @@ class InfluxSink(OutboxDrain):
         except (Urllib3Error, OSError) as exc:
             self._fail(f"cannot reach InfluxDB at {self._settings.url}: {exc}", len(lines))
             return False
+        if self._learning and len(lines) > (self._max_lines or 0):
+            self._max_lines = len(lines)
         self._sent(len(lines))
         return True
 
@@ -139,10 +145,15 @@ class InfluxSink(OutboxDrain):
             self._rejected.inc(1)
             log.error("InfluxDB refuses a line as too large even on its own (413): %s", lines[0][:300])
             return True
+        if self._max_lines is None or len(lines) <= self._max_lines:
+            # Pieces of the size in use are refused: the size is learnt again, as the largest piece
+            # that goes through while this batch is halved. Not from the halving itself: a line
+            # too large on its own is halved down to, and must not leave later batches one line
+            # a request.
+            log.warning("InfluxDB refused %d lines as too large (413); sending smaller pieces", len(lines))
+            self._max_lines = None
+            self._learning = True
         half = len(lines) // 2
-        if self._max_lines is None or half < self._max_lines:
-            log.warning("InfluxDB refused %d lines as too large (413); sending at most %d", len(lines), half)
-            self._max_lines = half
         return await self._write(lines[:half]) and await self._write(lines[half:])
 
     def _post(self, body: str) -> None:
