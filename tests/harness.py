@@ -63,13 +63,23 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
 
 
 async def _ready(gateway: Gateway, task: asyncio.Task[None]) -> None:
-    deadline = time.monotonic() + 15
-    while not (gateway.ready.is_set() and gateway.mqtt.connected):
-        if task.done():
-            task.result()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gateway not ready: {gateway.readiness()}")
-        await asyncio.sleep(0.02)
+    """Every stage runs (the gateway's `ready` event, raced with its run failing), and the broker
+    connection is up."""
+    started = asyncio.ensure_future(gateway.ready.wait())
+    done, _ = await asyncio.wait({started, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        started.cancel()
+        task.result()  # its error
+        raise RuntimeError("the gateway stopped before it was ready")
+    if not done:
+        started.cancel()
+        raise TimeoutError(f"gateway not started: {gateway.readiness()}")
+    # The drivers tell their connection by a property (/readyz reads it), with no event to await:
+    # this one wait polls, until the MQTT part gives the connection a signal.
+    await eventually(lambda: gateway.mqtt.connected or task.done(), 15, "the broker connection")
+    if task.done():
+        task.result()
+        raise RuntimeError("the gateway stopped before it was ready")
 
 
 def api(gateway: Gateway, token: str = "viewer-token") -> httpx.AsyncClient:

@@ -1,19 +1,26 @@
 """Real Mosquitto and VictoriaMetrics processes for the tests, on free ports in temporary folders.
 
 Both come from Debian's packages (`scripts/dev test` installs them). Each helper starts its
-server, waits until it answers, and can be stopped, killed and restarted with its data kept.
+server, waits until the server says it serves, and can be stopped, killed and restarted with its
+data kept. Nothing here polls a port: Mosquitto says READY=1 over the systemd notify protocol
+(sd_notify(3)), VictoriaMetrics and `cgw run` log a line once they listen, and a server that
+exits instead wakes the wait at once (its pidfd, or the end of its output).
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,17 +44,117 @@ def _binary(name: str) -> str:
     return found
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
+def start_notified(
+    command: list[str], log: Path, timeout: float = 10, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server that speaks the systemd notify protocol and return once it sent READY=1.
+
+    Mosquitto (built with systemd, as Debian's) sends it once its listeners are open. The socket
+    is in the abstract namespace (`@name`), so no path length limit and no file to remove. A
+    server that exits first wakes the wait through its pidfd and the error says so.
+    """
+    name = f"cgw-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, log.open("ab") as out:
+        notify.bind(f"\0{name}")
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**(env or os.environ), "NOTIFY_SOCKET": f"@{name}"},
+        )
+        exited = os.pidfd_open(process.pid)
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([notify.fileno(), exited], [], [], left)
+                if exited in readable:
+                    raise RuntimeError(f"{command[0]} exited with {process.wait()}: see {log}")
+                if notify.fileno() in readable and b"READY=1" in notify.recv(4096).split(b"\n"):
+                    return process
+        finally:
+            os.close(exited)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"{command[0]} did not say READY=1 within {timeout} s: see {log}")
+
+
+# The line `cgw run` logs once its API listens.
+RUNNING = re.compile(rb"gateway for community \S+ running: API on")
+
+
+def connect_soon(port: int, process: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """Connect to a server that said it is about to listen, until it does.
+
+    A bounded retry, for a server whose last word comes just before its listen call
+    (VictoriaMetrics): no signal follows the listen, so this is the one wait here that polls.
+    A server that exits wakes it through its pidfd.
+    """
+    exited = os.pidfd_open(process.pid)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nothing listens on port {port} after {timeout} s") from None
+            if select.select([exited], [], [], 0.01)[0]:
+                raise RuntimeError(f"the server on port {port} exited with {process.wait()}")
+    finally:
+        os.close(exited)
+
+
+class LogCopy(threading.Thread):
+    """Copies a server's output into its log file line by line, and notes the line saying it serves.
+
+    Reading the output is the signal (no polling); copying it keeps the pipe from filling. The
+    thread ends with the output, when the process exits.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, ready: re.Pattern[bytes]) -> None:
+        super().__init__(name=f"log {log}", daemon=True)
+        self.process, self.log, self.ready = process, log, ready
+        self.said_ready = False
+        self.changed = threading.Event()  # the ready line, or the end of the output
+
+    def run(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout as output, self.log.open("ab") as out:
+            for line in output:
+                out.write(line)
+                out.flush()  # tests read the log while the server runs
+                if not self.said_ready and self.ready.search(line):
+                    self.said_ready = True
+                    self.changed.set()
+        self.changed.set()
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self.changed.wait(timeout):
+            raise RuntimeError(f"no line matching {self.ready.pattern!r} within {timeout} s: see {self.log}")
+        if not self.said_ready:
+            raise RuntimeError(f"the server exited with {self.process.wait()}: see {self.log}")
+
+
+def start_logged(
+    command: list[str],
+    log: Path,
+    ready: re.Pattern[bytes],
+    timeout: float = 10,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], LogCopy]:
+    """Start a server and return once it logged the line `ready`, its output copied into `log`."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    copy = LogCopy(process, log, ready)
+    copy.start()
+    try:
+        copy.wait_ready(timeout)
+    except RuntimeError:
+        process.kill()
+        process.wait()
+        copy.join()
+        raise
+    return process, copy
 
 
 class _Process:
@@ -55,19 +162,22 @@ class _Process:
         self.folder = folder
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
+        self._copy: LogCopy | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "server.log"
 
     def _command(self) -> list[str]:
         raise NotImplementedError
 
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        wait_port(self.port, self._process)
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Start the server; return once it said it serves."""
+        raise NotImplementedError
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        log = (self.folder / "server.log").open("ab")
-        self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        self._process = self._launch()
 
     @property
     def pid(self) -> int:
@@ -96,6 +206,9 @@ class _Process:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        if self._copy is not None:  # its output has ended with the process
+            self._copy.join()
+            self._copy = None
 
 
 class MosquittoProcess(_Process):
@@ -123,6 +236,9 @@ class MosquittoProcess(_Process):
         )
         return [_binary("mosquitto"), "-c", str(conf)]
 
+    def _launch(self) -> subprocess.Popen[bytes]:
+        return start_notified(self._command(), self.log)
+
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
@@ -147,21 +263,17 @@ class VictoriaMetricsProcess(_Process):
             "-retentionPeriod=100y",
             "-dedup.minScrapeInterval=1ms",
             "-search.latencyOffset=0s",
-            "-loggerLevel=ERROR",
+            "-loggerLevel=INFO",  # the line saying it serves is at INFO
             *self.extra,
         ]
 
-    def _wait_ready(self) -> None:
-        super()._wait_ready()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("VictoriaMetrics did not become healthy")
+    def _launch(self) -> subprocess.Popen[bytes]:
+        # It opens its storage, then logs this line and listens (lib/httpserver logs it, and the
+        # pprof line, just before its listen call; nothing is logged after), so the port may
+        # refuse a connection for an instant after the line: `connect_soon` covers that instant.
+        process, self._copy = start_logged(self._command(), self.log, re.compile(rb"starting http server at"))
+        connect_soon(self.port, process)
+        return process
 
     @property
     def url(self) -> str:
@@ -193,11 +305,10 @@ class GatewayProcess(_Process):
     def _command(self) -> list[str]:
         return [sys.executable, "-m", "gateway.cli", "run"]
 
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        log = (self.folder / "server.log").open("ab")
-        self._process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        wait_port(self.port, self._process, timeout=30)
+    def _launch(self) -> subprocess.Popen[bytes]:
+        # Logged once the API's socket listens (gateway/application.py binds it first).
+        process, self._copy = start_logged(self._command(), self.log, RUNNING, timeout=30, env=self.env)
+        return process
 
     @property
     def url(self) -> str:
@@ -208,7 +319,7 @@ class GatewayProcess(_Process):
         return self.folder / "data" / "cgw.sqlite3"
 
     def log_text(self) -> str:
-        return (self.folder / "server.log").read_text(errors="replace")
+        return self.log.read_text(errors="replace")
 
     def checks(self) -> dict[str, Any]:
         """Its /readyz checks by name; empty while it does not answer."""

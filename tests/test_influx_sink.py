@@ -400,13 +400,17 @@ async def test_refusals_are_reported_and_only_bad_data_is_dropped(
     server.status = status  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    async with Pipe(tmp_path / "s.db", f"http://127.0.0.1:{server.server_address[1]}", token=token) as pipe:
-        sink, metrics = pipe.sink, pipe.instruments
-        await pipe.submit([Reading("ref-1", "generic", NOW, {"v": 1.0})])
-        if kept:
-            await eventually(_probe(lambda: not sink.healthy), 5, "the refusal")
-            assert text in (sink.last_error or "") and sink.buffered == 1
-        else:
-            await eventually(_probe(lambda: outcome(metrics, "rejected") == 1), 5, "the rejected batch")
-            assert sink.buffered == 0
-    server.shutdown()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        async with Pipe(tmp_path / "s.db", url, token=token) as pipe:
+            sink, metrics = pipe.sink, pipe.instruments
+            await pipe.submit([Reading("ref-1", "generic", NOW, {"v": 1.0})])
+            if kept:
+                await eventually(_probe(lambda: not sink.healthy), 5, "the refusal")
+                assert text in (sink.last_error or "") and sink.buffered == 1
+            else:
+                await eventually(_probe(lambda: outcome(metrics, "rejected") == 1), 5, "the rejected batch")
+                assert sink.buffered == 0
+    finally:
+        server.shutdown()
+        server.server_close()  # its listening socket, or it is left open

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from tests.harness import mosquitto_pub
-from tests.services import MosquittoProcess, free_port, wait_for, wait_port
+from tests.services import RUNNING, MosquittoProcess, free_port, start_logged, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -122,12 +122,9 @@ def run_once(
     broker.start()
     env = {**env, "CGW_MQTT__URL": broker.url}
     url = f"http://127.0.0.1:{env['CGW_API__PORT']}"
-    log = (broker.folder / "gateway.log").open("ab")
-    process = subprocess.Popen(
-        [str(cgw), "run", "--config", str(etc / "cgw.yaml")], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    command = [str(cgw), "run", "--config", str(etc / "cgw.yaml")]
+    process, copy = start_logged(command, broker.folder / "gateway.log", RUNNING, timeout=30, env=env)
     try:
-        wait_port(int(env["CGW_API__PORT"]), process, timeout=30)
         wait_for(lambda: httpx.get(f"{url}/readyz", timeout=2).json()["ready"], 30, "the gateway's login")
         if device is not None and token is not None:
             name, password = device
@@ -147,4 +144,5 @@ def run_once(
     finally:
         process.terminate()
         process.wait(timeout=30)
+        copy.join()
         broker.stop()

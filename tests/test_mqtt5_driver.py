@@ -16,6 +16,7 @@ import mqtt5
 import orjson
 import paho.mqtt.client as paho
 import pytest
+from anyio import wait_all_tasks_blocked
 from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.mqtt import MqttDriver
@@ -52,13 +53,6 @@ class Holding:
 
     def numbers(self) -> list[int]:
         return sorted(orjson.loads(payload)["seq"] for _, payload, _ in self.messages)
-
-
-async def settled() -> None:
-    """Let every task that is ready run until all wait (for I/O, a timer or an event): what a
-    step does without the network is then done. No wall-clock time involved."""
-    for _ in range(100):
-        await asyncio.sleep(0)
 
 
 class Running:
@@ -128,7 +122,9 @@ async def test_a_clean_stop_sends_the_acks_of_batches_still_in_the_pipeline(
     await asyncio.to_thread(publish, mosquitto.port, 50)
     await eventually(lambda: len(held.messages) == 50, 15, "50 messages")
     stopping = asyncio.create_task(running.stop())
-    await settled()
+    await (
+        wait_all_tasks_blocked()
+    )  # every task waits (I/O, a timer, an event): stop() has got as far as it can
     assert not stopping.done(), "stop() waits for the pipeline's acknowledgements"
     held.acknowledge()
     await stopping

@@ -44,7 +44,7 @@ from gateway.settings import (
     load_settings,
 )
 from tests.harness import api, eventually, gateway_settings, mosquitto_pub, running
-from tests.services import MosquittoProcess, free_port, tls_files, wait_port
+from tests.services import MosquittoProcess, free_port, start_notified, tls_files
 
 pytestmark = pytest.mark.integration
 
@@ -303,9 +303,8 @@ def test_the_deploy_mosquitto_configuration_works_with_the_generated_files(locke
     )
     path = folder / "deploy.conf"
     path.write_text(conf)
-    process = subprocess.Popen(["mosquitto", "-c", str(path)], stderr=subprocess.PIPE)
+    process = start_notified(["mosquitto", "-c", str(path)], folder / "deploy.log")
     try:
-        wait_port(port, process)
         assert pub(port, "cgw/v1/dev-a/telemetry", "{}").returncode != 0  # anonymous refused
         assert (
             pub(port, "cgw/v1/dev-a/telemetry", "{}", "-u", "dev-a", "-P", passwords["dev-a"]).returncode == 0

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from gateway.instruments import Instruments
 from gateway.models import Batch, DeadLetter, Device, DeviceEvent, Reading, event_id
@@ -208,7 +209,7 @@ async def test_a_trickle_is_one_group_commit_and_a_waiting_caller_cuts_it_short(
     try:
         for i in range(10):  # single readings, one batch each, as a trickle arrives
             await writer.put(batch(Reading("d1", "generic", T0 + i, {"v": float(i)})))
-            await asyncio.sleep(0.01)
+            await wait_all_tasks_blocked()  # the writer has taken it and waits for the next
         last = batch(Reading("d1", "generic", T0 + 10, {"v": 10.0}))
         await asyncio.wait_for(writer.put_durable(last), 30)
         await writer.drain()
