@@ -341,8 +341,17 @@ async def test_a_batch_too_large_is_split_and_every_good_point_lands(victoria: A
             later = gate.arrivals[refused:]
             assert later and all(lines <= pipe.sink._max_lines for _, lines in later)  # type: ignore[operator]
             assert outcome(pipe.instruments, "written") == 600 and outcome(pipe.instruments, "rejected") == 1
+            # A far side that now takes less: pieces of the size learnt are refused, and the size
+            # is learnt again from what goes through.
+            learnt = pipe.sink._max_lines
+            gate.max_body = 2048
+            await pipe.submit([Reading("big-1", "generic", NOW + 1000 + i, {"v": float(2000 + i)}, 2000 + i)
+                               for i in range(300)])  # fmt: skip
+            assert await pipe.sink.drain(20)
+            assert learnt is not None and pipe.sink._max_lines is not None and pipe.sink._max_lines < learnt
+            assert outcome(pipe.instruments, "written") == 900 and outcome(pipe.instruments, "rejected") == 1
     series = await asyncio.to_thread(victoria.export, '{__name__="generic_v",device_id="big-1"}')
-    assert series[0]["values"] == [float(i) for i in range(300)] + [float(1000 + i) for i in range(300)]
+    assert series[0]["values"] == [float(n) for n in (*range(300), *range(1000, 1300), *range(2000, 2300))]
 
 
 @pytest.mark.parametrize(
