@@ -126,7 +126,9 @@ class ModbusDriver(Driver):
                     )
                 if values:
                     seq += 1
-                    payload = {"ts": now_ms, "seq": seq, "metrics": values}
+                    # No `ts`: the poll's time is the receive time below, which the gateway
+                    # corrects while its clock is not set (gateway/clock.py).
+                    payload = {"seq": seq, "metrics": values}
                     await ingress.put([_message(device.device_id, "telemetry", payload, now_ms)])
                 await self._wait(device.poll_s)
         finally:

@@ -25,7 +25,7 @@ from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext, DeviceReads
 from gateway.api.headers import allowed_names
-from gateway.clock import ClockWatch
+from gateway.clock import FLOOR_SAVE_S, ClockWatch, read_floor, save_floor
 from gateway.instruments import Instruments
 from gateway.limits import DeviceRateLimit, KeyedRateLimit
 from gateway.pipeline.decode import TimeWindow
@@ -92,6 +92,9 @@ class Gateway:
             settings.registration_max_devices,
             int(settings.registration_idle.total_seconds() * 1000),
         )
+        # The gateway's time: the wall clock, kept above the newest time saved in the data folder
+        # (a box without a real-time clock boots in 1970), watched for jumps (gateway/clock.py).
+        self.clock = ClockWatch(floor_ms=read_floor(settings.data_dir))
         self.alarms = AlarmEngine(self.profiles)
         self.catalogue = load_catalogue(settings.services.catalogue, settings.services.stall_after)
         self.desk = ServiceDesk(
@@ -102,6 +105,7 @@ class Gateway:
             settings.services.check_interval_s,
             HouseholdRegister.load(settings.services.households),
             settings.privacy,
+            self.clock,
         )
         self.hub = StreamHub(
             self.instruments,
@@ -143,7 +147,11 @@ class Gateway:
         # Every 5 minutes: pruning a few rows off the old end costs nothing more done rarely, and
         # roll-ups wait an hour anyway (gateway/store/maintenance.py).
         self.maintenance = StoreMaintenance(
-            self.writer, settings.store, interval_s=300.0, rollup_delay_ms=rollup_delay_ms(settings.store)
+            self.writer,
+            settings.store,
+            interval_s=300.0,
+            rollup_delay_ms=rollup_delay_ms(settings.store),
+            clock=self.clock,
         )
         driver = Mqtt5Driver if settings.mqtt.protocol == "5" else _paho_driver()
         self.mqtt: MqttIntake = driver(
@@ -166,6 +174,7 @@ class Gateway:
             window,
             settings.mqtt.max_payload_bytes,
             DeviceRateLimit(settings.pipeline.device_rate_limit, settings.pipeline.backlog_allowance),
+            self.clock,
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
         if self.uplink is not None:
@@ -209,7 +218,6 @@ class Gateway:
             allowed_hosts=allowed_names(settings.api.allowed_hosts, settings.api.host),
         )
         self.wear = WearMeter(settings.data_dir)
-        self.clock = ClockWatch()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._server: _EmbeddedServer | None = None
@@ -262,7 +270,13 @@ class Gateway:
         return checks
 
     async def _watch_clock(self) -> None:
+        """Look for jumps; save the gateway's time as the next run's floor every hour."""
+        loop = asyncio.get_running_loop()
+        save_at = loop.time()
         while True:
+            if loop.time() >= save_at:
+                save_floor(self.settings.data_dir, self.clock.now_ms())
+                save_at = loop.time() + FLOOR_SAVE_S
             await asyncio.sleep(CLOCK_CHECK_S)
             self.clock.check()
 
@@ -355,6 +369,7 @@ class Gateway:
             task.cancel()
 
     async def _close(self) -> None:
+        save_floor(self.settings.data_dir, self.clock.now_ms())
         for sink in self.sinks:
             await sink.close()
         await self.desk.close()

@@ -23,7 +23,7 @@ import httpx
 import paho.mqtt.client as paho
 
 from drivers.mqtt import broker_client
-from gateway.clock import now_ms
+from gateway.clock import FLOOR_FILE, kernel_synced, now_ms, read_floor
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.schema import MIGRATIONS as SERVICE_MIGRATIONS
@@ -60,6 +60,7 @@ def run_checks(settings: Settings, timeout_s: float = 5.0, token: str | None = N
         _registration(settings),
         _data_dir(settings.data_dir),
         _volatile(settings.data_dir),
+        _clock_floor(settings.data_dir),
         _outbox_room(settings),
         _store("local store", settings.db_path, len(MIGRATIONS)),
         _store("service desk", settings.services_db_path, len(SERVICE_MIGRATIONS)),
@@ -306,7 +307,8 @@ def _running_gateway(settings: Settings, token: str | None) -> list[Finding]:
     for key, name in (("disk_writes", "disk writes"), ("clock", "clock jumps")):
         check = checks.get(key)
         if isinstance(check, dict) and "detail" in check:
-            found.append(Finding(True, name, str(check["detail"]), blocking=False))
+            detail = str(check["detail"])
+            found.append(Finding(not detail.startswith("NOT SET"), name, detail, blocking=False))
     if found or "disk_writes" not in checks:
         return found
     return [
@@ -454,6 +456,26 @@ def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:
         findings.append(Finding(True, "time-series store", f"{s.url} accepts writes to {s.org}/{s.bucket}"))
     findings.append(_clock(health.headers.get("date"), s.url))
     return findings
+
+
+def _clock_floor(data_dir: Path) -> Finding:
+    """Whether this box's clock is set: not earlier than the newest time the gateway saved in
+    its data folder (gateway/clock.py). A box without a real-time clock is not, until NTP syncs;
+    the gateway runs on its estimate meanwhile, so this does not block a start."""
+    floor = read_floor(data_dir)
+    now = now_ms()
+    if now >= floor or kernel_synced():
+        return Finding(True, "clock set", "not earlier than the newest time the gateway recorded")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(floor / 1000))
+    return Finding(
+        False,
+        "clock set",
+        f"this box's clock is earlier than the newest time the gateway recorded ({when}): it is not "
+        "set (no real-time clock, NTP not synchronised yet); the gateway stamps with an estimate "
+        "until it is. Enable NTP (timedatectl set-ntp true) or fit a real-time clock; if the clock "
+        f"is right and that time was wrong, delete {data_dir / FLOOR_FILE}",
+        blocking=False,
+    )
 
 
 def _clock(date_header: str | None, source: str) -> Finding:

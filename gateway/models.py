@@ -34,6 +34,9 @@ class Reading:
     metrics: dict[str, float]
     seq: int | None = None
     building: str | None = None
+    # ts_ms is the gateway's receive time (the device sent none): it moves when the gateway's
+    # clock jumps, and the alarm engine shifts what it is timing with it (gateway/rules.py).
+    stamped_here: bool = False
 
 
 @dataclass(slots=True)

@@ -5,6 +5,12 @@ same times as live data would. A condition that starts at t0 raises once at the 
 where it still holds and t - t0 >= `for`; it clears (an info event `<rule>_cleared`) only past
 the clear level. Readings older than the newest seen for a metric are ignored here.
 
+Readings the gateway stamped (the device sent no `ts`) are timed by the gateway's clock, which
+jumps when a box without a real-time clock syncs: `clock_jumped` shifts what is being timed for
+them by the jump, so a forward jump does not raise an alarm whose condition held for seconds,
+and a back jump does not make every later reading look late for hours. Readings with the
+device's own time are left alone: the gateway's clock did not move theirs.
+
 A rule with `event` is one happening reported two ways: the device's event of that type raises
 it (and stays the alarm), and the metric crossing then raises nothing more; when the metric
 crossed first, the device's event is recorded as information, not a second alarm.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from gateway.clock import ClockJump
 from gateway.models import DeviceEvent, Reading
 from gateway.profiles import AlarmRule, DeviceProfile, ProfileSet
 
@@ -33,11 +40,16 @@ class AlarmEngine:
         self._rules: dict[tuple[str, str], _RuleState] = {}
         self._last_ts: dict[tuple[str, str], int] = {}
         self._last_counter: dict[tuple[str, str], float] = {}
+        self._stamped_here: set[str] = set()  # devices whose latest reading the gateway stamped
 
     def observe(self, reading: Reading) -> list[DeviceEvent]:
         profile = self._profiles.get(reading.kind) or self._profiles.generic
         events: list[DeviceEvent] = []
         fresh: dict[str, float] = {}
+        if reading.stamped_here:
+            self._stamped_here.add(reading.device_id)
+        else:
+            self._stamped_here.discard(reading.device_id)
         for metric, value in reading.metrics.items():
             key = (reading.device_id, metric)
             last = self._last_ts.get(key)
@@ -77,6 +89,15 @@ class AlarmEngine:
         for table in (self._rules, self._last_ts, self._last_counter):
             for key in [k for k in table if k[0] == device_id]:
                 del table[key]
+        self._stamped_here.discard(device_id)
+
+    def clock_jumped(self, jump: ClockJump) -> None:
+        """The gateway's clock jumped: move the times kept for readings it stamped by as much."""
+        for key in [k for k in self._last_ts if k[0] in self._stamped_here]:
+            self._last_ts[key] += jump.by_ms
+        for (device_id, _), state in self._rules.items():
+            if device_id in self._stamped_here and state.since_ms is not None:
+                state.since_ms += jump.by_ms
 
     def _apply(
         self, rule: AlarmRule, profile: DeviceProfile, reading: Reading, value: float, out: list[DeviceEvent]

@@ -18,9 +18,12 @@ from gateway.models import Rejected
 
 @dataclass(frozen=True, slots=True)
 class TimeWindow:
-    """How far a device's clock may be from the gateway's before its readings are refused."""
+    """How far a device's clock may be from the gateway's before its readings are refused.
 
-    max_future_ms: int
+    `max_future_ms` is None while the gateway's own clock is not set (gateway/clock.py): a
+    device's time ahead of the gateway's estimate is then more likely right than wrong."""
+
+    max_future_ms: int | None
     max_past_ms: int
 
 
@@ -52,7 +55,7 @@ def parse_timestamp(value: object, received_ms: int, window: TimeWindow) -> int:
         raise Rejected(
             f"bad_timestamp: ts must be an RFC 3339 string or integer epoch ms, got {type(value).__name__}"
         )
-    if ts_ms > received_ms + window.max_future_ms:
+    if window.max_future_ms is not None and ts_ms > received_ms + window.max_future_ms:
         ahead = (ts_ms - received_ms) / 1000
         raise Rejected(f"bad_timestamp: ts is {ahead:.0f} s in the future (clock skew?)")
     if ts_ms < received_ms - window.max_past_ms:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
+from gateway.clock import ClockWatch
 from gateway.instruments import Instruments
 from gateway.limits import Admission, DeviceRateLimit, FloodNotes
 from gateway.models import (
@@ -54,13 +56,19 @@ class Processor:
         window: TimeWindow,
         max_payload_bytes: int,
         rate_limit: DeviceRateLimit | None = None,
+        clock: ClockWatch | None = None,
     ) -> None:
         self._profiles = profiles
         self._registry = registry
         self._presence = PresenceTracker(registry, profiles)
         self._alarms = alarms
         self._instruments = instruments
+        self._set_window = window
+        # While the gateway's clock is not set, a device's time is not refused for being ahead.
+        self._unset_window = replace(window, max_future_ms=None)
         self._window = window
+        self._clock = clock or ClockWatch()
+        self._clock.on_jump(alarms.clock_jumped)  # durations being timed move with a jump
         self._max_bytes = max_payload_bytes
         self._rate_limit = rate_limit or DeviceRateLimit("")
         # Refusals are logged once a minute per device (or reason): every one is still counted
@@ -71,7 +79,13 @@ class Processor:
 
     def process(self, batch: list[RawMessage]) -> Batch:
         out = Batch()
+        # A jump is found before anything of this batch is timed, so the alarm engine's shift
+        # comes first; the drivers stamp with the wall clock, corrected while it is not set.
+        self._clock.check()
+        correction = self._clock.correction_ms()
+        self._window = self._set_window if self._clock.is_set else self._unset_window
         for topic, payload, received_ms in batch:
+            received_ms += correction
             device_id: str | None = None
             channel: str | None = None
             try:
@@ -96,13 +110,15 @@ class Processor:
         self._finish(out)
         return out
 
-    def sweep(self, now_ms: int) -> Batch:
-        """Heartbeat time-outs, run periodically by the pipeline task."""
+    def sweep(self, now_ms: int | None = None) -> Batch:
+        """Heartbeat time-outs, run periodically by the pipeline task; stamped with the
+        gateway's time unless `now_ms` is given."""
+        now = self._clock.now_ms() if now_ms is None else now_ms
         out = Batch()
-        for change in self._presence.sweep(now_ms):
+        for change in self._presence.sweep(now):
             self._add_presence(out, change)
         self._finish(out)
-        out.forgotten = self._registry.forget_idle(now_ms)
+        out.forgotten = self._registry.forget_idle(now)
         return out
 
     # -- channels -----------------------------------------------------------------------------
@@ -162,7 +178,8 @@ class Processor:
             values = profile.validate_metrics(obj.get("metrics"))
         except ValueError as exc:
             raise Rejected(str(exc)) from None
-        return Reading(device.device_id, device.kind, ts_ms, values, seq, device.building)
+        stamped_here = obj.get("ts") is None
+        return Reading(device.device_id, device.kind, ts_ms, values, seq, device.building, stamped_here)
 
     def _event(self, device_id: str, obj: dict[str, Any], received_ms: int, out: Batch) -> None:
         device = self._registry.resolve(device_id, received_ms)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from gateway.clock import now_ms
 from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.pipeline.process import Processor
@@ -71,7 +70,7 @@ class Pipeline:
                     self._depth.set(self._inbox.qsize())
             if loop.time() >= next_sweep:
                 next_sweep = loop.time() + self._sweep_interval_s
-                swept = self._processor.sweep(now_ms())
+                swept = self._processor.sweep()
                 self._registry.newcomers.flush()
                 if loop.time() >= next_snapshot:
                     # Last values and last-seen times change with every reading; they are saved

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.clock import now_ms
+from gateway.clock import ClockJump, ClockWatch
 from gateway.instruments import Instruments
 from gateway.logsummary import LogSummary
 from gateway.models import DeadLetter, DeviceEvent, TerminalMessage, event_id
@@ -95,6 +95,7 @@ class ServiceDesk:
         check_interval_s: float = 60.0,
         households: HouseholdRegister | None = None,
         privacy: PrivacySettings | None = None,
+        clock: ClockWatch | None = None,
     ) -> None:
         self.catalogue = catalogue
         self._households = households or HouseholdRegister([])
@@ -112,6 +113,9 @@ class ServiceDesk:
         self._refusals = LogSummary(log)
         self._deliver: Callable[[DeskOutput], Awaitable[None]] | None = None
         self._forwarded_upto = 0  # set when the local store's outbox has the desk's records
+        self._clock = clock or ClockWatch()
+        self._jumps: deque[ClockJump] = deque()  # the clock's jumps whose deadlines are not moved yet
+        self._clock.on_jump(self._jumps.append)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -127,8 +131,9 @@ class ServiceDesk:
         await self._emit(DeskOutput())
         while True:
             await asyncio.sleep(self._check_interval_s)
-            await self.check_deadlines(now_ms())
-            await self.keep_to_retention(now_ms())
+            self._clock.check()  # a jump since the last look moves the deadlines first
+            await self.check_deadlines(self._clock.now_ms())
+            await self.keep_to_retention(self._clock.retention_ms())
             self._refusals.flush()
 
     async def keep_to_retention(self, now: int) -> None:
@@ -264,7 +269,7 @@ class ServiceDesk:
         out.acks.append((device_topic(message.device_id, "ack"), ack))
 
     def _rate(self, rating: NewRating, out: DeskOutput) -> bool:
-        view, first, step = ratings.rate(self.conn, self.catalogue, rating, now_ms())
+        view, first, step = ratings.rate(self.conn, self.catalogue, rating, self._clock.now_ms())
         if not first:
             return False
         self._instruments.ratings.labels(score=str(rating.score)).inc()
@@ -295,7 +300,7 @@ class ServiceDesk:
 
     def _counted_vote(self, vote: NewVote) -> tuple[str, dict[str, Any]]:
         """A vote checked against the household register, then recorded (one per household)."""
-        return proposals.vote(self.conn, self._households, vote, now_ms())
+        return proposals.vote(self.conn, self._households, vote, self._clock.now_ms())
 
     def _sensor_event(self, event: DeviceEvent, out: DeskOutput) -> None:
         match = self.catalogue.trigger(event.kind, event.type)
@@ -331,6 +336,13 @@ class ServiceDesk:
     # -- process control ------------------------------------------------------------------------
 
     async def check_deadlines(self, now: int) -> DeskOutput:
+        while self._jumps:
+            jump = self._jumps.popleft()
+            moved = await self._call(
+                requests.shift_deadlines, self.conn, jump.by_ms, jump.from_ms, jump.before_ms
+            )
+            if moved:
+                log.info("moved %d deadlines of open requests with the clock's jump", moved)
         out = DeskOutput()
         for alarm_type, request, due_ms in await self._call(
             requests.due_alarms, self.conn, self.catalogue, now
@@ -393,7 +405,7 @@ class ServiceDesk:
             provider_id,
             merged_into,
             ts_ms,
-            now_ms(),
+            self._clock.now_ms(),
         )
         out = DeskOutput()
         out.step(step)
@@ -432,7 +444,9 @@ class ServiceDesk:
         reason = str(exc)
         if ":" not in reason or not reason.split(":", 1)[0].isidentifier():
             reason = f"refused: {reason}"
-        letter = DeadLetter(now_ms(), f"api/{channel}", who[:128], reason, orjson.dumps(body), channel)
+        letter = DeadLetter(
+            self._clock.now_ms(), f"api/{channel}", who[:128], reason, orjson.dumps(body), channel
+        )
         self._instruments.messages_rejected.labels(reason=letter.reason_code).inc()
         self._refusals.note(f"refused {channel}s over the API", f"{who[:128]}: {reason}")
         self._api_refusals.append(letter)
@@ -461,7 +475,7 @@ class ServiceDesk:
         return await self._call(lambda: requests.listing(self.conn, **filters))
 
     async def workloads(self) -> dict[str, dict[str, int]]:
-        return await self._call(requests.workloads, self.conn, now_ms())
+        return await self._call(requests.workloads, self.conn, self._clock.now_ms())
 
     # -- needs, plans, evaluation --------------------------------------------------------------
 
@@ -483,13 +497,15 @@ class ServiceDesk:
         )
 
     async def needs_list(self, recent_ms: int) -> list[dict[str, Any]]:
-        return await self._call(requests.needs_list, self.conn, self.catalogue, now_ms(), recent_ms)
+        return await self._call(
+            requests.needs_list, self.conn, self.catalogue, self._clock.now_ms(), recent_ms
+        )
 
     async def create_proposal(
         self, title: str, description: str, need_ids: list[str], closes_ms: int | None, actor: str
     ) -> dict[str, Any]:
         return await self._call(
-            proposals.create, self.conn, title, description, need_ids, closes_ms, actor, now_ms()
+            proposals.create, self.conn, title, description, need_ids, closes_ms, actor, self._clock.now_ms()
         )
 
     async def proposal(self, pid: str) -> dict[str, Any] | None:
@@ -499,7 +515,7 @@ class ServiceDesk:
         return await self._call(proposals.listing, self.conn)
 
     async def close_proposal(self, pid: str, filed: bool) -> dict[str, Any]:
-        return await self._call(proposals.close, self.conn, pid, now_ms(), filed)
+        return await self._call(proposals.close, self.conn, pid, self._clock.now_ms(), filed)
 
     async def evaluations(
         self, start_ms: int, end_ms: int, bys: tuple[evaluation.By, ...], period: evaluation.Period

@@ -268,6 +268,27 @@ def workloads(conn: sqlite3.Connection, now_ms: int) -> dict[str, dict[str, int]
 # -- process control ---------------------------------------------------------------------------
 
 
+def shift_deadlines(conn: sqlite3.Connection, by_ms: int, from_ms: int, before_ms: int) -> int:
+    """The gateway's clock jumped by `by_ms`: open requests filed, or moved to their state,
+    while it showed [from_ms, before_ms] get their deadlines moved by as much, so a jump
+    neither makes them all overdue nor holds them back (gateway/clock.py); how many deadlines
+    moved (a request's deadline and its stall time count apart)."""
+    placeholders = ", ".join("?" * len(lifecycle.ACTIVE))
+    active = sorted(lifecycle.ACTIVE)
+    with transaction(conn, immediate=True):
+        moved: int = conn.execute(
+            f"UPDATE requests SET expected_ms = expected_ms + ? WHERE state IN ({placeholders})"
+            " AND requested_ms BETWEEN ? AND ?",
+            (by_ms, *active, from_ms, before_ms),
+        ).rowcount
+        moved += conn.execute(
+            f"UPDATE requests SET state_since_ms = state_since_ms + ? WHERE state IN ({placeholders})"
+            " AND state_since_ms BETWEEN ? AND ?",
+            (by_ms, *active, from_ms, before_ms),
+        ).rowcount
+    return moved
+
+
 def due_alarms(
     conn: sqlite3.Connection, catalogue: Catalogue, now_ms: int
 ) -> list[tuple[str, dict[str, Any], int]]:

@@ -9,6 +9,10 @@ minute's roll-up is needed only before its raw rows go. The gateway rolls a minu
 after it closed (`rollup_delay_ms`), a few hundred rows at once: the roll-up table is ordered
 by device, and touching each device's page once an hour instead of every minute is most of
 what it costs the SD card (docs/performance.md, "Write budget").
+
+Retention goes by `ClockWatch.retention_ms()` (gateway/clock.py): a forward jump of the wall
+clock (NTP syncing a box without a real-time clock) deletes nothing at once; retention catches
+up at twice real time.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from gateway import clock
+from gateway.clock import ClockWatch
 from gateway.settings import StoreSettings
 from gateway.sqlite import connect, transaction
 from gateway.store.writer import MINUTE_MS, StoreWriter
@@ -60,8 +64,10 @@ class StoreMaintenance:
         settings: StoreSettings,
         interval_s: float = 30.0,
         rollup_delay_ms: int = SETTLE_MS,
+        clock: ClockWatch | None = None,
     ) -> None:
         self._writer = writer
+        self._clock = clock or ClockWatch()
         self._settings = settings
         self._interval_s = interval_s
         self._rollup_delay_ms = rollup_delay_ms
@@ -119,7 +125,7 @@ class StoreMaintenance:
         return deleted
 
     async def run_once(self, now_ms: int | None = None, *, settle: bool = True) -> None:
-        now = clock.now_ms() if now_ms is None else now_ms
+        now = self._clock.retention_ms() if now_ms is None else now_ms
         try:
             await self._writer.call(self._work, now, settle)
         except sqlite3.Error as exc:
