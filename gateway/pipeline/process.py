@@ -77,14 +77,16 @@ class Processor:
         self._unlogged: dict[str, int] = {}
         self._received = {ch: instruments.messages_in.labels(channel=ch) for ch in INBOUND_CHANNELS}
 
-    def process(self, batch: list[RawMessage]) -> Batch:
+    def process(self, messages: list[RawMessage]) -> Batch:
+        """What `messages` (one driver's batch) become: readings, events, presence changes, dead
+        letters, terminal messages."""
         out = Batch()
         # A jump is found before anything of this batch is timed, so the alarm engine's shift
         # comes first; the drivers stamp with the wall clock, corrected while it is not set.
         self._clock.check()
         correction = self._clock.correction_ms()
         self._window = self._set_window if self._clock.is_set else self._unset_window
-        for topic, payload, received_ms in batch:
+        for topic, payload, received_ms in messages:
             received_ms += correction
             device_id: str | None = None
             channel: str | None = None

@@ -59,9 +59,9 @@ class Pipeline:
             except TimeoutError:
                 item = None
             if item is not None:
-                raw, on_durable = item
+                messages, on_durable = item
                 try:
-                    batch = self._processor.process(raw)
+                    batch = self._processor.process(messages)
                     if on_durable is not None:
                         batch.on_durable.append(on_durable)
                     await self._router.route(batch)
