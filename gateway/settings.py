@@ -345,6 +345,35 @@ class PrivacySettings(_Section):
     personal_data_retention: Duration = timedelta(days=365)
 
 
+class CareSettings(_Section):
+    """Precision care (docs/care.md): the welfare rules over a consenting household's own meters,
+    door and check-ins, and the welfare checks they raise for the grid's workers."""
+
+    # The community's local time decides what is morning and night; China keeps one zone, no DST.
+    utc_offset_hours: float = Field(8.0, ge=-12, le=14)
+    # A household's rhythm is learnt from its own last days at home (days it was away left out).
+    baseline_days: int = Field(21, ge=7, le=120)
+    min_baseline_days: int = Field(7, ge=3, le=120)  # before this, the rules stay quiet ("learning")
+    # A quiet span at home, awake, fires when it is longer than the household's own longest quiet
+    # begun at that time of day in its baseline, plus `quiet_margin`, kept within min_quiet and
+    # max_quiet (so a fall is found within about max_quiet), and when the activity its baseline
+    # expected in the span (a sum of its per-half-hour rates) reaches `surprise`: night-time
+    # quiet, and the hours it is usually idle, expect little and never fire (docs/care.md).
+    surprise: float = Field(4.0, gt=0, le=30)
+    quiet_margin: Duration = timedelta(minutes=45)
+    min_quiet: Duration = timedelta(minutes=45)
+    max_quiet: Duration = timedelta(minutes=100)
+    # No first activity by the household's median waking time plus this: a "not up" check.
+    morning_margin: Duration = timedelta(minutes=95)
+    day_start_hour: int = Field(4, ge=0, le=11)  # a household's day (and its waking) begins here
+    # A flat's energy meter counts as someone's activity when its mean power over a reading's
+    # interval is this far above the flat's floor (fridge, router): a kettle, a cooker, a washer.
+    energy_step_w: float = Field(150.0, gt=0, le=10_000)
+    evaluate_every: Duration = timedelta(minutes=5)  # how often the rules look at every household
+    ack_within: Duration = timedelta(minutes=20)  # a grid worker's acknowledgement, else escalation
+    escalate_to: str = Field("care-centre", min_length=1, max_length=64)  # the catalogue's provider
+
+
 class ModbusRegister(_Section):
     metric: str
     address: int = Field(ge=0, le=65535)
@@ -400,6 +429,7 @@ class Settings(BaseSettings):
     modbus: ModbusSettings = ModbusSettings()
     services: ServicesSettings = ServicesSettings()
     privacy: PrivacySettings = PrivacySettings()
+    care: CareSettings = CareSettings()
 
     @field_validator("data_dir", "inventory", "profiles_dir")
     @classmethod
@@ -434,6 +464,10 @@ class Settings(BaseSettings):
     @property
     def services_db_path(self) -> Path:
         return self.data_dir / "services.sqlite3"
+
+    @property
+    def care_db_path(self) -> Path:
+        return self.data_dir / "care.sqlite3"
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:

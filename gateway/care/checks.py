@@ -1,0 +1,75 @@
+"""Welfare checks: what a rule raised, where it stands, and how it ends.
+
+A check goes to the workers of the household's grid first (`raised`); one of them acknowledges
+it (`acknowledged`), or, past `care.ack_within` without an acknowledgement, it escalates to the
+care centre (`escalated`, still waiting for someone to acknowledge); it closes with the visit's
+outcome (`closed`). Plain records and functions, shared by the care store and the simulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+CheckState = Literal["raised", "escalated", "acknowledged", "closed"]
+Outcome = Literal["fine", "needed_help", "hospital", "not_home", "no_answer"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+
+
+class CheckError(ValueError):
+    """An action a check's state does not allow; the text starts with a reason code."""
+
+
+@dataclass(slots=True)
+class WelfareCheck:
+    id: str
+    household: str
+    building: str
+    grid: str | None
+    rule: str
+    raised_ms: int
+    quiet_since_ms: int
+    why: str
+    ticket: str | None = None  # the service request filed for it (gateway/services/desk.py)
+    acked_ms: int | None = None
+    acked_by: str | None = None
+    escalated_ms: int | None = None
+    escalated_to: str | None = None
+    closed_ms: int | None = None
+    closed_by: str | None = None
+    outcome: Outcome | None = None
+    note: str = ""
+
+    @property
+    def state(self) -> CheckState:
+        if self.closed_ms is not None:
+            return "closed"
+        if self.acked_ms is not None:
+            return "acknowledged"
+        return "escalated" if self.escalated_ms is not None else "raised"
+
+    def due_escalation(self, now_ms: int, ack_within_ms: int) -> bool:
+        return self.state == "raised" and now_ms - self.raised_ms >= ack_within_ms
+
+    def escalate(self, now_ms: int, to: str) -> None:
+        self.escalated_ms, self.escalated_to = now_ms, to
+
+    def acknowledge(self, by: str, ts_ms: int) -> bool:
+        """True when this acknowledged it; False when it was already (a re-sent acknowledgement)."""
+        if self.state == "closed":
+            raise CheckError(f"closed: check {self.id} is closed already")
+        if self.acked_ms is not None:
+            return False
+        self.acked_ms, self.acked_by = ts_ms, by
+        return True
+
+    def close(self, outcome: Outcome, by: str, ts_ms: int, note: str = "") -> bool:
+        """True when this closed it; False for a re-sent close with the same outcome."""
+        if self.closed_ms is not None:
+            if self.outcome == outcome:
+                return False
+            raise CheckError(f"closed: check {self.id} is closed already, as {self.outcome}")
+        if self.acked_ms is None:
+            self.acked_ms, self.acked_by = ts_ms, by
+        self.closed_ms, self.closed_by, self.outcome, self.note = ts_ms, by, outcome, note
+        return True
