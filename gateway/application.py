@@ -213,6 +213,7 @@ class Gateway:
                 desk=self.desk,
                 open311_keyless_reads=settings.services.open311_keyless_reads,
                 device_reads=DeviceReads(settings.privacy.device_read_window.total_seconds()),
+                clock=self.clock,
             ),
             max_body_bytes=settings.api.max_body_bytes,
             allowed_hosts=allowed_names(settings.api.allowed_hosts, settings.api.host),

@@ -302,3 +302,18 @@ def test_the_floor_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "clock-floor").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_jump_forward_forgets_no_self_registered_device_at_once() -> None:
+    clocks = Clocks()
+    watch = ClockWatch(clocks.wall, clocks.mono)
+    profiles = load_profiles()
+    window = TimeWindow(max_future_ms=600_000, max_past_ms=7 * 86_400_000)
+    registry = DeviceRegistry(profiles, "open", idle_ms=30 * 86_400_000)  # registration_idle: 30 d
+    proc = Processor(profiles, registry, AlarmEngine(profiles), Instruments(), window, 65_536, clock=watch)
+    proc.process([message(clocks, "self-1", "telemetry", {"metrics": {"v": 1}})])
+    clocks.tick(60)
+    clocks.step(YEAR_S)
+    assert proc.sweep().forgotten == []  # a year on the wall clock, a minute in real time
+    clocks.tick(31 * 86_400)
+    assert proc.sweep().forgotten == ["self-1"]  # silent for a month of real time: forgotten

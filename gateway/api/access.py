@@ -15,7 +15,6 @@ from fastapi import Request
 from gateway import privacy
 from gateway.api.auth import Principal
 from gateway.api.context import ApiContext
-from gateway.clock import now_ms
 from gateway.services.access_log import Access
 
 
@@ -35,7 +34,7 @@ async def record_reads(
     if not ids:
         return
     name = where if isinstance(where, str) else endpoint(where)
-    await ctx.desk.record_access(Access(now_ms(), who.who, who.role, who.token_id, name, ids))
+    await ctx.desk.record_access(Access(ctx.clock.now_ms(), who.who, who.role, who.token_id, name, ids))
 
 
 async def record_device_reads(

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from gateway.clock import ClockWatch
 from gateway.instruments import Instruments
 from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet
@@ -33,6 +34,9 @@ class ApiContext:
     desk: ServiceDesk
     device_reads: DeviceReads  # built from privacy.device_read_window
     open311_keyless_reads: bool = False  # services.open311_keyless_reads
+    # The gateway's time (gateway/clock.py): what routes stamp records and default windows with,
+    # so a request filed while the clock is not set is not stamped 1970.
+    clock: ClockWatch = field(default_factory=ClockWatch)
 
 
 @dataclass(slots=True)

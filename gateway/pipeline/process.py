@@ -120,7 +120,9 @@ class Processor:
         for change in self._presence.sweep(now):
             self._add_presence(out, change)
         self._finish(out)
-        out.forgotten = self._registry.forget_idle(now)
+        # Forgetting idle devices is retention: a forward jump of the clock does not forget
+        # every device at once (gateway/clock.py).
+        out.forgotten = self._registry.forget_idle(self._clock.retention_ms() if now_ms is None else now)
         return out
 
     # -- channels -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from gateway import clock, privacy
+from gateway import privacy
 from gateway.api.access import record_device_reads
 from gateway.api.auth import Principal, Reader
 from gateway.api.context import ApiContext, Ctx
@@ -111,7 +111,7 @@ async def get_telemetry(
 ) -> Telemetry:
     if ctx.registry.get(device_id) is None:
         raise HTTPException(404, f"no device {device_id!r}")
-    now_ms = clock.now_ms()
+    now_ms = ctx.clock.now_ms()
     end_ms = epoch_ms(end, default=now_ms + 1)
     start_ms = epoch_ms(start, default=end_ms - 3_600_000)
     if start_ms >= end_ms:

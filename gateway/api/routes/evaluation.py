@@ -13,7 +13,6 @@ from gateway.api.auth import Reader
 from gateway.api.context import Ctx
 from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import ErrorBody, Evaluation, Figures
-from gateway.clock import now_ms
 from gateway.services.evaluation import By, Period
 
 router = APIRouter(prefix="/api/v1", tags=["evaluation"])
@@ -38,7 +37,7 @@ async def evaluate(
     by: By = "overall",
     period: Period = "all",
 ) -> Evaluation:
-    end_ms = epoch_ms(end, default=now_ms() + 1)
+    end_ms = epoch_ms(end, default=ctx.clock.now_ms() + 1)
     start_ms = epoch_ms(start, default=end_ms - 30 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")

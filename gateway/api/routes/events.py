@@ -24,7 +24,6 @@ from gateway.api.schemas import (
     EventOut,
     SeverityName,
 )
-from gateway.clock import now_ms
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
@@ -118,7 +117,7 @@ async def get_event(ctx: Ctx, _: Reader, event_id: EventId) -> EventOut:
 )
 async def acknowledge(ctx: Ctx, who: Operator, event_id: EventId, body: AckIn | None = None) -> EventOut:
     note = body.note if body is not None else ""
-    event = await ctx.reader.acknowledge(event_id, who.actor, note, now_ms())
+    event = await ctx.reader.acknowledge(event_id, who.actor, note, ctx.clock.now_ms())
     if event is None:
         raise HTTPException(404, f"no event {event_id}")
     ctx.hub.publish("ack", {"id": event_id, "acked_by": event["acked_by"], "acked_ms": event["acked_ms"]})

@@ -32,7 +32,6 @@ from gateway.api.schemas import (
     VoteIn,
     VoteResult,
 )
-from gateway.clock import now_ms
 from gateway.durations import parse_duration
 from gateway.services import needs
 from gateway.services.intake import IntakeError, NewVote, household_key, household_secret
@@ -67,7 +66,7 @@ async def hotspots(
     alpha: Annotated[float, Query(gt=0, le=0.5)] = 0.001,
     min_count: Annotated[int, Query(ge=1, le=10_000)] = 3,
 ) -> Hotspots:
-    window_end = epoch_ms(end, default=now_ms())
+    window_end = epoch_ms(end, default=ctx.clock.now_ms())
     window_start = window_end - duration_ms(window, "window")
     baseline_start = window_start - duration_ms(baseline, "baseline")
     items = await ctx.desk.hotspots(window_start, window_end, baseline_start, alpha, min_count)
@@ -90,7 +89,7 @@ async def hotspots(
     responses=BAD,
 )
 async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datetime | None = None) -> Heatmap:
-    end_ms = epoch_ms(end, default=now_ms())
+    end_ms = epoch_ms(end, default=ctx.clock.now_ms())
     start_ms = epoch_ms(start, default=end_ms - 7 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
@@ -154,7 +153,7 @@ async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -
         key = f"api:{who.token_id}|{body.vote_id}" if body.vote_id else None
         secret = household_secret(body.pin, body.card)
         status, proposal = await ctx.desk.vote(
-            NewVote(proposal_id, household, body.choice, now_ms(), None, key, secret, who.actor)
+            NewVote(proposal_id, household, body.choice, ctx.clock.now_ms(), None, key, secret, who.actor)
         )
     except IntakeError as exc:
         raise HTTPException(422, str(exc)) from None

@@ -41,7 +41,6 @@ from gateway.api.schemas import (
     ServiceOut,
     TokenOut,
 )
-from gateway.clock import now_ms
 from gateway.services import open311
 from gateway.services.intake import IntakeError, open311_request
 from gateway.services.lifecycle import OPEN311_CLOSED, STATES
@@ -247,7 +246,7 @@ async def list_requests(
             # second, so an end_date without a fraction includes its whole second.
             end += 1 if end_date.microsecond else 1000
         if start is None and end is None:
-            end = now_ms() + 1
+            end = ctx.clock.now_ms() + 1
             start = end - 90 * DAY_MS
         elif start is None:
             assert end is not None
@@ -371,7 +370,7 @@ async def post_request(
     form = await _post_fields(request)
     check_jurisdiction(ctx, form.get("jurisdiction_id"))
     try:
-        new = open311_request(ctx.desk.catalogue, form, now_ms())
+        new = open311_request(ctx.desk.catalogue, form, ctx.clock.now_ms())
     except IntakeError as exc:
         # The spec: 404 for a service_code it does not know, 400 for any other bad field.
         raise HTTPException(404 if str(exc).startswith("unknown_service") else 400, str(exc)) from None

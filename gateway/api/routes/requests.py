@@ -31,7 +31,6 @@ from gateway.api.schemas import (
     RequestOut,
     TransitionIn,
 )
-from gateway.clock import now_ms
 from gateway.services.intake import NewRating
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.refusals import DeskError
@@ -144,7 +143,7 @@ async def transition(
     responses=REFUSED,
 )
 async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: RatingIn) -> RatingResult:
-    when = epoch_ms(body.ts, default=now_ms())
+    when = epoch_ms(body.ts, default=ctx.clock.now_ms())
     try:
         view, first = await ctx.desk.rate(
             NewRating(ticket, body.score, body.comment, when, who.actor, who.actor, body.rating_code)
@@ -165,7 +164,7 @@ async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: 
 async def assess(ctx: Ctx, _: Operator, body: AssessmentIn) -> AssessmentOut:
     try:
         saved = await ctx.desk.assess(
-            ts_ms=epoch_ms(body.ts, default=now_ms()),
+            ts_ms=epoch_ms(body.ts, default=ctx.clock.now_ms()),
             assessor=body.assessor,
             provider_id=body.provider_id,
             score=body.score,
