@@ -27,12 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.base import Ingress
-from drivers.link import MqttIntake, tls_context
+from drivers.intake import MqttIntake
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
-from gateway.settings import BrokerSettings
+from gateway.mqtt.mqtt311 import broker_client, refused, refused_filters
+from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,21 @@ log = logging.getLogger(__name__)
 class MqttDriver(MqttIntake):
     """MQTT 3.1.1 through paho's network thread."""
 
-    def _init_client(self) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        instruments: Instruments,
+        batch_size: int = 2000,
+        max_pending: int = 20_000,
+    ) -> None:
+        super().__init__(settings, client_id, instruments, batch_size, max_pending)
         self._mids: deque[tuple[int, int, int]] = deque()  # (packet id, qos, connection) per message
         self._room = threading.Event()
         self._room.set()
         self._wake_scheduled = False
         self._client: paho.Client | None = None
+        self._subscribe_mid: int | None = None  # the packet id of this connection's SUBSCRIBE
 
     async def run(self, ingress: Ingress) -> None:
         self._loop = asyncio.get_running_loop()
@@ -63,21 +73,21 @@ class MqttDriver(MqttIntake):
                     await ingress.put(batch, acks)
                     if len(self._pending) < self._max_pending // 2:
                         self._room.set()
-                if self._stopping and not client.is_connected():
+                if self.link.stopping and not client.is_connected():
                     return
         finally:
-            self._stopping = True
+            self.link.stopping = True
             self._room.set()
             client.disconnect()
             client.loop_stop()
-            self._set_connected(False)
+            self.link.set_connected(False)
 
     async def stop(self) -> None:
         """Stop reading from the broker, hand over what was received, and let `run` return.
 
         Messages not yet received stay in the broker's persistent session for the next start.
         """
-        self._stopping = True
+        self.link.stopping = True
         self._room.set()
         client = self._client
         if client is not None:
@@ -94,23 +104,23 @@ class MqttDriver(MqttIntake):
     # -- paho side (network thread) ------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        client = broker_client(self._settings, self._client_id, clean_session=self._settings.clean_start)
+        client = broker_client(
+            self._settings, self._client_id, self.link, clean_session=self._settings.clean_start
+        )
         client.max_queued_messages_set(10_000)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         return client
 
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if self._refused(reason):
+        if refused(self.link, reason):
             return
         self._generation += 1
-        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
-        self.last_error = None
-        self._set_connected(True)
+        self._subscribe_mid = client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])[1]
         log.info(
             "connected to %s as %s (session present: %s)",
             self._settings.url,
@@ -118,11 +128,23 @@ class MqttDriver(MqttIntake):
             flags.session_present,
         )
 
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[Any], properties: Any
+    ) -> None:
+        """Ready once the broker has granted every subscription (SUBACK), not when asked."""
+        if mid != self._subscribe_mid:
+            return
+        refusals = refused_filters(SUBSCRIPTIONS, reason_codes)
+        if refusals:
+            self.link.subscription_refused(refusals)
+        else:
+            self.link.set_connected(True)
+
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         silent = reason.is_failure and self._closed_soon()
-        self._lost(self._taken_over(certain=False) if silent else str(reason))
+        self.link.lost(self._taken_over(certain=False) if silent else str(reason))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
@@ -140,7 +162,7 @@ class MqttDriver(MqttIntake):
             # Hold the network thread until the pipeline has caught up to half the bound. The
             # timeout re-checks the length, so a wake-up that raced this clear() is not missed.
             low = self._max_pending // 2
-            while len(self._pending) >= low and not self._stopping:
+            while len(self._pending) >= low and not self.link.stopping:
                 self._room.clear()
                 self._room.wait(timeout=0.2)
 
@@ -167,25 +189,3 @@ class MqttDriver(MqttIntake):
                     client.ack(mid, qos)
 
         return batch, acknowledge
-
-
-def broker_client(
-    s: BrokerSettings, client_id: str, *, clean_session: bool, manual_ack: bool = True, mqtt5: bool = False
-) -> paho.Client:
-    """A paho client set up from broker settings: MQTT 3.1.1 (or 5), login, TLS, reconnect backoff.
-
-    With `mqtt5` (`cgw doctor` checking for the MQTT 5 driver) `clean_session` does not apply.
-    """
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        clean_session=None if mqtt5 else clean_session,
-        protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311,
-        manual_ack=manual_ack,
-    )
-    if s.username:
-        client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
-    if s.tls:
-        client.tls_set_context(tls_context(s))
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
-    return client

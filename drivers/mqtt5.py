@@ -32,8 +32,11 @@ from typing import Any
 import mqtt5
 
 from drivers.base import Ingress
-from drivers.link import MqttIntake, tls_context
+from drivers.intake import MqttIntake
+from gateway.instruments import Instruments
 from gateway.models import RawMessage
+from gateway.mqtt.tls import tls_context
+from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,15 @@ MAX_PACKET_ID = 0xFFFF
 
 
 class Mqtt5Driver(MqttIntake):
-    def _init_client(self) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        instruments: Instruments,
+        batch_size: int = 2000,
+        max_pending: int = 20_000,
+    ) -> None:
+        super().__init__(settings, client_id, instruments, batch_size, max_pending)
         # Beside each pending message: (connection << 16 | packet id) for its ack, 0 for QoS 0.
         self._acks: deque[int] = deque()
         self._closed = asyncio.Event()  # set while there is no connection
@@ -70,7 +81,7 @@ class Mqtt5Driver(MqttIntake):
         try:
             await self._forward(ingress)
         finally:
-            self._stopping = True
+            self.link.stopping = True
             await self._close()  # DISCONNECT first: a normal one keeps the session, drops the Will
             connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -81,7 +92,7 @@ class Mqtt5Driver(MqttIntake):
 
         Messages not yet received stay in the broker's persistent session for the next start.
         """
-        self._stopping = True
+        self.link.stopping = True
         if self._connection is not None:
             self._connection.pause()
         self._wake.set()
@@ -111,9 +122,9 @@ class Mqtt5Driver(MqttIntake):
                 batch, acknowledge = self._take(self._batch_size)
                 await ingress.put(batch, acknowledge)
                 connection = self._connection
-                if connection and not self._stopping and len(self._pending) < self._max_pending // 2:
+                if connection and not self.link.stopping and len(self._pending) < self._max_pending // 2:
                     connection.resume()
-            if self._stopping:
+            if self.link.stopping:
                 # The acks of batches still in the pipeline go out before DISCONNECT, so the next
                 # start does not receive them again (the application's drain timeout bounds the
                 # wait); with the connection gone they are void, and there is nothing to wait for.
@@ -165,13 +176,13 @@ class Mqtt5Driver(MqttIntake):
 
     async def _connect_forever(self) -> None:
         delay = 1.0
-        while not self._stopping:
+        while not self.link.stopping:
             try:
                 if await self._session():
                     delay = 1.0
             except (OSError, TimeoutError):  # ssl.SSLError and ConnectionError are OSErrors
-                await asyncio.to_thread(self._unreachable)  # it tries a connection itself
-            if self._stopping:
+                await asyncio.to_thread(self.link.unreachable)  # it tries a connection itself
+            if self.link.stopping:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -210,13 +221,13 @@ class Mqtt5Driver(MqttIntake):
                 # An MQTT 3.1.1 broker answers MQTT 5's CONNECT with a CONNACK of its own
                 # version, or not at all (amqtt), and closes: say what to set.
                 why = connection.why_closed if isinstance(exc, OSError) else "no answer"
-                self._failing(
+                self.link.failing(
                     f"{self.target} did not accept MQTT 5's CONNECT ({why}; a broker without MQTT 5? "
                     "Then set CGW_MQTT__PROTOCOL=3.1.1)"
                 )
                 return False
             if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
-                self._refusal(connack.reason_code.name.lower().replace("_", " "))
+                self.link.refused(connack.reason_code.name.lower().replace("_", " "))
                 return False
             self._connection = connection
             self._closed.clear()
@@ -230,8 +241,6 @@ class Mqtt5Driver(MqttIntake):
             # MQTT 5: unacknowledged publications are sent again, marked as duplicates.
             for packet in self._inflight.values():
                 connection.write(bytes([packet[0] | 0x08]) + packet[1:])
-            self.last_error = None
-            self._set_connected(True)
             log.info(
                 "connected to %s as %s (MQTT 5, session present: %s)",
                 s.url,
@@ -239,7 +248,7 @@ class Mqtt5Driver(MqttIntake):
                 connack.session_present,
             )
             self._send_outgoing()
-            if self._stopping:
+            if self.link.stopping:
                 connection.pause()
             await connection.run_keepalive(s.keepalive_s)
             return True
@@ -250,7 +259,7 @@ class Mqtt5Driver(MqttIntake):
                 why = connection.why_closed
                 if why == CLOSED_WITHOUT_A_WORD and self._closed_soon():
                     why = self._taken_over(certain=False)
-                self._lost(why)
+                self.link.lost(why)
             if not transport.is_closing():
                 transport.abort()
 
@@ -260,7 +269,7 @@ class Mqtt5Driver(MqttIntake):
             return
         self._connection = None
         self._closed.set()
-        self._set_connected(False)
+        self.link.set_connected(False)
         connection.write(mqtt5.DisconnectPacket().write())
         # The broker closes its side once it has read everything before DISCONNECT (the last
         # acks): waiting for that keeps a quick restart's new connection from overtaking them.
@@ -361,9 +370,16 @@ class _Connection(asyncio.Protocol):
             if not self.connack.done():
                 self.connack.set_result(packet)
         elif isinstance(packet, mqtt5.SubAckPacket):
-            for topic, code in zip(SUBSCRIPTIONS, packet.reason_codes, strict=False):
-                if code.value >= 0x80:  # the codes are Rust enums: compare values
-                    log.error("%s refused the subscription to %s: %s", self._driver.target, topic, code.name)
+            # Ready only now that the broker has answered every subscription.
+            refusals = [
+                (topic, code.name.lower().replace("_", " "))
+                for topic, code in zip(SUBSCRIPTIONS, packet.reason_codes, strict=False)
+                if code.value >= 0x80  # the codes are Rust enums: compare values
+            ]
+            if refusals:
+                self._driver.link.subscription_refused(refusals)
+            else:
+                self._driver.link.set_connected(True)
         elif isinstance(packet, mqtt5.DisconnectPacket):
             if packet.reason_code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER:
                 self.why_closed = self._driver._taken_over(certain=True)

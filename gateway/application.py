@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from drivers.base import Driver
-from drivers.link import MqttIntake
+from drivers.intake import MqttIntake
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext, DeviceReads

@@ -15,15 +15,18 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
 import paho.mqtt.client as paho
+from paho.mqtt.reasoncodes import ReasonCode
 
-from drivers.mqtt import broker_client
 from gateway.clock import FLOOR_FILE, kernel_synced, now_ms, read_floor
+from gateway.mqtt.diagnosis import why_not_subscribed
+from gateway.mqtt.mqtt311 import broker_client, refused_filters
 from gateway.profiles import ProfileError, load_profiles
 from gateway.registry import InventoryError, load_inventory
 from gateway.services.schema import MIGRATIONS as SERVICE_MIGRATIONS
@@ -31,6 +34,7 @@ from gateway.settings import MIN_TOKEN_LENGTH, BrokerSettings, Settings, hidden
 from gateway.sqlite import connect
 from gateway.store.lock import holder as lock_holder
 from gateway.store.schema import MIGRATIONS
+from gateway.topics import SUBSCRIPTIONS
 
 MIN_FREE_MB = 500
 MAX_CLOCK_SKEW_S = 5.0
@@ -66,7 +70,14 @@ def run_checks(settings: Settings, timeout_s: float = 5.0, token: str | None = N
         _store("service desk", settings.services_db_path, len(SERVICE_MIGRATIONS)),
         _tokens(settings),
         _api_port(settings),
-        _broker("broker", settings.mqtt, "CGW_MQTT", timeout_s, mqtt5=settings.mqtt.protocol == "5"),
+        _broker(
+            "broker",
+            settings.mqtt,
+            "CGW_MQTT",
+            timeout_s,
+            mqtt5=settings.mqtt.protocol == "5",
+            subscribe=SUBSCRIPTIONS,
+        ),
     ]
     if settings.uplink.enabled:
         findings.append(_uplink_choice(settings))
@@ -345,16 +356,33 @@ def _uplink_choice(settings: Settings) -> Finding:
     return Finding(True, "uplink", f"sends requests, ratings, alarms, snapshots and {chosen}")
 
 
-def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float, mqtt5: bool = False) -> Finding:
-    """Connect and log in as the gateway would (`mqtt5`: in MQTT 5, as its default driver does);
-    `env` names the settings in the advice."""
+def _broker(
+    check: str,
+    s: BrokerSettings,
+    env: str,
+    timeout_s: float,
+    mqtt5: bool = False,
+    subscribe: Sequence[str] = (),
+) -> Finding:
+    """Connect and log in as the gateway would (`mqtt5`: in MQTT 5, as its default driver does),
+    and ask for its `subscribe` topic filters; `env` names the settings in the advice."""
     done = threading.Event()
     outcome: list[str] = []
+    refusals: list[tuple[str, str]] = []
 
     def on_connect(
-        client: paho.Client, userdata: object, flags: object, reason: object, props: object
+        client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
     ) -> None:
         outcome.append(str(reason))
+        if reason.is_failure or not subscribe:
+            done.set()
+        else:
+            client.subscribe([(topic, 1) for topic in subscribe])
+
+    def on_subscribe(
+        client: paho.Client, userdata: object, mid: int, reason_codes: list[ReasonCode], props: object
+    ) -> None:
+        refusals.extend(refused_filters(subscribe, reason_codes))
         done.set()
 
     try:
@@ -365,6 +393,7 @@ def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float, mqtt5: bo
     except (OSError, ValueError) as exc:
         return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     try:
         client.connect(s.host, s.port, keepalive=10)
     except OSError as exc:
@@ -389,6 +418,8 @@ def _broker(check: str, s: BrokerSettings, env: str, timeout_s: float, mqtt5: bo
         if mqtt5 and "protocol" in outcome[0].lower():
             fix = f"the broker has no MQTT 5: set {env}__PROTOCOL=3.1.1"
         return Finding(False, check, f"{s.url} refused the connection ({outcome[0]}): {fix}")
+    if refusals:
+        return Finding(False, check, why_not_subscribed(s.url, refusals, env))
     return Finding(True, check, f"connected to {s.url}" + (" (MQTT 5)" if mqtt5 else ""))
 
 

@@ -292,20 +292,8 @@ async def test_a_broker_that_says_session_taken_over_is_named_for_certain() -> N
 
 
 def test_one_connections_lines_are_under_its_drivers_logger(caplog: pytest.LogCaptureFixture) -> None:
-    """The shared connection code (drivers/link.py) logs under the driver's own module's name."""
-    from prometheus_client import CollectorRegistry, Gauge
-
-    from drivers.link import BrokerLink
-    from gateway.settings import MqttSettings
-
-    class Link(BrokerLink):
-        pass
-
-    Link.__module__ = "drivers.mqtt5"
-    link = Link()
-    link._init_link(
-        MqttSettings(), "the broker x", "CGW_MQTT", Gauge("up", "up", registry=CollectorRegistry())
-    )
+    """The shared connection code (gateway/mqtt/link.py) logs under the driver's own module's name."""
+    driver = Mqtt5Driver(MqttSettings(), "cgw-x", Instruments())
     with caplog.at_level("ERROR"):
-        link._refusal("bad user name or password")
+        driver.link.refused("bad user name or password")
     assert [record.name for record in caplog.records] == ["drivers.mqtt5"]

@@ -1,5 +1,5 @@
 """The MQTT 3.1.1 driver (drivers/mqtt.py: paho's network thread) against a real Mosquitto, on
-its own, with what it shares with the MQTT 5 driver and the uplink (drivers/link.py: refusals).
+its own, with what it shares with the MQTT 5 driver and the uplink (gateway/mqtt/link.py: refusals).
 
 The same promises as tests/test_mqtt5_driver.py: a message is acknowledged only once the
 pipeline says it is durable, back-pressure holds the broker's backlog at the broker and loses

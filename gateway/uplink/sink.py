@@ -29,12 +29,12 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 
-from drivers.link import BrokerLink
-from drivers.mqtt import broker_client
 from gateway import __version__
 from gateway.clock import now_ms
 from gateway.instruments import Instruments
 from gateway.models import Batch
+from gateway.mqtt.link import BrokerLink
+from gateway.mqtt.mqtt311 import broker_client, refused, refused_filters
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sqlite import transaction
@@ -59,7 +59,7 @@ def down_topic(community: str) -> str:
     return f"cgw/v1/down/{community}/cmd"
 
 
-class UplinkSink(OutboxDrain, BrokerLink):
+class UplinkSink(OutboxDrain):
     """`encode()` for the writer; `run()` drains, publishes summaries and answers commands."""
 
     name = "uplink"
@@ -73,18 +73,21 @@ class UplinkSink(OutboxDrain, BrokerLink):
         db_path: Path,
         outbox: Outbox,
     ) -> None:
+        self.target = f"the district broker {settings.url}"
         super().__init__(instruments, db_path, outbox, settings.batch_points, idle_s=1.0)
         self._settings = settings
         self._client_id = client_id
         self._community = community
-        self._init_link(
+        self.link = BrokerLink(
             settings,
-            f"the district broker {settings.url}",
+            self.target,
             "CGW_UPLINK",
             instruments.driver_connected.labels(driver="uplink"),
+            log,
         )
         self._choice = TelemetryChoice(settings.telemetry)
         self._client: paho.Client | None = None
+        self._subscribe_mid: int | None = None  # the packet id of this connection's SUBSCRIBE
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: asyncio.Queue[bytes] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._command_counter = instruments.uplink_commands
@@ -98,7 +101,19 @@ class UplinkSink(OutboxDrain, BrokerLink):
 
     @property
     def reachable(self) -> bool:
-        return self._connected and self.healthy
+        return self.link.connected and self.healthy
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the uplink is not reachable: the link's reason while it is down, else the last
+        send's."""
+        if not self.link.connected and self.link.last_error:
+            return self.link.last_error
+        return self._send_error
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self._send_error = value
 
     # -- the writer's side -----------------------------------------------------------------------
 
@@ -121,7 +136,7 @@ class UplinkSink(OutboxDrain, BrokerLink):
         client = self._client
         if client is None:
             return
-        self._stopping = True
+        self.link.stopping = True
 
         def close() -> None:
             if client.is_connected():
@@ -133,14 +148,14 @@ class UplinkSink(OutboxDrain, BrokerLink):
             client.loop_stop()
 
         await asyncio.to_thread(close)
-        self._set_connected(False)
+        self.link.set_connected(False)
 
     # -- sending -----------------------------------------------------------------------------------
 
     async def _send(self, taken: Taken) -> bool:
         client = self._client
-        if client is None or not self._connected:
-            self._fail(self.last_error or f"not connected to {self.target}", taken.points)
+        if client is None or not self.link.connected:
+            self._fail(self.link.last_error or f"not connected to {self.target}", taken.points)
             return False
         try:
             await self._blocking(self._publish_all, client, taken.body)
@@ -240,26 +255,43 @@ class UplinkSink(OutboxDrain, BrokerLink):
         return orjson.dumps({"state": state, "ts_ms": now_ms(), "version": __version__})
 
     def _make_client(self) -> paho.Client:
-        client = broker_client(self._settings, self._client_id, clean_session=False, manual_ack=False)
+        client = broker_client(
+            self._settings, self._client_id, self.link, clean_session=False, manual_ack=False
+        )
         client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(100)
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
 
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if self._refused(reason):
+        if refused(self.link, reason):
             return
         if self._settings.commands:
-            client.subscribe(down_topic(self._community), qos=1)
+            self._subscribe_mid = client.subscribe(down_topic(self._community), qos=1)[1]
         client.publish(self._status_topic, self._status("online"), qos=1, retain=True)
-        self._set_connected(True)
+        self.link.set_connected(True)
         self.wake_threadsafe()
         log.info("uplink connected to %s as %s", self._settings.url, self._client_id)
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[Any], properties: Any
+    ) -> None:
+        # A refused commands' subscription is said, but does not stop what goes up: the district
+        # still receives everything, it only cannot send commands.
+        if mid != self._subscribe_mid:
+            return
+        for topic, reason in refused_filters([down_topic(self._community)], reason_codes):
+            log.error(
+                "%s refused the subscription to %s (%s): the district's commands cannot arrive; "
+                "allow it in the district broker's ACL for CGW_UPLINK__USERNAME",
+                self.target,
+                topic,
+                reason,
+            )
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._loop is not None:
