@@ -7,11 +7,12 @@ across a reconnection, and back-pressure that reaches the broker. What differs i
 Why not paho here: paho's network thread makes about six system calls per received message
 (a select, three reads for one packet, and a wake-up byte through a socket pair for every
 PUBACK), and that thread competes with the pipeline for the GIL. The gateway's intake was
-bound by it (docs/performance.md). Here the connection is an asyncio protocol: one read takes
-whatever the kernel holds (hundreds of messages during a backlog), the `mqtt5` codec (Rust,
-sans-I/O) parses each packet in a fraction of a microsecond, and a batch's PUBACKs go out in one
-write. The codec speaks MQTT 5 only; for a broker without it, `mqtt.protocol: "3.1.1"` selects
-the paho driver.
+bound by it (docs/performance.md). Here the connection is the gateway's asyncio MQTT 5
+connection (gateway/mqtt/client.py's `Connection`): one read takes whatever the kernel holds
+(hundreds of messages during a backlog), the `mqtt5` codec (Rust, sans-I/O) parses each packet in
+a fraction of a microsecond, and a batch's PUBACKs go out in one write. The driver is ready once
+the broker granted its subscriptions (SUBACK), not when it asked. The codec speaks MQTT 5 only;
+for a broker without it, `mqtt.protocol: "3.1.1"` selects the paho driver.
 
 Session: `clean_start` off with a session expiry of "never" is MQTT 5's persistent session,
 what MQTT 3.1.1 calls clean session off. Back-pressure: past `max_pending` messages the
@@ -35,16 +36,22 @@ from drivers.base import Ingress
 from drivers.intake import MqttIntake
 from gateway.instruments import Instruments
 from gateway.models import RawMessage
-from gateway.mqtt.tls import tls_context
+from gateway.mqtt.client import (
+    CLOSED_WITHOUT_A_WORD,
+    MAX_PACKET_ID,
+    NEVER_EXPIRES,
+    Connection,
+    ConnectRefused,
+    NotMqtt5,
+    open_connection,
+    refused_filters,
+)
 from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
 
-NEVER_EXPIRES = 0xFFFFFFFF  # session expiry interval: the broker keeps the session for good
-CONNECT_TIMEOUT_S = 5.0  # as paho's
 MAX_QUEUED_OUT = 10_000  # publications kept while offline (acks and commands to devices)
-MAX_PACKET_ID = 0xFFFF
 
 
 class Mqtt5Driver(MqttIntake):
@@ -190,48 +197,31 @@ class Mqtt5Driver(MqttIntake):
     async def _session(self) -> bool:
         """One connection, from CONNECT until it is lost; True if the broker accepted it."""
         s = self._settings
-        loop = asyncio.get_running_loop()
-        context = tls_context(s) if s.tls else None
         # Numbered before CONNECT: the broker's first PUBLISHes may come in the CONNACK's read.
         self._generation = generation = (self._generation + 1) & 0xFFFF
-        transport, connection = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: _Connection(self, generation),
-                s.host,
-                s.port,
-                ssl=context,
-                server_hostname=s.host if s.tls else None,
-            ),
-            CONNECT_TIMEOUT_S,
+        connect = mqtt5.ConnectPacket(
+            self._client_id,
+            username=s.username,
+            password=s.password.get_secret_value().encode() if s.password else None,
+            clean_start=s.clean_start,
+            session_expiry_interval=0 if s.clean_start else NEVER_EXPIRES,
+            keep_alive=s.keepalive_s,
         )
         try:
-            connection.write(
-                mqtt5.ConnectPacket(
-                    self._client_id,
-                    username=s.username,
-                    password=s.password.get_secret_value().encode() if s.password else None,
-                    clean_start=s.clean_start,
-                    session_expiry_interval=0 if s.clean_start else NEVER_EXPIRES,
-                    keep_alive=s.keepalive_s,
-                ).write()
+            connection, connack = await open_connection(s, connect, lambda: _Connection(self, generation))
+        except NotMqtt5 as exc:
+            self.link.failing(
+                f"{self.target} did not accept MQTT 5's CONNECT ({exc}; a broker without MQTT 5? "
+                "Then set CGW_MQTT__PROTOCOL=3.1.1)"
             )
-            try:
-                connack = await asyncio.wait_for(connection.connack, CONNECT_TIMEOUT_S)
-            except (OSError, TimeoutError) as exc:
-                # An MQTT 3.1.1 broker answers MQTT 5's CONNECT with a CONNACK of its own
-                # version, or not at all (amqtt), and closes: say what to set.
-                why = connection.why_closed if isinstance(exc, OSError) else "no answer"
-                self.link.failing(
-                    f"{self.target} did not accept MQTT 5's CONNECT ({why}; a broker without MQTT 5? "
-                    "Then set CGW_MQTT__PROTOCOL=3.1.1)"
-                )
-                return False
-            if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
-                self.link.refused(connack.reason_code.name.lower().replace("_", " "))
-                return False
-            self._connection = connection
-            self._closed.clear()
-            connection.receive_max = connack.receive_max
+            return False
+        except ConnectRefused as exc:
+            self.link.refused(exc.reason)
+            return False
+        self._connection = connection
+        self._closed.clear()
+        try:
+            # Ready once the broker answers this (SUBACK), not now.
             connection.write(
                 mqtt5.SubscribePacket(
                     self._packet_id(),
@@ -260,8 +250,15 @@ class Mqtt5Driver(MqttIntake):
                 if why == CLOSED_WITHOUT_A_WORD and self._closed_soon():
                     why = self._taken_over(certain=False)
                 self.link.lost(why)
-            if not transport.is_closing():
-                transport.abort()
+            connection.abort()
+
+    def _subscribed(self, suback: mqtt5.SubAckPacket) -> None:
+        """The broker answered the SUBSCRIBE: ready, or not and why."""
+        refusals = refused_filters(SUBSCRIPTIONS, suback)
+        if refusals:
+            self.link.subscription_refused(refusals)
+        else:
+            self.link.set_connected(True)
 
     async def _close(self) -> None:
         connection = self._connection
@@ -305,128 +302,29 @@ class Mqtt5Driver(MqttIntake):
             self._send_outgoing()
 
 
-CLOSED_WITHOUT_A_WORD = "the connection closed"
+TAKEN_OVER = mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection: parses what arrives, hands PUBLISHes over per read."""
+class _Connection(Connection):
+    """One connection of the driver, numbered: an ack made for an earlier one is void."""
 
     def __init__(self, driver: Mqtt5Driver, generation: int) -> None:
+        super().__init__(self._publishes, self._packet, log, driver.target)
         self._driver = driver
         self.generation = generation
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._paused = False
-        self._last_in = time.monotonic()
-        self.receive_max = 65535
-        self.connack: asyncio.Future[mqtt5.ConnAckPacket] = asyncio.get_running_loop().create_future()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.why_closed = CLOSED_WITHOUT_A_WORD
 
-    # asyncio.Protocol
+    def _publishes(self, packets: list[mqtt5.PublishPacket]) -> None:
+        self._driver._received(packets, self.generation)
 
-    def connection_made(self, transport: Any) -> None:
-        self._transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self.why_closed = str(exc) or type(exc).__name__
-        if not self.lost.done():
-            self.lost.set_result(None)
-        if not self.connack.done():
-            self.connack.set_exception(ConnectionError(self.why_closed))
-
-    def data_received(self, data: bytes) -> None:
-        self._last_in = time.monotonic()
-        buffer = self._buffer
-        buffer += data
-        publishes: list[mqtt5.PublishPacket] = []
-        view = memoryview(buffer)
-        position = 0
-        try:
-            while position < len(buffer):
-                try:
-                    packet, size = mqtt5.read(view[position:])
-                except IndexError:
-                    break  # the rest of the packet is still on its way
-                except Exception as exc:  # the codec's errors are protocol errors
-                    self._fail(f"protocol error from the broker: {exc}")
-                    return
-                position += size
-                if type(packet) is mqtt5.PublishPacket:
-                    publishes.append(packet)
-                else:
-                    self._control(packet)
-        finally:
-            view.release()
-            del buffer[:position]
-            if publishes:
-                self._driver._received(publishes, self.generation)
-
-    def _control(self, packet: Any) -> None:
-        if isinstance(packet, mqtt5.PubAckPacket):
-            self._driver._acknowledged(packet.packet_id)
-        elif isinstance(packet, mqtt5.ConnAckPacket):
-            if not self.connack.done():
-                self.connack.set_result(packet)
-        elif isinstance(packet, mqtt5.SubAckPacket):
-            # Ready only now that the broker has answered every subscription.
-            refusals = [
-                (topic, code.name.lower().replace("_", " "))
-                for topic, code in zip(SUBSCRIPTIONS, packet.reason_codes, strict=False)
-                if code.value >= 0x80  # the codes are Rust enums: compare values
-            ]
-            if refusals:
-                self._driver.link.subscription_refused(refusals)
-            else:
-                self._driver.link.set_connected(True)
-        elif isinstance(packet, mqtt5.DisconnectPacket):
-            if packet.reason_code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER:
+    def _packet(self, packet: Any) -> None:
+        match packet:
+            case mqtt5.PubAckPacket():
+                self._driver._acknowledged(packet.packet_id)
+            case mqtt5.SubAckPacket():
+                self._driver._subscribed(packet)
+            case mqtt5.DisconnectPacket() if (
+                packet.reason_code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
+            ):
                 self.why_closed = self._driver._taken_over(certain=True)
-            else:
-                reason = packet.reason_code.name.lower().replace("_", " ")
-                self.why_closed = f"the broker disconnected: {reason}"
-        # PINGRESP only refreshes `_last_in`.
-
-    def _fail(self, why: str) -> None:
-        self.why_closed = why
-        log.error("%s: %s", self._driver.target, why)
-        if self._transport is not None:
-            self._transport.abort()
-
-    # used by the driver
-
-    def write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
-    def pause(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-
-    def resume(self) -> None:
-        if self._paused and self._transport is not None and not self._transport.is_closing():
-            self._paused = False
-            self._last_in = time.monotonic()  # nothing was read while paused
-            self._transport.resume_reading()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    async def run_keepalive(self, keepalive_s: int) -> None:
-        """PINGREQ every half keep-alive; returns when the connection is lost or found dead."""
-        interval = keepalive_s / 2
-        ping = mqtt5.PingReqPacket().write()
-        while True:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.lost), interval)
-                return
-            except TimeoutError:
+            case _:
                 pass
-            # While reading is paused nothing comes in, and that is not the broker's fault.
-            if not self._paused and time.monotonic() - self._last_in > keepalive_s * 1.5:
-                self._fail(f"no answer for {keepalive_s * 1.5:.0f} s (keep-alive)")
-                return
-            self.write(ping)

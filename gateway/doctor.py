@@ -9,10 +9,12 @@ there yet is reported as created on first start, not made. docs/operations.md li
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.clock import FLOOR_FILE, kernel_synced, now_ms, read_floor
+from gateway.mqtt.client import Client, ConnectRefused, MqttError, NotMqtt5, SubscriptionRefused
 from gateway.mqtt.diagnosis import why_not_subscribed
 from gateway.mqtt.mqtt311 import broker_client, refused_filters
 from gateway.profiles import ProfileError, load_profiles
@@ -364,8 +367,11 @@ def _broker(
     mqtt5: bool = False,
     subscribe: Sequence[str] = (),
 ) -> Finding:
-    """Connect and log in as the gateway would (`mqtt5`: in MQTT 5, as its default driver does),
-    and ask for its `subscribe` topic filters; `env` names the settings in the advice."""
+    """Connect and log in as the gateway would (`mqtt5`: in MQTT 5 on the gateway's own client, as
+    its default driver does; else paho's MQTT 3.1.1), and ask for its `subscribe` topic filters;
+    `env` names the settings in the advice."""
+    if mqtt5:
+        return asyncio.run(_broker5(check, s, env, timeout_s, subscribe))
     done = threading.Event()
     outcome: list[str] = []
     refusals: list[tuple[str, str]] = []
@@ -387,40 +393,86 @@ def _broker(
 
     try:
         # The same client set-up as the gateway's own (login, TLS), so what passes here works there.
-        client = broker_client(
-            s, f"cgw-doctor-{int(time.time())}", clean_session=True, manual_ack=False, mqtt5=mqtt5
-        )
+        client = broker_client(s, f"cgw-doctor-{int(time.time())}", clean_session=True, manual_ack=False)
     except (OSError, ValueError) as exc:
-        return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
+        return _tls_setup_failed(check, env, exc)
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     try:
         client.connect(s.host, s.port, keepalive=10)
     except OSError as exc:
-        hint = "start Mosquitto (systemctl start mosquitto) or " if env == "CGW_MQTT" else ""
-        return Finding(False, check, f"cannot reach {s.url} ({exc}): {hint}fix {env}__URL")
+        return _unreachable(check, s, env, exc)
     client.loop_start()
     try:
         if not done.wait(timeout_s):
-            # A broker without MQTT 5 may close without a word (amqtt does).
-            no_mqtt5 = f"; or a broker without MQTT 5 (then set {env}__PROTOCOL=3.1.1)" if mqtt5 else ""
-            return Finding(
-                False,
-                check,
-                f"{s.url} accepted TCP but did not answer MQTT{' 5' if mqtt5 else ''} within "
-                f"{timeout_s:.0f} s: is it a TLS port (use mqtts://)? check {env}__URL{no_mqtt5}",
-            )
+            return _silent(check, s, env, timeout_s, "MQTT")
     finally:
         client.disconnect()
         client.loop_stop()
     if outcome[0] != "Success":
-        fix = f"check {env}__USERNAME / {env}__PASSWORD"
-        if mqtt5 and "protocol" in outcome[0].lower():
-            fix = f"the broker has no MQTT 5: set {env}__PROTOCOL=3.1.1"
-        return Finding(False, check, f"{s.url} refused the connection ({outcome[0]}): {fix}")
+        return _refused(check, s, env, outcome[0])
     if refusals:
         return Finding(False, check, why_not_subscribed(s.url, refusals, env))
-    return Finding(True, check, f"connected to {s.url}" + (" (MQTT 5)" if mqtt5 else ""))
+    return Finding(True, check, f"connected to {s.url}")
+
+
+async def _broker5(
+    check: str, s: BrokerSettings, env: str, timeout_s: float, subscribe: Sequence[str]
+) -> Finding:
+    try:
+        client = Client(s, f"cgw-doctor-{int(time.time())}")
+        await asyncio.wait_for(client.connect(), timeout_s)
+    except NotMqtt5 as exc:
+        return Finding(
+            False,
+            check,
+            f"{s.url} did not answer MQTT 5's CONNECT ({exc}): a broker without MQTT 5? "
+            f"Then set {env}__PROTOCOL=3.1.1; or is it a TLS port (use mqtts://)? check {env}__URL",
+        )
+    except ConnectRefused as exc:
+        return _refused(check, s, env, exc.reason)
+    except TimeoutError:
+        return _silent(check, s, env, timeout_s, "MQTT 5")
+    except (ssl.SSLError, ValueError) as exc:
+        return _tls_setup_failed(check, env, exc)
+    except OSError as exc:
+        return _unreachable(check, s, env, exc)
+    try:
+        if subscribe:
+            await asyncio.wait_for(client.subscribe(subscribe), timeout_s)
+    except SubscriptionRefused as exc:
+        return Finding(False, check, why_not_subscribed(s.url, exc.refusals, env))
+    except (MqttError, TimeoutError) as exc:
+        return Finding(
+            False, check, f"{s.url} did not answer SUBSCRIBE ({exc or 'no answer'}): check {env}__URL"
+        )
+    finally:
+        await client.disconnect()
+    return Finding(True, check, f"connected to {s.url} (MQTT 5)")
+
+
+def _tls_setup_failed(check: str, env: str, exc: Exception) -> Finding:
+    return Finding(False, check, f"TLS set-up failed ({exc}): check {env}__TLS_CA")
+
+
+def _unreachable(check: str, s: BrokerSettings, env: str, exc: OSError) -> Finding:
+    hint = "start Mosquitto (systemctl start mosquitto) or " if env == "CGW_MQTT" else ""
+    return Finding(False, check, f"cannot reach {s.url} ({exc}): {hint}fix {env}__URL")
+
+
+def _silent(check: str, s: BrokerSettings, env: str, timeout_s: float, protocol: str) -> Finding:
+    return Finding(
+        False,
+        check,
+        f"{s.url} accepted TCP but did not answer {protocol} within {timeout_s:.0f} s: is it a TLS port "
+        f"(use mqtts://)? check {env}__URL",
+    )
+
+
+def _refused(check: str, s: BrokerSettings, env: str, reason: str) -> Finding:
+    return Finding(
+        False, check, f"{s.url} refused the connection ({reason}): check {env}__USERNAME / {env}__PASSWORD"
+    )
 
 
 def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:

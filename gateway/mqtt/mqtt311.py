@@ -30,19 +30,17 @@ def broker_client(
     *,
     clean_session: bool,
     manual_ack: bool = True,
-    mqtt5: bool = False,
 ) -> paho.Client:
-    """A paho client set up from broker settings: MQTT 3.1.1 (or 5), login, TLS, reconnect backoff.
+    """A paho client set up from broker settings: MQTT 3.1.1, login, TLS, reconnect backoff.
 
     With a `link`, failed attempts and lost connections are reported to it (set your own
-    `on_disconnect` to say more). With `mqtt5` (`cgw doctor` checking for the MQTT 5 driver)
-    `clean_session` does not apply.
+    `on_disconnect` to say more).
     """
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        clean_session=None if mqtt5 else clean_session,
-        protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311,
+        clean_session=clean_session,
+        protocol=paho.MQTTv311,
         manual_ack=manual_ack,
     )
     if s.username:
