@@ -30,10 +30,8 @@ import paho.mqtt.client as paho
 
 from drivers.base import Ingress
 from drivers.intake import MqttIntake
-from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.mqtt.mqtt311 import broker_client, refused, refused_filters
-from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -42,15 +40,9 @@ log = logging.getLogger(__name__)
 class MqttDriver(MqttIntake):
     """MQTT 3.1.1 through paho's network thread."""
 
-    def __init__(
-        self,
-        settings: MqttSettings,
-        client_id: str,
-        instruments: Instruments,
-        batch_size: int = 2000,
-        max_pending: int = 20_000,
-    ) -> None:
-        super().__init__(settings, client_id, instruments, batch_size, max_pending)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """MqttIntake's arguments; this adds the driver's own state."""
+        super().__init__(*args, **kwargs)
         self._mids: deque[tuple[int, int, int]] = deque()  # (packet id, qos, connection) per message
         self._room = threading.Event()
         self._room.set()

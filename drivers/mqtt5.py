@@ -34,19 +34,17 @@ import mqtt5
 
 from drivers.base import Ingress
 from drivers.intake import MqttIntake
-from gateway.instruments import Instruments
 from gateway.models import RawMessage
 from gateway.mqtt.client import (
     CLOSED_WITHOUT_A_WORD,
     MAX_PACKET_ID,
-    NEVER_EXPIRES,
     Connection,
     ConnectRefused,
     NotMqtt5,
+    connect_packet,
     open_connection,
     refused_filters,
 )
-from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -55,15 +53,9 @@ MAX_QUEUED_OUT = 10_000  # publications kept while offline (acks and commands to
 
 
 class Mqtt5Driver(MqttIntake):
-    def __init__(
-        self,
-        settings: MqttSettings,
-        client_id: str,
-        instruments: Instruments,
-        batch_size: int = 2000,
-        max_pending: int = 20_000,
-    ) -> None:
-        super().__init__(settings, client_id, instruments, batch_size, max_pending)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """MqttIntake's arguments; this adds the driver's own state."""
+        super().__init__(*args, **kwargs)
         # Beside each pending message: (connection << 16 | packet id) for its ack, 0 for QoS 0.
         self._acks: deque[int] = deque()
         self._closed = asyncio.Event()  # set while there is no connection
@@ -199,14 +191,7 @@ class Mqtt5Driver(MqttIntake):
         s = self._settings
         # Numbered before CONNECT: the broker's first PUBLISHes may come in the CONNACK's read.
         self._generation = generation = (self._generation + 1) & 0xFFFF
-        connect = mqtt5.ConnectPacket(
-            self._client_id,
-            username=s.username,
-            password=s.password.get_secret_value().encode() if s.password else None,
-            clean_start=s.clean_start,
-            session_expiry_interval=0 if s.clean_start else NEVER_EXPIRES,
-            keep_alive=s.keepalive_s,
-        )
+        connect = connect_packet(s, self._client_id, clean_start=s.clean_start)
         try:
             connection, connack = await open_connection(s, connect, lambda: _Connection(self, generation))
         except NotMqtt5 as exc:

@@ -24,6 +24,7 @@ from drivers.mqtt import MqttDriver
 from drivers.mqtt5 import Mqtt5Driver
 from gateway.doctor import _broker
 from gateway.instruments import Instruments
+from gateway.mqtt.client import Client, ConnectRefused, SubscriptionRefused
 from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
 from tests.harness import eventually
@@ -155,3 +156,19 @@ def test_doctor_names_the_refused_subscription(strict_broker: MosquittoProcess, 
     )
     assert not finding.ok
     assert f"refused the subscription to {REFUSED}" in finding.detail
+
+
+async def test_a_refused_subscription_raises_naming_the_filter(strict_broker: MosquittoProcess) -> None:
+    async with Client(settings(strict_broker.port, "5"), "cgw-client") as client:
+        await client.subscribe(["cgw/v1/+/telemetry"])
+        with pytest.raises(SubscriptionRefused) as refused:
+            await client.subscribe(["cgw/v1/+/status", REFUSED])
+        assert refused.value.refusals == [(REFUSED, "not authorized")]
+
+
+async def test_a_refused_login_raises_with_the_brokers_reason(strict_broker: MosquittoProcess) -> None:
+    wrong = settings(strict_broker.port, "5").model_copy(update={"password": SecretStr("wrong")})
+    with pytest.raises(ConnectRefused) as refused:
+        await Client(wrong, "cgw-client").connect()
+    # Mosquitto's dynamic security says "not authorized" for a wrong password too.
+    assert refused.value.reason == "not authorized"

@@ -212,6 +212,22 @@ class Connection(asyncio.Protocol):
             self.write(ping)
 
 
+def connect_packet(
+    s: BrokerSettings, client_id: str, *, clean_start: bool, will: mqtt5.Will | None = None
+) -> mqtt5.ConnectPacket:
+    """CONNECT from broker settings; `clean_start` off asks for a session that never expires
+    (MQTT 3.1.1's clean session off)."""
+    return mqtt5.ConnectPacket(
+        client_id,
+        username=s.username,
+        password=s.password.get_secret_value().encode() if s.password else None,
+        clean_start=clean_start,
+        session_expiry_interval=0 if clean_start else NEVER_EXPIRES,
+        keep_alive=s.keepalive_s,
+        will=will,
+    )
+
+
 async def open_connection(
     s: BrokerSettings,
     connect: mqtt5.ConnectPacket,
@@ -292,15 +308,7 @@ class Client:
 
     async def connect(self) -> None:
         s = self._settings
-        packet = mqtt5.ConnectPacket(
-            self._client_id,
-            username=s.username,
-            password=s.password.get_secret_value().encode() if s.password else None,
-            clean_start=self._clean_start,
-            session_expiry_interval=0 if self._clean_start else NEVER_EXPIRES,
-            keep_alive=s.keepalive_s,
-            will=self._will,
-        )
+        packet = connect_packet(s, self._client_id, clean_start=self._clean_start, will=self._will)
         connection, connack = await open_connection(
             s, packet, lambda: Connection(self._publishes, self._packet, log, f"the broker {s.url}")
         )
