@@ -22,12 +22,13 @@ from pydantic import SecretStr
 from drivers.intake import MqttIntake
 from drivers.mqtt import MqttDriver
 from drivers.mqtt5 import Mqtt5Driver
+from gateway.application import Gateway
 from gateway.doctor import _broker
 from gateway.instruments import Instruments
 from gateway.mqtt.client import Client, ConnectRefused, SubscriptionRefused
 from gateway.settings import MqttSettings
 from gateway.topics import SUBSCRIPTIONS
-from tests.harness import eventually
+from tests.harness import eventually, gateway_settings
 from tests.services import MosquittoProcess
 from tests.test_mqtt5_driver import Holding
 
@@ -172,3 +173,19 @@ async def test_a_refused_login_raises_with_the_brokers_reason(strict_broker: Mos
         await Client(wrong, "cgw-client").connect()
     # Mosquitto's dynamic security says "not authorized" for a wrong password too.
     assert refused.value.reason == "not authorized"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_readyz_names_the_refused_filter_and_reason(
+    strict_broker: MosquittoProcess, tmp_path: Path, protocol: str
+) -> None:
+    mqtt = settings(strict_broker.port, protocol)
+    gateway = Gateway(gateway_settings(tmp_path, mqtt.url, mqtt=mqtt))
+    task = asyncio.create_task(gateway.run())
+    try:
+        await eventually(lambda: gateway.mqtt.last_error, 15, "the refused subscription")
+        broker = gateway.readiness()["broker"]
+        assert not broker["ok"] and f"refused the subscription to {REFUSED} (" in broker["detail"]
+    finally:
+        gateway.stop()
+        await asyncio.wait_for(task, 30)
