@@ -6,6 +6,7 @@ that each number arrives exactly once wherever it should (tests/test_faults.py, 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -30,7 +31,14 @@ class Publisher:
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]  # paho types the delays as int; it takes float seconds
         self._acked: set[int] = set()
-        self.client.on_publish = lambda _c, _u, mid, _rc, _p: self._acked.add(mid)
+        self._acks = threading.Condition()  # notified on each PUBACK (paho's network thread)
+
+        def acknowledged(_c: paho.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+            with self._acks:
+                self._acked.add(mid)
+                self._acks.notify_all()
+
+        self.client.on_publish = acknowledged
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.sent = 0
@@ -64,7 +72,7 @@ class Publisher:
             self.sent += 1
             ahead = started + (i + 1) * interval - time.monotonic()
             if ahead > 0.002:
-                time.sleep(ahead)
+                time.sleep(ahead)  # pacing to `rate`, as a device sends: no wait for anything
 
     def publish_for(self, seconds: float, rate: float) -> None:
         deadline = time.monotonic() + seconds
@@ -75,14 +83,11 @@ class Publisher:
         self._infos.append(self.client.publish(topic, orjson.dumps(body), qos=1))
 
     def wait_acknowledged(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            # Not `is_published()`: it raises for a message published while disconnected,
-            # which paho still holds and sends after the reconnect (what this test relies on).
-            if all(info.mid in self._acked for info in self._infos):
-                return
-            time.sleep(0.05)
-        raise AssertionError("the broker did not acknowledge every publish")
+        # Not `is_published()`: it raises for a message published while disconnected, which paho
+        # still holds and sends after the reconnect (what this test relies on).
+        with self._acks:
+            if not self._acks.wait_for(lambda: all(info.mid in self._acked for info in self._infos), timeout):
+                raise AssertionError("the broker did not acknowledge every publish")
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -20,6 +20,7 @@ import pytest
 
 from gateway.demo import DEMO_PLACE, DemoPlace, chosen
 from gateway.settings import load_settings
+from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +58,7 @@ def start_demo(
         if "Stop with Ctrl-C" in line:
             return process, url, tokens
     process.kill()
+    process.communicate()  # and its output pipe closed
     raise AssertionError("the demo did not start:\n" + "".join(lines))
 
 
@@ -70,16 +72,15 @@ def stop_demo(process: subprocess.Popen[str]) -> str:
     return output
 
 
-def wait_online(url: str, token: str, want: int, timeout: float = 60) -> dict[str, object]:
+def wait_online(url: str, token: str, want: int, timeout: float = 60) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"}
-    deadline = time.monotonic() + timeout
-    summary: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        summary = httpx.get(f"{url}/api/v1/summary", headers=headers, timeout=5).json()
-        if int(summary["online"]) >= want:  # type: ignore[call-overload]
-            return summary
-        time.sleep(0.5)
-    raise AssertionError(f"only {summary.get('online')} devices online: {summary}")
+
+    def online() -> dict[str, Any] | None:
+        summary: dict[str, Any] = httpx.get(f"{url}/api/v1/summary", headers=headers, timeout=5).json()
+        return summary if summary["online"] >= want else None
+
+    summary: dict[str, Any] = wait_for(online, timeout, f"{want} devices online")
+    return summary
 
 
 def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path)
     try:
         summary = wait_online(url, tokens["viewer"], 200)
         assert summary["devices"] == 213
-        assert set(summary["by_kind"]) >= {  # type: ignore[call-overload]
+        assert set(summary["by_kind"]) >= {
             "air_quality",
             "smoke_detector",
             "water_leak",
@@ -110,27 +111,23 @@ def test_demo_brings_up_a_live_community_of_at_least_200_devices(tmp_path: Path)
             devices = httpx.get(f"{url}/api/v1/devices", headers=headers, timeout=5).json()["items"]
             return sum(1 for d in devices if d["online"] and d["last_values"])
 
-        deadline = time.monotonic() + 60
-        while live_values() < 200 and time.monotonic() < deadline:
-            time.sleep(1)
-        assert live_values() >= 200
+        wait_for(lambda: live_values() >= 200, 60, "200 devices with live values")
+
         # Live: readings keep arriving.
-        one = httpx.get(f"{url}/api/v1/devices/b01-elev-1", headers=headers, timeout=5).json()
-        first_seq = one["last_seq"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            again = httpx.get(f"{url}/api/v1/devices/b01-elev-1", headers=headers, timeout=5).json()
-            if again["last_seq"] != first_seq:
-                break
-            time.sleep(0.5)
-        assert again["last_seq"] != first_seq
+        def last_seq() -> int:
+            elevator = httpx.get(f"{url}/api/v1/devices/b01-elev-1", headers=headers, timeout=5).json()
+            seq: int = elevator["last_seq"]
+            return seq
+
+        first_seq = last_seq()
+        wait_for(lambda: last_seq() != first_seq, 30, "a newer reading from b01-elev-1")
         assert httpx.get(f"{url}/readyz", timeout=5).json()["ready"] is True
         # The service loop has a week of history: requests over Open311, building 3's hotspot.
-        deadline = time.monotonic() + 90
-        hotspots: list[dict[str, object]] = []
-        while time.monotonic() < deadline and not hotspots:
-            time.sleep(1)
-            hotspots = httpx.get(f"{url}/api/v1/needs/hotspots", headers=headers, timeout=5).json()["items"]
+        hotspots: list[dict[str, object]] = wait_for(
+            lambda: httpx.get(f"{url}/api/v1/needs/hotspots", headers=headers, timeout=5).json()["items"],
+            90,
+            "a hotspot",
+        )
         assert (hotspots[0]["service_group"], hotspots[0]["building"]) == ("facility", "3")
         requests = httpx.get(f"{url}/open311/v2/requests.json", headers=headers, timeout=5).json()
         assert len(requests) > 100

@@ -215,10 +215,11 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     said = threading.Event()
 
     def read() -> None:
-        for line in stderr:
-            lines.append(line)
-            if "cannot connect" in line:
-                said.set()
+        with stderr:  # closed at its end, as the process exits
+            for line in stderr:
+                lines.append(line)
+                if "cannot connect" in line:
+                    said.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
