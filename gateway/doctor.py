@@ -17,7 +17,7 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -541,13 +541,14 @@ def _timeseries(settings: Settings, timeout_s: float) -> list[Finding]:
     return findings
 
 
-def _clock_floor(data_dir: Path) -> Finding:
+def _clock_floor(
+    data_dir: Path, now: Callable[[], int] = now_ms, synced: Callable[[], bool] = kernel_synced
+) -> Finding:
     """Whether this box's clock is set: not earlier than the newest time the gateway saved in
     its data folder (gateway/clock.py). A box without a real-time clock is not, until NTP syncs;
     the gateway runs on its estimate meanwhile, so this does not block a start."""
     floor = read_floor(data_dir)
-    now = now_ms()
-    if now >= floor or kernel_synced():
+    if now() >= floor or synced():
         return Finding(True, "clock set", "not earlier than the newest time the gateway recorded")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(floor / 1000))
     return Finding(

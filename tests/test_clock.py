@@ -317,3 +317,14 @@ def test_a_jump_forward_forgets_no_self_registered_device_at_once() -> None:
     assert proc.sweep().forgotten == []  # a year on the wall clock, a minute in real time
     clocks.tick(31 * 86_400)
     assert proc.sweep().forgotten == ["self-1"]  # silent for a month of real time: forgotten
+
+
+def test_cgw_doctor_says_the_clock_is_not_set_and_what_to_do(tmp_path: Path) -> None:
+    from gateway.doctor import _clock_floor
+
+    save_floor(tmp_path, int(FLOOR_S * 1000))
+    boot = _clock_floor(tmp_path, now=lambda: 30_000, synced=lambda: False)  # 1970
+    assert not boot.ok and not boot.blocking  # a WARN: the gateway runs on its estimate
+    assert "not set" in boot.detail and "clock-floor" in boot.detail
+    assert _clock_floor(tmp_path, now=lambda: 30_000, synced=lambda: True).ok  # NTP says it is right
+    assert _clock_floor(tmp_path, now=lambda: int(REAL_S * 1000), synced=lambda: False).ok
