@@ -196,10 +196,10 @@ def written_by_the_sink(tmp_path: Path) -> dict[str, set[str]]:
 
     asyncio.run(commit())
     with contextlib.closing(connect(db)) as conn:
-        taken = outbox.take(conn, "influx", 10**6, sink.expand)
-    assert taken is not None
+        shipment = outbox.take(conn, "influx", 10**6, sink.expand)
+    assert shipment is not None
     written: dict[str, set[str]] = {}
-    for row in [taken]:
+    for row in [shipment]:
         for line in row.body.split("\n"):
             head, fields, _ = re.sub(r'"(?:[^"\\]|\\.)*"', '""', line).rsplit(" ", 2)
             written.setdefault(head.split(",")[0], set()).update(f.split("=")[0] for f in fields.split(","))

@@ -225,9 +225,9 @@ async def test_a_full_outbox_drops_the_oldest_telemetry_and_never_an_event(tmp_p
         assert pipe.outbox.bytes <= 20_000
         dropped = pipe.outbox.dropped_points
         assert dropped > 500 and pipe.instruments.outbox_dropped._value.get() == dropped
-        taken = await pipe.sink._db.call(pipe.sink._take)
-        assert taken is not None
-        lines = taken.body.split("\n")
+        shipment = await pipe.sink._db.call(pipe.sink._take)
+        assert shipment is not None
+        lines = shipment.body.split("\n")
         assert lines[0].startswith("device_event")  # the event was kept, and goes first
         assert lines[1].endswith(f" {NOW + dropped}")  # the oldest telemetry went first
         assert lines[-1].endswith(f" {NOW + 1499}")  # the newest telemetry is there

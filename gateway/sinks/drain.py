@@ -22,7 +22,7 @@ from typing import ParamSpec, TypeVar
 from gateway.instruments import Instruments
 from gateway.models import Batch
 from gateway.sqlite import SqliteThread, connect
-from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken
+from gateway.store.outbox import Outbox, OutboxRow, Reference, Shipment
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -102,8 +102,8 @@ class OutboxDrain(ABC):
         return []
 
     @abstractmethod
-    async def _send(self, taken: Taken) -> bool:
-        """Send what `taken` holds; True when done with (sent, or refused for good), else retry."""
+    async def _send(self, shipment: Shipment) -> bool:
+        """Send what `shipment` holds; True when done with (sent, or refused for good), else retry."""
 
     @abstractmethod
     async def _close_client(self) -> None:
@@ -118,8 +118,8 @@ class OutboxDrain(ABC):
         backoff = 0.5
         last_sent = 0.0
         while True:
-            taken = await self._db.call(self._take)
-            if taken is None:
+            shipment = await self._db.call(self._take)
+            if shipment is None:
                 self._buffered.set(0)
                 self._pending.set(0)
                 self._age.set(0)
@@ -133,21 +133,21 @@ class OutboxDrain(ABC):
             # last send, so a trickle is ten requests a second, not one per commit of the local
             # store. (Rows are not split, so a backlog's batches are part-full too: they go.)
             wait = last_sent + LINGER_S - loop.time()
-            trickle = taken.points >= self.buffered and taken.points < self._batch_points
+            trickle = shipment.points >= self.buffered and shipment.points < self._batch_points
             if wait > 0 and trickle and not self._draining:
                 await self._linger(wait)
                 continue
             self._buffered.set(self.buffered)
             self._pending.set(self.buffered)
-            if taken.oldest_ms is not None:
-                self._age.set(max(0.0, time.time() - taken.oldest_ms / 1000))
+            if shipment.oldest_ms is not None:
+                self._age.set(max(0.0, time.time() - shipment.oldest_ms / 1000))
             started = time.perf_counter()
-            if not taken.body:  # references to telemetry pruned meanwhile: nothing left to send
-                await self._db.call(self._outbox.acknowledge, self.name, taken)
+            if not shipment.body:  # references to telemetry pruned meanwhile: nothing left to send
+                await self._db.call(self._outbox.acknowledge, self.name, shipment)
                 continue
-            if await self._send(taken):
+            if await self._send(shipment):
                 self._seconds.observe(time.perf_counter() - started)
-                await self._db.call(self._outbox.acknowledge, self.name, taken)
+                await self._db.call(self._outbox.acknowledge, self.name, shipment)
                 last_sent = loop.time()
                 backoff = 0.5
             else:
@@ -189,7 +189,7 @@ class OutboxDrain(ABC):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), remaining)
 
-    def _take(self, conn: sqlite3.Connection) -> Taken | None:
+    def _take(self, conn: sqlite3.Connection) -> Shipment | None:
         return self._outbox.take(conn, self.name, self._batch_points, self.expand)
 
     # -- outcomes, for the subclasses ------------------------------------------------------------

@@ -34,7 +34,7 @@ from gateway.models import Batch, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
-from gateway.store.outbox import Outbox, OutboxRow, Reference, Taken, rows_of
+from gateway.store.outbox import Outbox, OutboxRow, Reference, Shipment, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,11 @@ class InfluxSink(OutboxDrain):
             reading_lines(reading, self._community, lines)
         return lines
 
-    async def _send(self, taken: Taken) -> bool:
-        """Write requests for what `taken` holds; True when the rows are done with (written, or
+    async def _send(self, shipment: Shipment) -> bool:
+        """Write requests for what `shipment` holds; True when the rows are done with (written, or
         refused for good). After a partial failure the whole of it is sent again: InfluxDB keeps
         one value per series and time, so the pieces already written land once."""
-        lines = taken.body.split("\n")
+        lines = shipment.body.split("\n")
         step = self._max_lines or len(lines)
         try:
             for start in range(0, len(lines), step):

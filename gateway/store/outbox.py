@@ -83,7 +83,10 @@ def rows_of(sink: str, important: list[str], telemetry: list[str]) -> list[Outbo
 
 
 @dataclass(slots=True)
-class Taken:
+class Shipment:
+    """What a sink takes from its outbox to send in one go: its rows up to `last_id`, their
+    lines joined in order (references rendered), acknowledged as one once the far side has it."""
+
     last_id: int
     body: str
     points: int
@@ -162,7 +165,7 @@ class Outbox:
 
     def take(
         self, conn: sqlite3.Connection, sink: str, max_points: int, expand: Expand | None = None
-    ) -> Taken | None:
+    ) -> Shipment | None:
         """The oldest rows of `sink`, up to `max_points` (at least one row), joined in order;
         references are rendered by `expand`."""
         bodies: list[str] = []
@@ -186,13 +189,13 @@ class Outbox:
             last_id = row_id
         if not last_id:
             return None
-        return Taken(last_id, "\n".join(bodies), points, len(bodies), oldest_ms)
+        return Shipment(last_id, "\n".join(bodies), points, len(bodies), oldest_ms)
 
-    def acknowledge(self, conn: sqlite3.Connection, sink: str, taken: Taken) -> None:
-        """The far side has what `taken` held: delete it (rows dropped meanwhile are gone already)."""
+    def acknowledge(self, conn: sqlite3.Connection, sink: str, shipment: Shipment) -> None:
+        """The far side has what `shipment` held: delete it (rows dropped meanwhile are gone already)."""
         cursor = conn.execute(
             f"DELETE FROM outbox WHERE sink = ? AND id <= ? RETURNING {_SIZE}, points",
-            (sink, taken.last_id),
+            (sink, shipment.last_id),
         )
         removed = cursor.fetchall()
         with self._lock:

@@ -38,7 +38,7 @@ from gateway.mqtt.mqtt311 import broker_client, refused, refused_filters
 from gateway.settings import UplinkSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sqlite import transaction
-from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Taken
+from gateway.store.outbox import Outbox, OutboxFull, OutboxRow, Shipment
 from gateway.uplink import items
 from gateway.uplink.items import SNAPSHOTS, TelemetryChoice
 
@@ -152,17 +152,17 @@ class UplinkSink(OutboxDrain):
 
     # -- sending -----------------------------------------------------------------------------------
 
-    async def _send(self, taken: Taken) -> bool:
+    async def _send(self, shipment: Shipment) -> bool:
         client = self._client
         if client is None or not self.link.connected:
-            self._fail(self.link.last_error or f"not connected to {self.target}", taken.points)
+            self._fail(self.link.last_error or f"not connected to {self.target}", shipment.points)
             return False
         try:
-            await self._blocking(self._publish_all, client, taken.body)
+            await self._blocking(self._publish_all, client, shipment.body)
         except (RuntimeError, ValueError, TimeoutError) as exc:
-            self._fail(f"{self.target} did not take the batch: {exc}", taken.points)
+            self._fail(f"{self.target} did not take the batch: {exc}", shipment.points)
             return False
-        self._sent(taken.points)
+        self._sent(shipment.points)
         return True
 
     def _publish_all(self, client: paho.Client, body: str) -> None:
