@@ -18,7 +18,6 @@ import hashlib
 import math
 import random
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -580,13 +579,6 @@ def _attributes(service: Service, rng: random.Random, ts: int) -> dict[str, Any]
         else:
             out[attribute.code] = "simulated"
     return out
-
-
-def households_by_request(log: ServiceLog) -> dict[str, list[SimRequest]]:
-    grouped: dict[str, list[SimRequest]] = defaultdict(list)
-    for r in log.requests:
-        grouped[f"{r.building}/{r.unit}"].append(r)
-    return grouped
 
 
 async def _post(http: httpx.AsyncClient, url: str, **kwargs: Any) -> httpx.Response:

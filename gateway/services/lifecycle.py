@@ -60,7 +60,3 @@ def check(current: State, target: State) -> None:
 
 def open311_status(state: State) -> Literal["open", "closed"]:
     return "closed" if state in OPEN311_CLOSED else "open"
-
-
-def is_state(value: str) -> bool:
-    return value in ALLOWED
