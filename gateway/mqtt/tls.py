@@ -1,4 +1,5 @@
-"""The TLS context of a connection to a broker, from its settings (docs/security.md)."""
+"""The TLS context of a connection to a broker, from its settings (`tls_ca`, `tls_insecure`:
+docs/configuration.md; what it guards against: docs/reliability.md)."""
 
 from __future__ import annotations
 
