@@ -558,13 +558,6 @@ def test_every_route_refuses_a_body_over_the_limit_unread(http_gateway: GatewayP
         assert small.status_code == 201, small.text
 
 
-def nested(depth: int, inner: Any = 1) -> Any:
-    value = inner
-    for level in range(depth):
-        value = [value] if level % 2 else {"a": value}
-    return value
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     depth=st.integers(min_value=1, max_value=5000), wrap=st.sampled_from(["attributes", "description", "top"])
