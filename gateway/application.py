@@ -188,6 +188,7 @@ class Gateway:
                 self.writer,
                 self.router.record,
                 int(settings.uplink.command_lifetime.total_seconds() * 1000),
+                self.clock,
             )
             self.uplink.serve(functools.partial(summaries, self.desk), commands.handle)
         self.pipeline = Pipeline(

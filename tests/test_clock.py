@@ -328,3 +328,47 @@ def test_cgw_doctor_says_the_clock_is_not_set_and_what_to_do(tmp_path: Path) -> 
     assert "not set" in boot.detail and "clock-floor" in boot.detail
     assert _clock_floor(tmp_path, now=lambda: 30_000, synced=lambda: True).ok  # NTP says it is right
     assert _clock_floor(tmp_path, now=lambda: int(REAL_S * 1000), synced=lambda: False).ok
+
+
+async def test_a_district_command_is_not_refused_while_the_clock_is_not_set(tmp_path: Path) -> None:
+    """The district's `expires_ms` is in real time: days ahead of a box booted in 1970's estimate."""
+    from gateway.uplink.commands import DistrictCommands
+
+    clocks, watch = boot_in_1970()
+    profiles = load_profiles()
+    writer = StoreWriter(tmp_path / "cgw.sqlite3", Instruments())
+    desk = ServiceDesk(tmp_path / "services.sqlite3", load_catalogue(), "c", Instruments(), clock=watch)
+
+    async def nowhere(_: object) -> None:
+        return None
+
+    async def no_snapshot() -> int:
+        return 0
+
+    commands = DistrictCommands(
+        "c",
+        desk,
+        DeviceRegistry(profiles, "open"),
+        profiles,
+        lambda topic, payload: None,
+        no_snapshot,
+        writer,
+        nowhere,
+        3_600_000,
+        watch,
+    )
+    await writer.open()
+    await desk.open(nowhere)
+    try:
+        clocks.tick(60)
+        real_ms = int(REAL_S * 1000) + 60_000
+        ping = {"id": "p-1", "action": "ping", "expires_ms": real_ms + 60_000}
+        reply = await commands.handle(orjson.dumps(ping))
+        assert reply["ok"] and reply["result"]["ts_ms"] == watch.now_ms()  # the estimate, not 1970
+        ntp_sync(clocks)
+        ahead = {"id": "p-2", "action": "ping", "expires_ms": clocks.wall_ms() + 3 * 86_400_000}
+        reply = await commands.handle(orjson.dumps(ahead))
+        assert not reply["ok"] and "ahead" in reply["error"]  # once set, the lifetime holds again
+    finally:
+        await desk.close()
+        await writer.close()

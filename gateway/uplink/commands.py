@@ -31,7 +31,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway import __version__, privacy
-from gateway.clock import now_ms
+from gateway.clock import ClockWatch, now_ms
 from gateway.models import DISTRICT, DeviceEvent
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
@@ -102,6 +102,7 @@ class DistrictCommands:
         store: StoreWriter,
         record: Record,
         lifetime_ms: int,
+        clock: ClockWatch | None = None,
     ) -> None:
         self._community = community
         self._desk = desk
@@ -113,9 +114,10 @@ class DistrictCommands:
         self._record = record
         self._lifetime_ms = lifetime_ms
         self._last_event_ms = 0
+        self._clock = clock or ClockWatch()
 
     async def handle(self, payload: bytes) -> dict[str, Any]:
-        now = now_ms()
+        now = self._clock.now_ms()
         try:
             raw = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -158,13 +160,15 @@ class DistrictCommands:
         except (DeskError, TransitionError, LookupError, RuntimeError) as exc:
             reply = _refused(command.id, command.action, str(exc).strip("'\""))
         await self._store.call(ledger.settle, command.id, reply)
-        await self._store.call(ledger.forget, now - self._lifetime_ms)
+        await self._store.call(ledger.forget, self._clock.retention_ms() - self._lifetime_ms)
         return reply
 
     def _check_expiry(self, command: Command, now: int) -> None:
         if command.expires_ms <= now:
             raise Refused(f"expired {now - command.expires_ms} ms ago (expires_ms {command.expires_ms})")
-        if command.expires_ms > now + self._lifetime_ms:
+        # While the gateway's clock is not set its time is behind (gateway/clock.py): a command
+        # ahead of it is more likely right than too far ahead.
+        if command.expires_ms > now + self._lifetime_ms and self._clock.is_set:
             raise Refused(
                 f"expires_ms is more than {self._lifetime_ms // 1000} s ahead "
                 "(uplink.command_lifetime on the gateway)"
@@ -186,7 +190,7 @@ class DistrictCommands:
 
     async def _carry_out(self, command: Command) -> dict[str, Any]:
         if isinstance(command, Ping):
-            return {"community": self._community, "version": __version__, "ts_ms": now_ms()}
+            return {"community": self._community, "version": __version__, "ts_ms": self._clock.now_ms()}
         if isinstance(command, Transition):
             request = await self._desk.transition(
                 command.service_request_id,
