@@ -25,6 +25,7 @@ from drivers.mqtt5 import Mqtt5Driver
 from gateway.api.app import create_app
 from gateway.api.context import ApiContext, DeviceReads
 from gateway.api.headers import allowed_names
+from gateway.care.desk import CareDesk
 from gateway.clock import FLOOR_SAVE_S, ClockWatch, read_floor, save_floor
 from gateway.instruments import Instruments
 from gateway.limits import DeviceRateLimit, KeyedRateLimit
@@ -177,6 +178,8 @@ class Gateway:
             self.clock,
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
+        self.care = CareDesk(settings.care_db_path, settings.care, self.catalogue, self.desk, self.registry)
+        self.router.observers.append(self.care.observe)
         if self.uplink is not None:
             commands = DistrictCommands(
                 settings.community,
@@ -212,6 +215,7 @@ class Gateway:
                 readiness=self.readiness,
                 alarms_active=self.alarms.active,
                 desk=self.desk,
+                care=self.care,
                 open311_keyless_reads=settings.services.open311_keyless_reads,
                 device_reads=DeviceReads(settings.privacy.device_read_window.total_seconds()),
                 clock=self.clock,
@@ -298,6 +302,7 @@ class Gateway:
         self.registry.restore(await self.writer.open())
         self.registry.apply_inventory(self.inventory)
         await self.desk.open(self.router.deliver)
+        await self.care.open()
         self._socket = _bind(self.settings.api.host, self.settings.api.port)
         tls = self.settings.api
         config = uvicorn.Config(
@@ -317,6 +322,7 @@ class Gateway:
                     tg.create_task(self.maintenance.run(), name="store-maintenance"),
                     tg.create_task(self.pipeline.run(), name="pipeline"),
                     tg.create_task(self.desk.run(), name="service-desk"),
+                    tg.create_task(self.care.run(), name="care-desk"),
                     tg.create_task(self._watch_clock(), name="clock-watch"),
                 ]
                 background.extend(tg.create_task(sink.run(), name=f"{sink.name}-sink") for sink in self.sinks)
@@ -374,6 +380,7 @@ class Gateway:
         save_floor(self.settings.data_dir, self.clock.now_ms())
         for sink in self.sinks:
             await sink.close()
+        await self.care.close()
         await self.desk.close()
         await self.writer.close()
         await self.reader.close()

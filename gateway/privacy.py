@@ -11,7 +11,8 @@ attribute answers), which may hold any of those. Building and floor are not: the
 
 Roles: `operator` and `installer` read personal data (their reads are recorded, item 2 of
 docs/privacy.md); `viewer` gets the redacted view; `terminal` sees only the status of the tickets
-it filed itself; `metrics` reads `/metrics` and nothing else.
+it filed itself; `metrics` reads `/metrics` and nothing else; `grid_worker` reads the care
+routes only, for the households of its own grids (docs/care.md).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import orjson
 
 from gateway.topics import TERMINAL_CHANNELS
 
-# The roles whose work needs residents' personal data.
-PERSONAL_READERS = frozenset({"operator", "installer"})
+# The roles whose work needs residents' personal data. A grid worker is admitted only by the
+# care routes (gateway/api/routes/care.py), and there only to the households of its grids.
+PERSONAL_READERS = frozenset({"operator", "installer", "grid_worker"})
 
 # A request's personal fields and what the redacted view shows instead (the same type, emptied,
 # so a client's schema still holds).

@@ -41,7 +41,7 @@ from gateway.durations import Duration
 from gateway.limits import check_spec
 
 # metrics: reads /metrics only (Prometheus); who reads personal data: gateway/privacy.py.
-Role = Literal["viewer", "terminal", "operator", "installer", "metrics"]
+Role = Literal["viewer", "terminal", "operator", "installer", "metrics", "grid_worker"]
 # e.g. "100/second;3000/minute" (gateway/limits.py); empty: no limit
 RateLimit = Annotated[str, AfterValidator(check_spec)]
 ENV_PREFIX = "CGW_"
@@ -345,6 +345,16 @@ class PrivacySettings(_Section):
     personal_data_retention: Duration = timedelta(days=365)
 
 
+class CareGrid(_Section):
+    """A grid (网格): a few buildings and the grid workers who look after them first."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    name: str = Field("", max_length=100)
+    buildings: list[str] = Field(min_length=1)
+    # The names of the workers' API tokens (`cgw token --name`, role grid_worker).
+    workers: list[str] = Field(default_factory=list)
+
+
 class CareSettings(_Section):
     """Precision care (docs/care.md): the welfare rules over a consenting household's own meters,
     door and check-ins, and the welfare checks they raise for the grid's workers."""
@@ -372,6 +382,9 @@ class CareSettings(_Section):
     evaluate_every: Duration = timedelta(minutes=5)  # how often the rules look at every household
     ack_within: Duration = timedelta(minutes=20)  # a grid worker's acknowledgement, else escalation
     escalate_to: str = Field("care-centre", min_length=1, max_length=64)  # the catalogue's provider
+    # The catalogue's service a welfare check is filed as (a request the service loop follows).
+    check_service: str = "elderly.home_visit"
+    grids: list[CareGrid] = Field(default_factory=list)
 
 
 class ModbusRegister(_Section):

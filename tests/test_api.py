@@ -229,6 +229,13 @@ EXCLUDED: dict[tuple[str, str], list[Any]] = {
     # Durations are text ("24h") checked against bounds.
     ("GET", "/api/v1/needs/hotspots"): _STATEFUL,
     ("GET", "/api/v1/needs"): _STATEFUL,
+    # Precision care: start before end; a household is printable building and unit text; its
+    # needs need its consent first (docs/care.md).
+    ("GET", "/api/v1/care/equity"): _STATEFUL,
+    ("GET", "/api/v1/care/households/{building}/{unit}"): _STATEFUL,
+    ("PUT", "/api/v1/care/households/{building}/{unit}/needs"): _STATEFUL,
+    ("POST", "/api/v1/care/households/{building}/{unit}/consent"): _STATEFUL,
+    ("POST", "/api/v1/care/checkins"): _STATEFUL,
 }
 
 

@@ -18,7 +18,18 @@ from gateway.api import docs
 from gateway.api.bodies import BodyGuard
 from gateway.api.context import ApiContext
 from gateway.api.headers import HostGuard, SecurityHeaders
-from gateway.api.routes import access, devices, evaluation, events, health, needs, open311, requests, stream
+from gateway.api.routes import (
+    access,
+    care,
+    devices,
+    evaluation,
+    events,
+    health,
+    needs,
+    open311,
+    requests,
+    stream,
+)
 
 DESCRIPTION = """
 The community edge gateway's API (contract: docs/contract.md section 4).
@@ -63,6 +74,7 @@ def create_app(
     app.include_router(needs.router)
     app.include_router(evaluation.router)
     app.include_router(access.router)
+    app.include_router(care.router)
     docs.mount(app)
     dashboard.mount(app)
     # The last added runs first: the host is checked, then the body read, then the routes;

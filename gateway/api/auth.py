@@ -32,7 +32,7 @@ from gateway.settings import Role, TokenGrant
 
 log = logging.getLogger(__name__)
 
-ALL_ROLES: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer", "metrics")
+ALL_ROLES: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer", "metrics", "grid_worker")
 # Every role but `metrics`, which scrapes /metrics only.
 READERS: tuple[Role, ...] = ("viewer", "terminal", "operator", "installer")
 _bearer = HTTPBearer(auto_error=False, description="A token set by the installer (CGW_AUTH__TOKENS)")

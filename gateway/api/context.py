@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from gateway.clock import ClockWatch
+from gateway.care.desk import CareDesk
 from gateway.instruments import Instruments
 from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet
@@ -37,6 +38,7 @@ class ApiContext:
     # The gateway's time (gateway/clock.py): what routes stamp records and default windows with,
     # so a request filed while the clock is not set is not stamped 1970.
     clock: ClockWatch = field(default_factory=ClockWatch)
+    care: CareDesk | None = None  # precision care (docs/care.md)
 
 
 @dataclass(slots=True)

@@ -3,13 +3,17 @@
 A check goes to the workers of the household's grid first (`raised`); one of them acknowledges
 it (`acknowledged`), or, past `care.ack_within` without an acknowledgement, it escalates to the
 care centre (`escalated`, still waiting for someone to acknowledge); it closes with the visit's
-outcome (`closed`). Plain records and functions, shared by the care store and the simulation.
+outcome (`closed`). The record and its steps are shared by the care desk and the simulation;
+`save`, `load` and `listing` keep it in the care file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, get_args
+import sqlite3
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+from gateway.sqlite import transaction
 
 CheckState = Literal["raised", "escalated", "acknowledged", "closed"]
 Outcome = Literal["fine", "needed_help", "hospital", "not_home", "no_answer"]
@@ -73,3 +77,51 @@ class WelfareCheck:
             self.acked_ms, self.acked_by = ts_ms, by
         self.closed_ms, self.closed_by, self.outcome, self.note = ts_ms, by, outcome, note
         return True
+
+
+# -- kept in the care file (gateway/care/schema.py), on the care desk's thread ----------------
+
+_COLUMNS = (
+    "id, household, building, grid, rule, raised_ms, quiet_since_ms, why, ticket, acked_ms, acked_by,"
+    " escalated_ms, escalated_to, closed_ms, closed_by, outcome, note"
+)
+
+
+def save(conn: sqlite3.Connection, check: WelfareCheck) -> None:
+    with transaction(conn, immediate=True):
+        conn.execute(
+            f"INSERT OR REPLACE INTO checks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+            tuple(getattr(check, name.strip()) for name in _COLUMNS.split(",")),
+        )
+
+
+def load(conn: sqlite3.Connection, check_id: str) -> WelfareCheck | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM checks WHERE id = ?", (check_id,)).fetchone()
+    return None if row is None else WelfareCheck(**dict(row))
+
+
+def listing(
+    conn: sqlite3.Connection,
+    *,
+    open_only: bool = False,
+    household: str | None = None,
+    since_ms: int | None = None,
+    limit: int = 500,
+) -> list[WelfareCheck]:
+    where: list[str] = []
+    args: list[object] = []
+    if open_only:
+        where.append("closed_ms IS NULL")
+    if household is not None:
+        where.append("household = ?")
+        args.append(household)
+    if since_ms is not None:
+        where.append("raised_ms >= ?")
+        args.append(since_ms)
+    sql = f"SELECT {_COLUMNS} FROM checks" + (f" WHERE {' AND '.join(where)}" if where else "")
+    rows = conn.execute(sql + " ORDER BY raised_ms DESC LIMIT ?", (*args, limit)).fetchall()
+    return [WelfareCheck(**dict(r)) for r in rows]
+
+
+def view(check: WelfareCheck) -> dict[str, Any]:
+    return {**asdict(check), "state": check.state}

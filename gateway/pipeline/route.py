@@ -37,8 +37,12 @@ class Router:
         self._hub = hub
         self._desk = desk
         self._publish = publish
+        # Told of every batch first, on the loop, and must not block (the care desk's activity).
+        self.observers: list[Callable[[Batch], None]] = []
 
     async def route(self, batch: Batch) -> None:
+        for observe in self.observers:
+            observe(batch)
         # Live stream first: it never blocks, and operators see an alarm as early as possible.
         # Presence goes before events: a device comes online before what it then reports.
         for change in batch.presence:
