@@ -178,7 +178,9 @@ class Gateway:
             self.clock,
         )
         self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
-        self.care = CareDesk(settings.care_db_path, settings.care, self.catalogue, self.desk, self.registry)
+        self.care = CareDesk(
+            settings.care_db_path, settings.care, self.catalogue, self.desk, self.registry, self.clock
+        )
         self.router.observers.append(self.care.observe)
         if self.uplink is not None:
             commands = DistrictCommands(

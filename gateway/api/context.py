@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from gateway.clock import ClockWatch
 from gateway.care.desk import CareDesk
+from gateway.clock import ClockWatch
 from gateway.instruments import Instruments
 from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet

@@ -31,7 +31,7 @@ from gateway.care.matching import UNUSED_DAYS, eligible_unused, of_unit
 from gateway.care.schema import MIGRATIONS
 from gateway.care.signals import ActivityReader
 from gateway.care.welfare import Alert, DayRecord, Source, WelfareEngine
-from gateway.clock import now_ms
+from gateway.clock import ClockWatch
 from gateway.files import private_store
 from gateway.models import Batch
 from gateway.registry import DeviceRegistry
@@ -62,8 +62,10 @@ class CareDesk:
         catalogue: Catalogue,
         services: ServiceDesk,
         registry: DeviceRegistry,
+        clock: ClockWatch | None = None,
     ) -> None:
         self.settings = settings
+        self._clock = clock or ClockWatch()  # the gateway's time, as the other stages take it
         self._catalogue = catalogue
         self._services = services
         self._registry = registry
@@ -84,7 +86,7 @@ class CareDesk:
         step_s = self.settings.evaluate_every.total_seconds()
         while True:
             await asyncio.sleep(step_s)
-            await self.tick(now_ms())
+            await self.tick(self._clock.now_ms())
 
     async def close(self) -> None:
         await self._db.close()
@@ -252,17 +254,17 @@ class CareDesk:
     # -- visits, needs, the household's view, equity -----------------------------------------------
 
     async def record_visit(self, visit: visits.Visit) -> bool:
-        return await self._db.call(visits.record, visit, now_ms())
+        return await self._db.call(visits.record, visit, self._clock.now_ms())
 
     async def needs_list(self, buildings: frozenset[str] | None) -> list[dict[str, Any]]:
         items, weights = await self._db.call(_needs_and_weights, buildings)
-        return visits.ranked(items, weights, now_ms())
+        return visits.ranked(items, weights, self._clock.now_ms())
 
     async def household_view(self, household: str) -> dict[str, Any]:
         building, _, unit = household.partition("/")
         needs, consents, open_needs, past_visits = await self._db.call(_household, household)
         requests = of_unit(await self._services.requests(building=building), unit)
-        since = now_ms() - UNUSED_DAYS * DAY_MS
+        since = self._clock.now_ms() - UNUSED_DAYS * DAY_MS
         used = [r["service_code"] for r in requests if r["requested_ms"] >= since]
         group = households.group_of(needs)
         return {
@@ -279,7 +281,9 @@ class CareDesk:
             else ("watched" if self.engine.watching(household) else "not analysed"),
             "open_requests": [r for r in requests if r.get("completed_ms") is None],
             "past_requests": [r for r in requests if r.get("completed_ms") is not None],
-            "open_needs": visits.ranked(open_needs, {household: visits.weight(group, needs)}, now_ms()),
+            "open_needs": visits.ranked(
+                open_needs, {household: visits.weight(group, needs)}, self._clock.now_ms()
+            ),
             "visits": past_visits,
             "welfare_checks": [checks.view(c) for c in await self.checks(household=household)],
             "eligible_unused": eligible_unused(needs, used, self._catalogue),

@@ -26,7 +26,6 @@ from gateway.care.checks import view as check_view
 from gateway.care.desk import CareDesk
 from gateway.care.households import PURPOSES, CareNeeds
 from gateway.care.visits import Visit
-from gateway.clock import now_ms
 from gateway.services.intake import IntakeError, household_key
 
 router = APIRouter(prefix="/api/v1/care", tags=["precision care"])
@@ -182,7 +181,7 @@ async def put_needs(ctx: Ctx, who: Carer, building: Part, unit: Part, body: Care
         raise HTTPException(
             409, "no_consent: the household has not consented to have its care needs recorded"
         )
-    await care.put_needs(key, CareNeeds(**body.model_dump()), now_ms(), who.actor)
+    await care.put_needs(key, CareNeeds(**body.model_dump()), ctx.clock.now_ms(), who.actor)
     return {"household": key, "needs": body.model_dump()}
 
 
@@ -195,7 +194,7 @@ async def put_needs(ctx: Ctx, who: Carer, building: Part, unit: Part, body: Care
 async def consent(ctx: Ctx, who: Carer, building: Part, unit: Part, body: CareConsentIn) -> dict[str, Any]:
     care = _care(ctx)
     key = _household(care, who, building, unit)
-    changed = await care.set_consent(key, body.purpose, body.granted, now_ms(), who.actor)
+    changed = await care.set_consent(key, body.purpose, body.granted, ctx.clock.now_ms(), who.actor)
     return {"household": key, "consents": await care.consents(key), "changed": changed}
 
 
@@ -233,7 +232,7 @@ async def post_visits(ctx: Ctx, who: Carer, body: CareVisitBatch) -> CareVisitRe
             key,
             v.building,
             v.kind,
-            epoch_ms(v.at, default=now_ms()),
+            epoch_ms(v.at, default=ctx.clock.now_ms()),
             who.name or who.actor,
             v.note,
             dict(v.answers),
@@ -281,7 +280,7 @@ async def ack(
     await _scoped_check(care, who, check_id)
     try:
         check, first = await care.acknowledge(
-            check_id, who.name or who.actor, epoch_ms(body.at, default=now_ms())
+            check_id, who.name or who.actor, epoch_ms(body.at, default=ctx.clock.now_ms())
         )
     except CheckError as exc:
         raise HTTPException(409, str(exc)) from None
@@ -300,7 +299,11 @@ async def close(
     await _scoped_check(care, who, check_id)
     try:
         check, first = await care.close_check(
-            check_id, body.outcome, who.name or who.actor, epoch_ms(body.at, default=now_ms()), body.note
+            check_id,
+            body.outcome,
+            who.name or who.actor,
+            epoch_ms(body.at, default=ctx.clock.now_ms()),
+            body.note,
         )
     except CheckError as exc:
         raise HTTPException(409, str(exc)) from None
@@ -313,7 +316,7 @@ async def close(
 async def checkin(ctx: Ctx, who: CheckinBy, body: CareCheckinIn) -> dict[str, Any]:
     care = _care(ctx)
     key = _household(care, who, body.building, body.unit)
-    analysed = care.checkin(key, epoch_ms(body.at, default=now_ms()))
+    analysed = care.checkin(key, epoch_ms(body.at, default=ctx.clock.now_ms()))
     return {"household": key, "status": "accepted" if analysed else "not_analysed"}
 
 
@@ -325,7 +328,7 @@ async def checkin(ctx: Ctx, who: CheckinBy, body: CareCheckinIn) -> dict[str, An
 async def equity(
     ctx: Ctx, _: Reader, start: datetime | None = None, end: datetime | None = None
 ) -> dict[str, Any]:
-    end_ms = epoch_ms(end, default=now_ms())
+    end_ms = epoch_ms(end, default=ctx.clock.now_ms())
     start_ms = epoch_ms(start, default=end_ms - 30 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
