@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from gateway.application import Gateway
 from gateway.care.welfare import Alert
 from gateway.clock import now_ms
+from gateway.models import Batch, Reading
 from gateway.settings import CareGrid, TokenGrant
 from tests.harness import TOKENS, gateway_settings, served
 
@@ -203,3 +204,27 @@ def test_equity_figures_are_aggregates(client: TestClient) -> None:
 def test_care_settings_reach_the_gateway(tmp_path: Path) -> None:
     settings = gateway_settings(tmp_path, "mqtt://127.0.0.1:1")
     assert settings.care_db_path == tmp_path / "care.sqlite3"
+
+
+def test_live_readings_of_a_home_device_reach_the_rules_only_with_consent(
+    client: TestClient, gateway: Gateway
+) -> None:
+    """The pipeline's batches (Router.observers) feed the same rules the simulated month does."""
+    client.post(
+        "/api/v1/care/households/2/2-301/consent", headers=WANG, json={"purpose": "welfare", "granted": True}
+    )
+    gateway.registry.on_birth(
+        "w-2-301", {"kind": "water_meter", "location": {"building": "2", "unit": "2-301"}}, 1
+    )
+    gateway.registry.on_birth(
+        "w-2-302", {"kind": "water_meter", "location": {"building": "2", "unit": "2-302"}}, 1
+    )
+    start = now_ms()
+    readings = [
+        Reading(device, "water_meter", start + n * 600_000, {"volume_m3": 10.0 + n * 0.01}, n, "2")
+        for device in ("w-2-301", "w-2-302")
+        for n in range(3)
+    ]
+    gateway.router.observers[0](Batch(readings=readings))
+    assert gateway.care.engine.analysed["2/2-301"] == 2  # the first reading has nothing to compare with
+    assert "2/2-302" not in gateway.care.engine.analysed  # no consent: dropped on arrival

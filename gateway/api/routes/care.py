@@ -10,6 +10,7 @@ again after a dead zone changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -278,13 +279,8 @@ async def ack(
 ) -> dict[str, Any]:
     care = _care(ctx)
     await _scoped_check(care, who, check_id)
-    try:
-        check, first = await care.acknowledge(
-            check_id, who.name or who.actor, epoch_ms(body.at, default=ctx.clock.now_ms())
-        )
-    except CheckError as exc:
-        raise HTTPException(409, str(exc)) from None
-    return {**check_view(check), "status": "accepted" if first else "duplicate"}
+    at = epoch_ms(body.at, default=ctx.clock.now_ms())
+    return await _answer(care.acknowledge(check_id, who.name or who.actor, at))
 
 
 @router.post(
@@ -297,14 +293,15 @@ async def close(
 ) -> dict[str, Any]:
     care = _care(ctx)
     await _scoped_check(care, who, check_id)
+    at = epoch_ms(body.at, default=ctx.clock.now_ms())
+    return await _answer(care.close_check(check_id, body.outcome, who.name or who.actor, at, body.note))
+
+
+async def _answer(step: Awaitable[tuple[WelfareCheck, bool]]) -> dict[str, Any]:
+    """A step on a check as the phone that sent it hears it: the check, and whether this was the
+    first time (a re-sent step is a duplicate); a step the check's state refuses is 409."""
     try:
-        check, first = await care.close_check(
-            check_id,
-            body.outcome,
-            who.name or who.actor,
-            epoch_ms(body.at, default=ctx.clock.now_ms()),
-            body.note,
-        )
+        check, first = await step
     except CheckError as exc:
         raise HTTPException(409, str(exc)) from None
     return {**check_view(check), "status": "accepted" if first else "duplicate"}
