@@ -525,3 +525,76 @@ class DiscoveryOut(BaseModel):
     contact: str
     key_service: str
     endpoints: list[DiscoveryEndpoint]
+
+
+# Precision care (routes/care.py)
+
+
+class CareGridOut(BaseModel):
+    id: str
+    name: str
+    buildings: list[str]
+    workers: list[str]
+
+
+class CareGridList(BaseModel):
+    items: list[CareGridOut]
+
+
+class CareNeedsIn(BaseModel):
+    elderly: bool = False
+    living_alone: bool = False
+    mobility: bool = False
+    chronic_illness: bool = False
+    disability: bool = False
+    infants: bool = False
+
+
+class CareConsentIn(BaseModel):
+    purpose: Literal["register", "welfare", "visits"]
+    granted: bool
+
+
+class CareVisitIn(BaseModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="The phone's own id for this visit")
+    building: str = Field(min_length=1, max_length=32)
+    unit: str = Field(min_length=1, max_length=32)
+    kind: Literal["visit", "questionnaire"] = "visit"
+    at: datetime = Field(description="When the visit took place (the phone's time)")
+    note: Text = Field("", max_length=2000)
+    answers: dict[str, Annotated[str, Field(max_length=500)]] = Field(default_factory=dict, max_length=50)
+    needs: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=20, description="Service codes of the catalogue"
+    )
+
+
+class CareVisitBatch(BaseModel):
+    visits: list[CareVisitIn] = Field(min_length=1, max_length=200)
+
+
+class CareVisitResult(BaseModel):
+    id: str
+    status: Literal["accepted", "duplicate", "refused"]
+    error: str | None = None
+
+
+class CareVisitResults(BaseModel):
+    items: list[CareVisitResult]
+
+
+class CheckAckIn(BaseModel):
+    at: datetime | None = Field(
+        None, description="When it was acknowledged (the phone's time); now if absent"
+    )
+
+
+class CheckCloseIn(BaseModel):
+    outcome: Literal["fine", "needed_help", "hospital", "not_home", "no_answer"]
+    note: Text = Field("", max_length=2000)
+    at: datetime | None = None
+
+
+class CareCheckinIn(BaseModel):
+    building: str = Field(min_length=1, max_length=32)
+    unit: str = Field(min_length=1, max_length=32)
+    at: datetime | None = None

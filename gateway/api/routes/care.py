@@ -12,16 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
-from pydantic import BaseModel, Field
 
 from gateway.api.access import record_reads
 from gateway.api.auth import Principal, Reader, require
 from gateway.api.context import ApiContext, Ctx
 from gateway.api.datetimes import epoch_ms
-from gateway.api.schemas import AUTH, ErrorBody, Text
+from gateway.api.schemas import (
+    AUTH,
+    CareCheckinIn,
+    CareConsentIn,
+    CareGridList,
+    CareGridOut,
+    CareNeedsIn,
+    CareVisitBatch,
+    CareVisitResult,
+    CareVisitResults,
+    CheckAckIn,
+    CheckCloseIn,
+    ErrorBody,
+)
 from gateway.care.checks import OUTCOMES, CheckError, WelfareCheck
 from gateway.care.checks import view as check_view
 from gateway.care.desk import CareDesk
@@ -60,76 +72,6 @@ def _household(care: CareDesk, who: Principal, building: str, unit: str) -> str:
     if scope is not None and building not in scope:
         raise HTTPException(403, "not_your_grid: this household is not in a grid you work in")
     return key
-
-
-class CareGridOut(BaseModel):
-    id: str
-    name: str
-    buildings: list[str]
-    workers: list[str]
-
-
-class CareGridList(BaseModel):
-    items: list[CareGridOut]
-
-
-class CareNeedsIn(BaseModel):
-    elderly: bool = False
-    living_alone: bool = False
-    mobility: bool = False
-    chronic_illness: bool = False
-    disability: bool = False
-    infants: bool = False
-
-
-class CareConsentIn(BaseModel):
-    purpose: Literal["register", "welfare", "visits"]
-    granted: bool
-
-
-class CareVisitIn(BaseModel):
-    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="The phone's own id for this visit")
-    building: str = Field(min_length=1, max_length=32)
-    unit: str = Field(min_length=1, max_length=32)
-    kind: Literal["visit", "questionnaire"] = "visit"
-    at: datetime = Field(description="When the visit took place (the phone's time)")
-    note: Text = Field("", max_length=2000)
-    answers: dict[str, Annotated[str, Field(max_length=500)]] = Field(default_factory=dict, max_length=50)
-    needs: list[Annotated[str, Field(max_length=64)]] = Field(
-        default_factory=list, max_length=20, description="Service codes of the catalogue"
-    )
-
-
-class CareVisitBatch(BaseModel):
-    visits: list[CareVisitIn] = Field(min_length=1, max_length=200)
-
-
-class CareVisitResult(BaseModel):
-    id: str
-    status: Literal["accepted", "duplicate", "refused"]
-    error: str | None = None
-
-
-class CareVisitResults(BaseModel):
-    items: list[CareVisitResult]
-
-
-class CheckAckIn(BaseModel):
-    at: datetime | None = Field(
-        None, description="When it was acknowledged (the phone's time); now if absent"
-    )
-
-
-class CheckCloseIn(BaseModel):
-    outcome: Literal["fine", "needed_help", "hospital", "not_home", "no_answer"]
-    note: Text = Field("", max_length=2000)
-    at: datetime | None = None
-
-
-class CareCheckinIn(BaseModel):
-    building: str = Field(min_length=1, max_length=32)
-    unit: str = Field(min_length=1, max_length=32)
-    at: datetime | None = None
 
 
 @router.get(
