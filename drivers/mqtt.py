@@ -97,13 +97,16 @@ class MqttDriver(MqttIntake):
 
     def _make_client(self) -> paho.Client:
         client = broker_client(
-            self._settings, self._client_id, self.link, clean_session=self._settings.clean_start
+            self._settings,
+            self._client_id,
+            self.link,
+            clean_session=self._settings.clean_start,
+            on_connect=self._on_connect,
+            on_subscribe=self._on_subscribe,
+            on_message=self._on_message,
         )
+        client.on_disconnect = self._on_disconnect  # says more than the link's own
         client.max_queued_messages_set(10_000)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
         return client
 
     def _on_connect(

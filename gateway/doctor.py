@@ -393,11 +393,16 @@ def _broker(
 
     try:
         # The same client set-up as the gateway's own (login, TLS), so what passes here works there.
-        client = broker_client(s, f"cgw-doctor-{int(time.time())}", clean_session=True, manual_ack=False)
+        client = broker_client(
+            s,
+            f"cgw-doctor-{int(time.time())}",
+            clean_session=True,
+            manual_ack=False,
+            on_connect=on_connect,
+            on_subscribe=on_subscribe,
+        )
     except (OSError, ValueError) as exc:
         return _tls_setup_failed(check, env, exc)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
     try:
         client.connect(s.host, s.port, keepalive=10)
     except OSError as exc:

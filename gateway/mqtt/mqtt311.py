@@ -9,7 +9,7 @@ without an uplink does not need.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -30,8 +30,12 @@ def broker_client(
     *,
     clean_session: bool,
     manual_ack: bool = True,
+    on_connect: Callable[..., None] | None = None,
+    on_subscribe: Callable[..., None] | None = None,
+    on_message: Callable[..., None] | None = None,
 ) -> paho.Client:
-    """A paho client set up from broker settings: MQTT 3.1.1, login, TLS, reconnect backoff.
+    """A paho client set up from broker settings: MQTT 3.1.1, login, TLS, reconnect backoff,
+    and the owner's callbacks (paho's VERSION2 signatures).
 
     With a `link`, failed attempts and lost connections are reported to it (set your own
     `on_disconnect` to say more).
@@ -58,6 +62,12 @@ def broker_client(
 
         client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
+    if on_connect is not None:
+        client.on_connect = on_connect
+    if on_subscribe is not None:
+        client.on_subscribe = on_subscribe
+    if on_message is not None:
+        client.on_message = on_message
     return client
 
 

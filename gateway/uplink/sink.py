@@ -256,13 +256,17 @@ class UplinkSink(OutboxDrain):
 
     def _make_client(self) -> paho.Client:
         client = broker_client(
-            self._settings, self._client_id, self.link, clean_session=False, manual_ack=False
+            self._settings,
+            self._client_id,
+            self.link,
+            clean_session=False,
+            manual_ack=False,
+            on_connect=self._on_connect,
+            on_subscribe=self._on_subscribe,
+            on_message=self._on_message,
         )
         client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(100)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
         return client
 
     def _on_connect(
