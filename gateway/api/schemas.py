@@ -9,6 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from gateway.care.checks import Outcome
+from gateway.care.households import Purpose
+from gateway.care.visits import Kind
 from gateway.services.evaluation import By, Period
 from gateway.services.lifecycle import State
 from gateway.text import clean
@@ -551,7 +554,7 @@ class CareNeedsIn(BaseModel):
 
 
 class CareConsentIn(BaseModel):
-    purpose: Literal["register", "welfare", "visits"]
+    purpose: Purpose
     granted: bool
 
 
@@ -559,7 +562,7 @@ class CareVisitIn(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="The phone's own id for this visit")
     building: str = Field(min_length=1, max_length=32)
     unit: str = Field(min_length=1, max_length=32)
-    kind: Literal["visit", "questionnaire"] = "visit"
+    kind: Kind = "visit"
     at: datetime = Field(description="When the visit took place (the phone's time)")
     note: Text = Field("", max_length=2000)
     answers: dict[str, Annotated[str, Field(max_length=500)]] = Field(default_factory=dict, max_length=50)
@@ -589,7 +592,7 @@ class CheckAckIn(BaseModel):
 
 
 class CheckCloseIn(BaseModel):
-    outcome: Literal["fine", "needed_help", "hospital", "not_home", "no_answer"]
+    outcome: Outcome
     note: Text = Field("", max_length=2000)
     at: datetime | None = None
 
