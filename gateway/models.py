@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Severity = Literal["info", "warning", "critical"]
-SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)  # mildest first
 # How a device became known: the installer's inventory, its own birth message, or its traffic.
 Source = Literal["inventory", "birth", "auto"]
 # The district platform, as the actor of its commands and the source of their events.

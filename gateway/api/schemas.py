@@ -12,11 +12,11 @@ from pydantic import AfterValidator, BaseModel, Field
 from gateway.care.checks import Outcome
 from gateway.care.households import Purpose
 from gateway.care.visits import Kind
+from gateway.models import Severity, Source
 from gateway.services.evaluation import By, Period
 from gateway.services.lifecycle import State
 from gateway.text import clean
 
-SeverityName = Literal["info", "warning", "critical"]
 # What people type: control characters replaced, so every output (XML, CSV, JSON) carries it.
 Text = Annotated[str, AfterValidator(clean)]
 
@@ -55,7 +55,7 @@ class Ready(BaseModel):
 class DeviceOut(BaseModel):
     device_id: str
     kind: str
-    source: Literal["inventory", "birth", "auto"]
+    source: Source
     building: str | None
     floor: int | None
     unit: str | None
@@ -111,7 +111,7 @@ class EventOut(BaseModel):
     kind: str
     building: str | None
     type: str
-    severity: SeverityName
+    severity: Severity
     source: str
     message: str
     data: dict[str, Any]

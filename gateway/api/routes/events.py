@@ -22,8 +22,8 @@ from gateway.api.schemas import (
     ErrorBody,
     EventList,
     EventOut,
-    SeverityName,
 )
+from gateway.models import Severity
 from gateway.store.queries import EventFilter
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
@@ -41,7 +41,7 @@ async def list_events(
     kind: str | None = None,
     building: str | None = None,
     type: str | None = None,
-    severity: SeverityName | None = None,
+    severity: Severity | None = None,
     source: str | None = None,
     alarm: bool | None = None,
     acked: bool | None = None,
@@ -77,7 +77,7 @@ async def list_alarms(
     ctx: Ctx,
     _: Reader,
     acked: bool | None = False,
-    severity: SeverityName | None = None,
+    severity: Severity | None = None,
     building: str | None = None,
     device_id: str | None = None,
     limit: Limit = 100,
