@@ -14,6 +14,7 @@ from gateway.care.households import Purpose
 from gateway.care.visits import Kind
 from gateway.models import Severity, Source
 from gateway.services.evaluation import By, Period
+from gateway.services.intake import Choice
 from gateway.services.lifecycle import State
 from gateway.text import clean
 
@@ -313,7 +314,7 @@ class ProposalList(BaseModel):
 class VoteIn(BaseModel):
     building: str = Field(min_length=1, max_length=32)
     unit: str = Field(min_length=1, max_length=32)
-    choice: Literal["yes", "no", "abstain"]
+    choice: Choice
     vote_id: str | None = Field(None, max_length=128, description="The terminal's id for this vote")
     pin: str | None = Field(None, max_length=64, description="The household's PIN (household register)")
     card: str | None = Field(None, max_length=64, description="Or the household's card number")

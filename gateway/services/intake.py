@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from gateway.services.catalogue import Attribute, Catalogue, Service
@@ -20,7 +20,8 @@ from gateway.text import clean
 MAX_DESCRIPTION = 4000
 MAX_TEXT = 2000
 KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-CHOICES = ("yes", "no", "abstain")
+Choice = Literal["yes", "no", "abstain"]
+CHOICES: tuple[Choice, ...] = get_args(Choice)
 # A photo is a link a browser follows: only to the web, never javascript:, data: or file:.
 MEDIA_SCHEMES = ("http", "https")
 # Open311 clients name their own device; kept under this prefix, which no MQTT device id can

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.services.households import HouseholdRegister
-from gateway.services.intake import NewVote
+from gateway.services.intake import CHOICES, NewVote
 from gateway.services.refusals import DeskError
 from gateway.sqlite import transaction
 
@@ -103,7 +103,7 @@ def _known(conn: sqlite3.Connection, pid: str) -> dict[str, Any]:
 
 
 def _view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
-    counts = {choice: 0 for choice in ("yes", "no", "abstain")}
+    counts = dict.fromkeys(CHOICES, 0)
     for choice, n in conn.execute(
         "SELECT choice, COUNT(*) FROM votes WHERE proposal_id = ? GROUP BY choice", (row["id"],)
     ):
