@@ -15,7 +15,7 @@ from gateway.care.visits import Kind
 from gateway.models import Severity, Source
 from gateway.services.evaluation import By, Period
 from gateway.services.intake import Choice
-from gateway.services.lifecycle import State
+from gateway.services.lifecycle import Open311Status, State
 from gateway.text import clean
 
 # What people type: control characters replaced, so every output (XML, CSV, JSON) carries it.
@@ -484,7 +484,7 @@ class DefinitionOut(BaseModel):
 
 class Open311RequestOut(BaseModel):
     service_request_id: str
-    status: Literal["open", "closed"]
+    status: Open311Status
     status_notes: str | None
     service_name: str
     service_code: str

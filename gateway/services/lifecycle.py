@@ -58,5 +58,8 @@ def check(current: State, target: State) -> None:
         raise TransitionError(f"a request that is {current} cannot become {target}; allowed: {options}")
 
 
-def open311_status(state: State) -> Literal["open", "closed"]:
+Open311Status = Literal["open", "closed"]
+
+
+def open311_status(state: State) -> Open311Status:
     return "closed" if state in OPEN311_CLOSED else "open"
