@@ -24,6 +24,7 @@ from gateway.models import Batch, DeviceEvent, PresenceChange, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.influx import InfluxSink, retry_after_s
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines
+from gateway.sinks.writeapi import WriteApi
 from gateway.store.outbox import Outbox, Policy
 from gateway.store.writer import StoreWriter
 from tests.harness import eventually
@@ -286,7 +287,7 @@ class _Gate(BaseHTTPRequestHandler):
             else:
                 answer = gate.script.pop(0) if gate.script else None
         if answer is None:
-            forwarded = httpx.post(f"{gate.upstream}{self.path}", content=body, timeout=10)
+            forwarded = gate.client.post(f"{gate.upstream}{self.path}", content=body)
             answer = (forwarded.status_code, None)
         status, retry_after = answer
         reply = b"" if status == 204 else orjson.dumps({"code": "x", "message": f"answered {status}"})
@@ -309,6 +310,9 @@ class Gate:
         self.upstream, self.max_body, self.script = upstream, max_body, list(script)
         self.lock = threading.Lock()
         self.arrivals: list[tuple[float, int]] = []
+        # One client for every forward: a new one per request (httpx.post) builds an SSL context
+        # each time, about 150 ms a request on a loaded machine, and a split batch is hundreds.
+        self.client = httpx.Client(timeout=10)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
         self.server.gate = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -320,6 +324,7 @@ class Gate:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.client.close()
 
 
 async def test_a_batch_too_large_is_split_and_every_good_point_lands(victoria: Any, tmp_path: Path) -> None:
@@ -423,3 +428,61 @@ async def test_refusals_are_reported_and_only_bad_data_is_dropped(
     finally:
         server.shutdown()
         server.server_close()  # its listening socket, or it is left open
+
+
+class _Recording(BaseHTTPRequestHandler):
+    """Records each write (path, headers, body) and answers 204 over HTTP/1.1 keep-alive, as
+    InfluxDB does; with `server.hang_up` set, closes the connection after answering without
+    saying so, as a server whose idle time-out ends a kept connection between two writes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.requests.append((self.path, dict(self.headers), body))  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.close_connection = self.server.hang_up  # type: ignore[attr-defined]
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _recording_server(hang_up: bool = False) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    server.requests = []  # type: ignore[attr-defined]
+    server.hang_up = hang_up  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("token", ["s3cret", ""])
+def test_a_write_is_the_request_influxdb_v2_takes(token: str) -> None:
+    server = _recording_server()
+    url = f"http://127.0.0.1:{server.server_address[1]}/under/a/proxy"
+    api = WriteApi(InfluxSettings(url=url, token=token, org="my org", bucket="b/1"))
+    try:
+        answer = api.post(b"m,t=1 v=1.0 1700000000000")
+    finally:
+        api.close()
+        server.shutdown()
+    assert answer.ok and answer.status == 204
+    [(path, headers, body)] = server.requests  # type: ignore[attr-defined]
+    assert path == "/under/a/proxy/api/v2/write?org=my+org&bucket=b%2F1&precision=ms"
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    # No token, no Authorization header at all (the sink's 401 message says so).
+    assert headers.get("Authorization") == (f"Token {token}" if token else None)
+    assert body == b"m,t=1 v=1.0 1700000000000"
+
+
+def test_a_kept_connection_the_server_closed_is_opened_again() -> None:
+    server = _recording_server(hang_up=True)
+    api = WriteApi(InfluxSettings(url=f"http://127.0.0.1:{server.server_address[1]}", token="t"))
+    try:
+        answers = [api.post(f"m v={i}.0 1".encode()) for i in range(3)]
+    finally:
+        api.close()
+        server.shutdown()
+    assert [a.status for a in answers] == [204, 204, 204]
+    assert [body for _, _, body in server.requests] == [b"m v=0.0 1", b"m v=1.0 1", b"m v=2.0 1"]  # type: ignore[attr-defined]

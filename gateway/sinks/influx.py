@@ -1,4 +1,4 @@
-"""The InfluxDB v2 sink: drains its durable outbox with `influxdb-client`, in order, retrying.
+"""The InfluxDB v2 sink: drains its durable outbox to `/api/v2/write`, in order, retrying.
 
 docs/contract.md section 2: written "to `/api/v2/write` (InfluxDB 2.x/3.x, or any server that accepts
 that API)". The store writer encodes every committed batch into this sink's outbox rows
@@ -16,6 +16,7 @@ with backoff, waiting at least as long as the server's `Retry-After` asks.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import sqlite3
 import time
@@ -23,17 +24,13 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import orjson
-from influxdb_client.client.influxdb_client import InfluxDBClient
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.domain.write_precision import WritePrecision
-from influxdb_client.rest import ApiException
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from gateway.instruments import Instruments
 from gateway.models import Batch, Reading
 from gateway.settings import InfluxSettings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.lineprotocol import event_line, presence_line, reading_lines, service_record_lines
+from gateway.sinks.writeapi import Answer, WriteApi
 from gateway.store.outbox import Outbox, OutboxRow, Reference, Shipment, rows_of
 
 log = logging.getLogger(__name__)
@@ -56,13 +53,7 @@ class InfluxSink(OutboxDrain):
         self._settings = settings
         self._community = community
         self.target = f"InfluxDB at {settings.url}"
-        self._client = InfluxDBClient(
-            url=settings.url,
-            token=settings.token.get_secret_value(),
-            org=settings.org,
-            timeout=int(settings.timeout_s * 1000),
-        )
-        self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
+        self._api = WriteApi(settings)
         self._max_lines: int | None = None  # learnt from a 413: the most lines InfluxDB took at once
         self._learning = False  # after a 413, until the batch is sent: _max_lines grows to what goes
 
@@ -126,20 +117,20 @@ class InfluxSink(OutboxDrain):
 
     async def _write(self, lines: list[str]) -> bool:
         try:
-            await self._blocking(self._post, "\n".join(lines))
-        except ApiException as exc:
-            if exc.status == 413:
-                return await self._split(lines, exc)
-            return self._refused(exc, len(lines))
-        except (Urllib3Error, OSError) as exc:
+            answer = await self._blocking(self._api.post, "\n".join(lines).encode())
+        except (OSError, http.client.HTTPException) as exc:
             self._fail(f"cannot reach InfluxDB at {self._settings.url}: {exc}", len(lines))
             return False
-        if self._learning and len(lines) > (self._max_lines or 0):
-            self._max_lines = len(lines)
-        self._sent(len(lines))
-        return True
+        if answer.ok:
+            if self._learning and len(lines) > (self._max_lines or 0):
+                self._max_lines = len(lines)
+            self._sent(len(lines))
+            return True
+        if answer.status == 413:
+            return await self._split(lines)
+        return self._refused(answer, len(lines))
 
-    async def _split(self, lines: list[str], exc: ApiException) -> bool:
+    async def _split(self, lines: list[str]) -> bool:
         """413: the request was too large, not the data bad. Halves, until each piece goes."""
         if len(lines) == 1:
             self._rejected.inc(1)
@@ -156,17 +147,8 @@ class InfluxSink(OutboxDrain):
         half = len(lines) // 2
         return await self._write(lines[:half]) and await self._write(lines[half:])
 
-    def _post(self, body: str) -> None:
-        precision: WritePrecision = WritePrecision.MS  # type: ignore[assignment]
-        self._write_api.write(
-            bucket=self._settings.bucket, org=self._settings.org, record=body, write_precision=precision
-        )
-
-    def _refused(self, exc: ApiException, points: int) -> bool:
-        status = exc.status or 0
-        body = (
-            (exc.body or b"").decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
-        )
+    def _refused(self, answer: Answer, points: int) -> bool:
+        status, body = answer.status, answer.text
         if status in (401, 403):
             if not self._settings.token.get_secret_value().strip():
                 # Said as such: no Authorization header was sent at all.
@@ -189,14 +171,14 @@ class InfluxSink(OutboxDrain):
             self._rejected.inc(points)
             log.error("InfluxDB rejected %d lines (%d): %s", points, status, body[:300])
             return True
-        wait = retry_after_s(exc.retry_after, time.time())
+        wait = retry_after_s(answer.retry_after, time.time())
         if wait is not None:
             self._retry_after(wait)
         self._fail(f"InfluxDB answered {status}: {body[:200]}", points)
         return False
 
     async def _close_client(self) -> None:
-        await self._blocking(self._client.close)
+        await self._blocking(self._api.close)
 
 
 # Readings further apart in time than this go in separate references: the sink reads a
