@@ -312,6 +312,9 @@ class Gateway:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            # No WebSocket route (the live stream is SSE): without this uvicorn imports the
+            # websockets library to answer upgrades, memory the idle gateway keeps for nothing.
+            ws="none",
             # uvicorn's own TLS, for a box without a reverse proxy in front (docs/install.md).
             ssl_certfile=str(tls.tls_certfile) if tls.tls_certfile else None,
             ssl_keyfile=str(tls.tls_keyfile) if tls.tls_keyfile else None,

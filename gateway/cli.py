@@ -7,6 +7,7 @@ a bad setting ends the command with one line naming it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -15,16 +16,18 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
 from gateway import __version__
 from gateway.clock import now_ms
 from gateway.settings import MqttSettings, Settings, SettingsError, load_settings
 from gateway.store.lock import DataDirUnusable
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="cgw",
@@ -38,28 +41,40 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# soft_wrap: a line is never cut at the terminal's width, nor at 80 columns when the output is
-# not a terminal (systemd's journal, a pipe): one error, one line, as docs/operations.md promises.
-console = Console(stderr=True, soft_wrap=True)
 
 
-class _Output(Console):
+# rich is imported when something is printed, not by every command: `cgw run` prints only a
+# bad setting, and rich is about 2 MB of the idle gateway's memory (docs/performance.md, "Memory").
+@functools.cache
+def console() -> Console:
+    """Standard error, for the errors a command ends with."""
+    from rich.console import Console
+
+    # soft_wrap: a line is never cut at the terminal's width, nor at 80 columns when the output is
+    # not a terminal (systemd's journal, a pipe): one error, one line, as docs/operations.md promises.
+    return Console(stderr=True, soft_wrap=True)
+
+
+@functools.cache
+def out() -> Console:
     """Standard output that a reader may close (`cgw demo | head -3`) without stopping anything.
 
     rich's default answer to a broken pipe is `SystemExit` from inside whatever printed, which
     in the demo is its start-up callback inside the task group: the shutdown path broke and no
     signal could stop the demo or its private broker. Here the output just goes quiet.
     """
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        # Later writes, and the interpreter's last flush, go nowhere instead of failing.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    class _Output(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            # Later writes, and the interpreter's last flush, go nowhere instead of failing.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
+    return _Output(soft_wrap=True)  # long commands stay on one line, ready to copy
 
-out = _Output(soft_wrap=True)  # long commands stay on one line, ready to copy
 
 ConfigOption = Annotated[
     Path | None,
@@ -71,7 +86,7 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config, **overrides)
     except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -112,7 +127,7 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         asyncio.run(runner())
     except* OSError as group:
         for exc in group.exceptions:
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            console().print(f"[red]error:[/red] {exc}", highlight=False)
         # A data folder that cannot be used is a bad setting: exit 2, as for any other.
         setting = all(isinstance(exc, DataDirUnusable) for exc in group.exceptions)
         raise typer.Exit(2 if setting else 1) from None
@@ -131,7 +146,7 @@ def run(config: ConfigOption = None) -> None:
     try:
         gateway = Gateway(settings)
     except (ProfileError, InventoryError, DataFileError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
     async def main(stop: asyncio.Event) -> None:
@@ -202,7 +217,7 @@ def demo(
     try:
         fault_rates = parse_faults(faults) if faults else {}
     except ValueError as exc:
-        console.print(f"[red]error:[/red] --faults: {exc}", highlight=False)
+        console().print(f"[red]error:[/red] --faults: {exc}", highlight=False)
         raise typer.Exit(2) from None
     place = chosen(base, data_dir=data_dir, community=community, api_host=host, api_port=port)
     options = DemoOptions(
@@ -224,59 +239,59 @@ def demo(
 
     def ready(info: DemoInfo) -> None:
         viewer, operator = info.tokens["viewer"], info.tokens["operator"]
-        out.print(
+        out().print(
             f"\n[bold green]cgw demo is running[/bold green] — community [bold]{options.community}[/bold], "
             f"{info.devices} simulated devices",
             highlight=False,
         )
         # No token in the link: a link is pasted into chats and browser histories.
-        out.print(
+        out().print(
             f"  Dashboard      {info.api_url}/dashboard/  (sign in with the operator token below)",
             highlight=False,
         )
-        out.print(f"  API and docs   {info.api_url}/docs", highlight=False)
-        out.print(f"  Broker         {info.broker_url} ({info.broker_kind})", highlight=False)
-        out.print(f"  Data           {info.data_dir}", highlight=False)
-        out.print(
+        out().print(f"  API and docs   {info.api_url}/docs", highlight=False)
+        out().print(f"  Broker         {info.broker_url} ({info.broker_kind})", highlight=False)
+        out().print(f"  Data           {info.data_dir}", highlight=False)
+        out().print(
             "  Tokens         " + "  ".join(f"{r}={t}" for r, t in info.tokens.items()), highlight=False
         )
-        out.print("\nTry:", highlight=False)
-        out.print(
+        out().print("\nTry:", highlight=False)
+        out().print(
             f"  curl -H 'Authorization: Bearer {viewer}' {info.api_url}/api/v1/summary", highlight=False
         )
-        out.print(
+        out().print(
             f"  curl -H 'Authorization: Bearer {viewer}' '{info.api_url}/api/v1/devices?online=true'",
             highlight=False,
         )
-        out.print(
+        out().print(
             f"  curl -N -H 'Authorization: Bearer {operator}' {info.api_url}/api/v1/stream", highlight=False
         )
         if info.service_days:
-            out.print(
+            out().print(
                 f"  curl -H 'Authorization: Bearer {viewer}' {info.api_url}/api/v1/needs/hotspots"
                 f"   (after the {info.service_days}-day service history is filled in, ~20 s)",
                 highlight=False,
             )
-            out.print(
+            out().print(
                 f"  curl -H 'Authorization: Bearer {viewer}' '{info.api_url}/api/v1/evaluation?by=provider'",
                 highlight=False,
             )
-            out.print(f"  curl {info.api_url}/open311/v2/services.json", highlight=False)
+            out().print(f"  curl {info.api_url}/open311/v2/services.json", highlight=False)
         port_ = info.broker_url.rsplit(":", 1)[1]
-        out.print(
+        out().print(
             f"  mosquitto_pub -p {port_} -q 1 -t cgw/v1/my-sensor/status "
             '-m \'{"state":"online","kind":"air_quality","location":{"building":"1"}}\'',
             highlight=False,
         )
-        out.print(
+        out().print(
             f"  mosquitto_pub -p {port_} -q 1 -t cgw/v1/my-sensor/telemetry "
             '-m \'{"metrics":{"pm25":88.5,"temp_c":21.4}}\'',
             highlight=False,
         )
-        out.print("Stop with Ctrl-C.\n", highlight=False)
+        out().print("Stop with Ctrl-C.\n", highlight=False)
 
     _run_until_signal(lambda stop: run_demo(options, base, ready, stop))
-    out.print(
+    out().print(
         f"cgw demo stopped; its data stays in {options.data_dir} (the next `cgw demo` there goes on from it)",
         highlight=False,
     )
@@ -334,13 +349,13 @@ def simulate(
     try:
         fault_rates = parse_faults(faults) if faults else {}
     except ValueError as exc:
-        console.print(f"[red]error:[/red] --faults: {exc}", highlight=False)
+        console().print(f"[red]error:[/red] --faults: {exc}", highlight=False)
         raise typer.Exit(2) from None
     try:
         MqttSettings(url=broker)  # the gateway's own check of a broker URL
     except ValidationError as exc:
         reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-        console.print(f"[red]error:[/red] --broker: {reason}", highlight=False)
+        console().print(f"[red]error:[/red] --broker: {reason}", highlight=False)
         raise typer.Exit(2) from None
     if inventory is not None:
         build_community(community, seed, buildings, floors).write_inventory(inventory)
@@ -363,17 +378,17 @@ def simulate(
 
     def started(community: Community) -> None:
         until = f" for {duration:g} s" if duration is not None else "; Ctrl-C stops it"
-        out.print(
+        out().print(
             f"Simulating {len(community.devices)} devices of community {community.name!r} on {broker}{until}",
             highlight=False,
         )
 
     def report(stats: SimulationStats) -> None:
-        out.print(stats.progress(), highlight=False)
+        out().print(stats.progress(), highlight=False)
 
     async def main(stop: asyncio.Event) -> None:
         stats = await run_simulation(config, stop, started, report if progress else None, progress)
-        out.print(stats.summary(), highlight=False)
+        out().print(stats.summary(), highlight=False)
         if stats.devices and not stats.messages:
             # Every device publishes its birth on connecting: none means none connected.
             raise OSError(f"no device could connect to {broker}: is a broker listening there?")
@@ -394,18 +409,18 @@ def _simulate_services(
     from simulators.residents import Hotspot, ServiceSimConfig, ServiceSimulation
 
     if not token:
-        console.print("[red]error:[/red] --services-api needs --token (an operator token)", highlight=False)
+        console().print("[red]error:[/red] --services-api needs --token (an operator token)", highlight=False)
         raise typer.Exit(2)
     spot = None
     if hotspot:
         building, sep, code = hotspot.partition(":")
         if not sep or not building or not code:
-            console.print("[red]error:[/red] --hotspot must be building:service_code", highlight=False)
+            console().print("[red]error:[/red] --hotspot must be building:service_code", highlight=False)
             raise typer.Exit(2)
         from gateway.services.catalogue import load_catalogue
 
         if load_catalogue().get(code) is None:
-            console.print(
+            console().print(
                 f"[red]error:[/red] --hotspot: {code!r} is not in the service catalogue", highlight=False
             )
             raise typer.Exit(2)
@@ -422,7 +437,7 @@ def _simulate_services(
     )
     log = asyncio.run(ServiceSimulation(config).run())
     states = Counter(r.steps[-1][1] if r.steps else "submitted" for r in log.requests)
-    out.print(
+    out().print(
         f"{len(log.requests)} requests over {days} days ({log.duplicates_acked} re-sends recognised); "
         + ", ".join(f"{k}={v}" for k, v in sorted(states.items())),
         highlight=False,
@@ -451,7 +466,7 @@ def doctor(
             mark = "[green]ok[/green]  "
         else:
             mark = "[red]FAIL[/red]" if finding.blocking else "[yellow]WARN[/yellow]"
-        out.print(f"{mark} {finding.check}: {finding.detail}", highlight=False)
+        out().print(f"{mark} {finding.check}: {finding.detail}", highlight=False)
     if any(not f.ok and f.blocking for f in findings):
         raise typer.Exit(1)
 
@@ -470,7 +485,7 @@ def mqtt_auth(
     settings = _settings(config)
     path = inventory or settings.inventory
     if path is None:
-        console.print("[red]error:[/red] no inventory: pass --inventory FILE or set CGW_INVENTORY")
+        console().print("[red]error:[/red] no inventory: pass --inventory FILE or set CGW_INVENTORY")
         raise typer.Exit(2)
     from gateway.credentials import GATEWAY_USER, write_files
     from gateway.profiles import load_profiles
@@ -480,11 +495,11 @@ def mqtt_auth(
     try:
         devices = load_inventory(path, profiles)
     except InventoryError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     terminals = [d.device_id for d in devices if (p := profiles.get(d.kind)) is not None and p.terminal]
     written = write_files(out_dir, [d.device_id for d in devices], terminals=terminals)
-    out.print(
+    out().print(
         f"{written.accounts} accounts ({written.new} new) in {out_dir}/: passwd, acl, credentials.csv\n"
         f"Mosquitto: password_file {out_dir.resolve()}/passwd, acl_file {out_dir.resolve()}/acl, "
         "allow_anonymous false\n"
@@ -522,14 +537,14 @@ def token(
         grant = TokenGrant.model_validate({"role": role, "expires": moment, "name": name})
     except ValidationError as exc:
         problem = exc.errors()[0]
-        console.print(f"[red]error:[/red] {problem['loc'][0]}: {problem['msg']}", highlight=False)
+        console().print(f"[red]error:[/red] {problem['loc'][0]}: {problem['msg']}", highlight=False)
         raise typer.Exit(2) from None
     secret = secrets.token_urlsafe(24)
     digest = hashlib.sha256(secret.encode()).hexdigest()
     entry = grant.model_dump(mode="json", exclude_none=True)
     fields = ", ".join(f"{k}: {v!r}" if k != "role" else f"{k}: {v}" for k, v in entry.items())
-    out.print(f"token (shown once; give it to its holder): {secret}", highlight=False)
-    out.print(f'settings file:\nauth:\n  token_hashes:\n    "{digest}": {{{fields}}}', highlight=False)
+    out().print(f"token (shown once; give it to its holder): {secret}", highlight=False)
+    out().print(f'settings file:\nauth:\n  token_hashes:\n    "{digest}": {{{fields}}}', highlight=False)
 
 
 @app.command()
@@ -551,9 +566,9 @@ def household(
     try:
         count = add_household(register, building, unit, secret)
     except (DataFileError, ValidationError, OSError) as exc:
-        console.print(f"[red]error:[/red] {str(exc).splitlines()[0]}", highlight=False)
+        console().print(f"[red]error:[/red] {str(exc).splitlines()[0]}", highlight=False)
         raise typer.Exit(2) from None
-    out.print(
+    out().print(
         f"{building}/{unit} is in {register} ({count} households; mode 0600, the secrets only hashed). "
         f"The gateway reads it from CGW_SERVICES__HOUSEHOLDS={register.resolve()} at start-up.",
         highlight=False,
@@ -577,7 +592,7 @@ def _resident(contact: str | None, household: str | None) -> Any:
     try:
         return Resident(contact=contact, household=household)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc} (--contact or --household)", highlight=False)
+        console().print(f"[red]error:[/red] {exc} (--contact or --household)", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -586,7 +601,7 @@ def _service_store(settings: Settings) -> sqlite3.Connection:
     from gateway.services import schema
 
     if not settings.services_db_path.exists():
-        console.print(f"[red]error:[/red] no service store in {settings.data_dir}: check CGW_DATA_DIR")
+        console().print(f"[red]error:[/red] no service store in {settings.data_dir}: check CGW_DATA_DIR")
         raise typer.Exit(1)
     return schema.connect(settings.services_db_path)
 
@@ -627,12 +642,12 @@ def residents_export(
         store.close()
     text = json.dumps({"community": settings.community, **found}, ensure_ascii=False, indent=2)
     if out_file is None:
-        out.print(text, highlight=False, markup=False)
+        out().print(text, highlight=False, markup=False)
     else:
         from gateway.files import write_private
 
         write_private(out_file, text.encode())
-        console.print(f"{len(found['requests'])} requests and {len(found['votes'])} votes in {out_file}")
+        console().print(f"{len(found['requests'])} requests and {len(found['votes'])} votes in {out_file}")
 
 
 @residents.command("erase")
@@ -659,7 +674,7 @@ def residents_erase(
         store.close()
     # Dead letters refused before they were redacted may still name the resident.
     letters = forget_dead_letters(settings.db_path, resident.words()) if settings.db_path.exists() else 0
-    out.print(json.dumps({**report.as_dict(), "dead_letters_deleted": letters}, indent=2), highlight=False)
+    out().print(json.dumps({**report.as_dict(), "dead_letters_deleted": letters}, indent=2), highlight=False)
 
 
 @app.command("backup")
@@ -674,10 +689,10 @@ def backup_command(
     try:
         made = backup(settings.data_dir, out_dir, settings.community)
     except (BackupError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in made.files.items())
-    out.print(f"backup in {made.folder} ({sizes})", highlight=False)
+    out().print(f"backup in {made.folder} ({sizes})", highlight=False)
 
 
 @app.command("restore")
@@ -695,7 +710,7 @@ def restore_command(
     host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::") else settings.api.host
     try:
         httpx.get(f"http://{host}:{settings.api.port}/healthz", timeout=1)
-        console.print(
+        console().print(
             f"[red]error:[/red] a gateway answers on {host}:{settings.api.port}: stop it first "
             "(systemctl stop cgw)",
             highlight=False,
@@ -710,15 +725,15 @@ def restore_command(
             typer.confirm(f"replace {', '.join(present)} in {settings.data_dir}?", abort=True)
         restored = restore(folder, settings.data_dir)
     except BackupError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    out.print(f"restored {', '.join(restored)} into {settings.data_dir}", highlight=False)
+    out().print(f"restored {', '.join(restored)} into {settings.data_dir}", highlight=False)
 
 
 @app.command()
 def version() -> None:
     """Print the version."""
-    out.print(__version__)
+    out().print(__version__)
 
 
 def main() -> None:

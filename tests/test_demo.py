@@ -181,7 +181,7 @@ def test_a_closed_stdout_never_stops_the_shutdown(tmp_path: Path) -> None:
     """`cgw demo | head`: once the reader has gone, Ctrl-C still stops the demo and its Mosquitto.
 
     rich answers a broken pipe with SystemExit from inside whatever printed; the demo's output
-    goes quiet instead (gateway/cli.py `_Output`).
+    goes quiet instead (gateway/cli.py `out`).
     """
     process, _, _ = start_demo(tmp_path, "--service-days", "0")
     assert process.stdout is not None
