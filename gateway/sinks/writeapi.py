@@ -3,9 +3,9 @@
 This is all the InfluxDB sink asks of a client: the org, bucket and precision in the query, the
 token as `Authorization: Token ...` (no header when it is empty), line protocol as plain text,
 and the answer's status, `Retry-After` and text. It is what influxdb-client sent (without gzip,
-its default), in `http.client` rather than influxdb-client or httpx: those cost the idle gateway
-MEASURED of its memory (docs/performance.md, "Memory"; docs/timeseries.md), against a target
-of 63 MB for the whole idle gateway (issue 15). What each answer means is the sink's business
+its default), in `http.client` rather than influxdb-client or httpx: each of those costs the
+idle gateway megabytes of its memory target of 63 MB (issue 15; the figures are in
+docs/performance.md, "Memory"). What each answer means is the sink's business
 (gateway/sinks/influx.py).
 
 One connection is kept alive between writes and used from one thread at a time (the sink's own).
