@@ -48,7 +48,6 @@ from gateway.store.outbox import Outbox
 from gateway.store.queries import StoreReader
 from gateway.store.writer import StoreWriter
 from gateway.stream import StreamHub
-from gateway.uplink.commands import DistrictCommands, summaries
 from gateway.wear import WearMeter
 
 if TYPE_CHECKING:
@@ -183,6 +182,8 @@ class Gateway:
         )
         self.router.observers.append(self.care.observe)
         if self.uplink is not None:
+            from gateway.uplink.commands import DistrictCommands, summaries  # with the uplink only
+
             commands = DistrictCommands(
                 settings.community,
                 self.desk,

@@ -9,11 +9,13 @@ in `status_notes` and in extension fields." Extension fields are under `extended
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
-from xml.etree import ElementTree as ET
+from typing import TYPE_CHECKING, Any
 
 from gateway.services.catalogue import Catalogue, Service
 from gateway.text import clean
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 # The spec's discovery example names XML `text/xml`; answers say so, and that they are UTF-8.
 XML_TYPE = "text/xml"
@@ -115,6 +117,10 @@ _ITEM = {
 
 
 def to_xml(root: str, items: list[dict[str, Any]] | dict[str, Any]) -> bytes:
+    # Imported here: only a client asking for .xml needs it, and the idle gateway's memory is
+    # counted (issue 15, docs/performance.md "Memory").
+    from xml.etree import ElementTree as ET
+
     element = ET.Element(root)
     if isinstance(items, list):
         for item in items:
@@ -125,14 +131,16 @@ def to_xml(root: str, items: list[dict[str, Any]] | dict[str, Any]) -> bytes:
     return b'<?xml version="1.0" encoding="utf-8"?>' + body
 
 
-def _fill(element: ET.Element, data: dict[str, Any]) -> None:
+def _fill(element: Element, data: dict[str, Any]) -> None:
+    from xml.etree.ElementTree import SubElement
+
     for key, value in data.items():
-        child = ET.SubElement(element, key)
+        child = SubElement(element, key)
         if isinstance(value, dict):
             _fill(child, value)
         elif isinstance(value, list):
             for item in value:
-                sub = ET.SubElement(child, _ITEM.get(key, "item"))
+                sub = SubElement(child, _ITEM.get(key, "item"))
                 if isinstance(item, dict):
                     _fill(sub, item)
                 else:
