@@ -8,7 +8,7 @@ idle gateway megabytes of its memory target of 63 MB (issue 15; the figures are 
 docs/performance.md, "Memory"). What each answer means is the sink's business
 (gateway/sinks/influx.py).
 
-One connection is kept alive between writes and used from one thread at a time (the sink's own).
+One connection is kept alive between writes and used from one thread (the sink's sending thread).
 """
 
 from __future__ import annotations
