@@ -24,7 +24,8 @@ def start(folder: Path, broker: MosquittoProcess, victoria: VictoriaMetricsProce
         "CGW_INFLUX__TOKEN": "t",
         "CGW_AUTH__TOKENS": f'{{"{TOKEN}": "operator"}}',
         "CGW_AUTH__WRITE_RATE_LIMIT": "",
-        "CGW_LOG_LEVEL": "warning",
+        # info: the harness (tests/services.py) waits for the "running" line the gateway logs at info.
+        "CGW_LOG_LEVEL": "info",
         # Thousands of simulated devices register themselves; the cap is for junk, not for load.
         "CGW_REGISTRATION_MAX_DEVICES": "1000000",
         **env,
