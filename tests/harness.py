@@ -102,7 +102,11 @@ async def eventually(probe: Callable[[], T | None], timeout: float = ..., what: 
 
 async def eventually(probe: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
     """Poll `probe` (a coroutine function, or a plain one) until it returns something truthy;
-    the value is returned."""
+    the value is returned.
+
+    A bounded poll, for state with no signal to await: a row behind the API, a point in
+    VictoriaMetrics, a driver's `connected` property. Await a signal instead where there is one
+    (docs/testing.md, "How tests wait")."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

@@ -342,6 +342,10 @@ class GatewayProcess(_Process):
 
 
 def wait_for(probe: Callable[..., Any], timeout: float, what: str) -> Any:
+    """`eventually` for synchronous tests: poll `probe` until it returns something truthy.
+
+    A bounded poll, for state in another process with no signal to await (a gateway's HTTP
+    answers, a message at a district broker); docs/testing.md, "How tests wait"."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
