@@ -95,7 +95,7 @@ async def test_driver_reads_scaled_values_and_reports_presence() -> None:
         await inbox.wait_for(lambda m: m[1] == b'{"state":"offline"}')
         assert not driver.connected
         server = await serve_meter("127.0.0.1", port, meter)
-        await eventually(_async(lambda: len(inbox.payloads("status")) == 3), 10, "back online")
+        await inbox.wait_for(lambda _: len(inbox.payloads("status")) == 3, 10)  # back online
         assert inbox.payloads("status")[-1]["state"] == "online"
     finally:
         await driver.stop()
