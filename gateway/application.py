@@ -36,12 +36,19 @@ from gateway.pipeline.run import Pipeline
 from gateway.profiles import load_profiles
 from gateway.registry import DeviceRegistry, load_inventory
 from gateway.rules import AlarmEngine
+from gateway.services import schema as services_schema
+from gateway.services.actions import Actions
 from gateway.services.catalogue import load_catalogue
+from gateway.services.context import ServiceContext
+from gateway.services.deadlines import Deadlines
 from gateway.services.desk import ServiceDesk
 from gateway.services.households import HouseholdRegister
+from gateway.services.refusals import Refusals
+from gateway.services.relay import RecordRelay
 from gateway.settings import Settings
 from gateway.sinks.drain import OutboxDrain
 from gateway.sinks.influx import InfluxSink
+from gateway.sqlite import SqliteThread
 from gateway.store.lock import DataDirLock
 from gateway.store.maintenance import StoreMaintenance, rollup_delay_ms
 from gateway.store.outbox import Outbox
@@ -97,16 +104,23 @@ class Gateway:
         self.clock = ClockWatch(floor_ms=read_floor(settings.data_dir))
         self.alarms = AlarmEngine(self.profiles)
         self.catalogue = load_catalogue(settings.services.catalogue, settings.services.stall_after)
-        self.desk = ServiceDesk(
-            settings.services_db_path,
+        # services.sqlite3: one connection on one thread, which the desk, the actions, the
+        # deadline loop, the relay and the API's reads all call (one writer, so none races).
+        self.services = SqliteThread(
+            "services", functools.partial(services_schema.connect, settings.services_db_path)
+        )
+        self.refusals = Refusals(self.instruments)
+        self.relay = RecordRelay(self.services)
+        service_context = ServiceContext(
+            self.services,
             self.catalogue,
             settings.community,
             self.instruments,
-            settings.services.check_interval_s,
+            self.refusals,
             HouseholdRegister.load(settings.services.households),
-            settings.privacy,
             self.clock,
         )
+        self.desk = ServiceDesk(service_context)
         self.hub = StreamHub(
             self.instruments,
             settings.api.stream_queue,
@@ -176,9 +190,13 @@ class Gateway:
             DeviceRateLimit(settings.pipeline.device_rate_limit, settings.pipeline.backlog_allowance),
             self.clock,
         )
-        self.router = Router(self.writer, self.hub, self.desk, self.mqtt.publish)
+        self.router = Router(self.writer, self.hub, self.desk, self.relay, self.mqtt.publish)
+        self.actions = Actions(service_context, self.relay, self.router.deliver)
+        self.deadlines = Deadlines(
+            service_context, self.router.deliver, settings.privacy, settings.services.check_interval_s
+        )
         self.care = CareDesk(
-            settings.care_db_path, settings.care, self.catalogue, self.desk, self.registry, self.clock
+            settings.care_db_path, settings.care, self.catalogue, self.actions, self.registry, self.clock
         )
         self.router.observers.append(self.care.observe)
         if self.uplink is not None:
@@ -186,7 +204,7 @@ class Gateway:
 
             commands = DistrictCommands(
                 settings.community,
-                self.desk,
+                self.actions,
                 self.registry,
                 self.profiles,
                 self.mqtt.publish,
@@ -196,7 +214,7 @@ class Gateway:
                 int(settings.uplink.command_lifetime.total_seconds() * 1000),
                 self.clock,
             )
-            self.uplink.serve(functools.partial(summaries, self.desk), commands.handle)
+            self.uplink.serve(functools.partial(summaries, self.services, self.catalogue), commands.handle)
         self.pipeline = Pipeline(
             self.processor,
             self.router,
@@ -217,7 +235,9 @@ class Gateway:
                 write_limit=KeyedRateLimit(settings.auth.write_rate_limit),
                 readiness=self.readiness,
                 alarms_active=self.alarms.active,
-                desk=self.desk,
+                services=self.services,
+                catalogue=self.catalogue,
+                actions=self.actions,
                 care=self.care,
                 open311_keyless_reads=settings.services.open311_keyless_reads,
                 device_reads=DeviceReads(settings.privacy.device_read_window.total_seconds()),
@@ -304,7 +324,7 @@ class Gateway:
     async def _run(self) -> None:
         self.registry.restore(await self.writer.open())
         self.registry.apply_inventory(self.inventory)
-        await self.desk.open(self.router.deliver)
+        await self.services.call(services_schema.version)  # opened and migrated before serving
         await self.care.open()
         self._socket = _bind(self.settings.api.host, self.settings.api.port)
         tls = self.settings.api
@@ -327,7 +347,7 @@ class Gateway:
                     tg.create_task(self.writer.run(), name="store-writer"),
                     tg.create_task(self.maintenance.run(), name="store-maintenance"),
                     tg.create_task(self.pipeline.run(), name="pipeline"),
-                    tg.create_task(self.desk.run(), name="service-desk"),
+                    tg.create_task(self.deadlines.run(), name="service-deadlines"),
                     tg.create_task(self.care.run(), name="care-desk"),
                     tg.create_task(self._watch_clock(), name="clock-watch"),
                 ]
@@ -387,7 +407,9 @@ class Gateway:
         for sink in self.sinks:
             await sink.close()
         await self.care.close()
-        await self.desk.close()
+        self.refusals.flush_all()
+        await self.relay.close()
+        await self.services.close()
         await self.writer.close()
         await self.reader.close()
         if self._socket is not None:

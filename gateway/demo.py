@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from gateway.api.headers import WILDCARDS
 from gateway.application import Gateway
 from gateway.broker import LocalBroker, free_port, port_open
+from gateway.services import requests
 from gateway.settings import Settings
 from gateway.store.lock import DataDirLock
 from simulators.community import TERMINALS, build_community
@@ -187,7 +188,7 @@ async def _run_demo(
             await _first(gateway.ready.wait(), gw_task)
             sim_task = tg.create_task(simulate(sim_config, sim_stop), name="simulator")
             history_task: asyncio.Task[None] | None = None
-            if options.service_days and not await gateway.desk.requests(limit=1):
+            if options.service_days and not await gateway.services.call(requests.listing, limit=1):
                 spot = min(3, options.buildings)  # building 3's elevator breaks on the last day
                 history = ServiceSimConfig(
                     broker_url=broker_url,

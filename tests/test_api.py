@@ -37,7 +37,6 @@ def build_gateway(data_dir: Path) -> Gateway:
 
     async def prepare() -> None:
         gateway.registry.restore(await gateway.writer.open())
-        await gateway.desk.open(gateway.router.deliver)
         device = gateway.registry.on_birth(
             "api-aq-1", {"kind": "air_quality", "location": {"building": "2"}}, 1
         )

@@ -23,10 +23,16 @@ from gateway.presence import PresenceTracker
 from gateway.profiles import load_profiles
 from gateway.registry import DeviceRegistry
 from gateway.rules import AlarmEngine
+from gateway.services import schema
+from gateway.services.actions import Actions
 from gateway.services.catalogue import load_catalogue
-from gateway.services.desk import ServiceDesk
+from gateway.services.context import ServiceContext
+from gateway.services.deadlines import Deadlines
 from gateway.services.intake import NewRequest
+from gateway.services.refusals import Refusals
+from gateway.services.relay import RecordRelay
 from gateway.settings import StoreSettings
+from gateway.sqlite import SqliteThread
 from gateway.store.maintenance import StoreMaintenance
 from gateway.store.writer import StoreWriter
 
@@ -238,27 +244,30 @@ async def test_a_deadline_is_kept_across_a_jump(tmp_path: Path, step_s: float) -
     clocks = Clocks()
     watch = ClockWatch(clocks.wall, clocks.mono)
     catalogue = load_catalogue()
-    desk = ServiceDesk(tmp_path / "services.sqlite3", catalogue, "c", Instruments(), clock=watch)
+    db = SqliteThread("services", lambda: schema.connect(tmp_path / "services.sqlite3"))
+    instruments = Instruments()
+    services = ServiceContext(db, catalogue, "c", instruments, Refusals(instruments), clock=watch)
 
     async def nowhere(_: object) -> None:
         return None
 
-    await desk.open(nowhere)
+    actions = Actions(services, RecordRelay(db), nowhere)
+    deadlines = Deadlines(services, nowhere)
     try:
         service = catalogue.get("elderly.emergency_followup")
         assert service is not None
-        await desk.file(NewRequest(service, "a fall in 3-2-201", watch.now_ms(), "open311"), "test")
+        await actions.file(NewRequest(service, "a fall in 3-2-201", watch.now_ms(), "open311"), "test")
         clocks.tick(60)
         clocks.step(step_s)
         watch.check()
-        assert (await desk.check_deadlines(watch.now_ms())).events == []  # not overdue at once
+        assert (await deadlines.check(watch.now_ms())).events == []  # not overdue at once
         clocks.tick(28 * 60)
-        assert (await desk.check_deadlines(watch.now_ms())).events == []
+        assert (await deadlines.check(watch.now_ms())).events == []
         clocks.tick(2 * 60)
-        overdue = await desk.check_deadlines(watch.now_ms())
+        overdue = await deadlines.check(watch.now_ms())
         assert [e.type for e in overdue.events] == ["request_overdue"]  # 31 min: due, not hours late
     finally:
-        await desk.close()
+        await db.close()
 
 
 @pytest.mark.parametrize("step_s", [YEAR_S, -6 * 3600])

@@ -32,7 +32,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 
     async def prepare() -> None:
         await gateway.writer.open()
-        await gateway.desk.open(gateway.router.deliver)
 
     asyncio.run(prepare())
     with served(gateway) as test_client:

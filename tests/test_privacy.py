@@ -363,7 +363,7 @@ async def test_every_read_of_personal_data_is_in_the_access_log(tmp_path: Path, 
             assert all(e["role"] in ("operator", "installer") for e in everyone)  # never the viewer
             # Kept for privacy.access_log_retention, then deleted by the desk's periodic task.
             keep_ms = int(settings.privacy.access_log_retention.total_seconds() * 1000)
-            await gw.desk.keep_to_retention(max(e["ts_ms"] for e in everyone) + keep_ms + 1)
+            await gw.deadlines.keep_to_retention(max(e["ts_ms"] for e in everyone) + keep_ms + 1)
             assert (await installer.get("/api/v1/access-log")).json()["items"] == []
 
 

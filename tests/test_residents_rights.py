@@ -215,11 +215,11 @@ async def test_closed_requests_are_pseudonymised_after_the_retention(tmp_path: P
         before = await figures(gw, proposal)
         # Within the retention nothing changes; past it, the periodic task pseudonymises.
         now = int(time.time() * 1000)
-        await gw.desk.keep_to_retention(now)
+        await gw.deadlines.keep_to_retention(now)
         async with api(gw, "operator-token") as operator:
             assert (await operator.get(f"/api/v1/requests/{ticket}")).json()["description"] == WORDS
         keep_ms = int(settings.privacy.personal_data_retention.total_seconds() * 1000)
-        await gw.desk.keep_to_retention(now + keep_ms + 60_000)
+        await gw.deadlines.keep_to_retention(now + keep_ms + 60_000)
         async with api(gw, "operator-token") as operator:
             for t in (ticket, other_ticket):
                 seen = (await operator.get(f"/api/v1/requests/{t}")).json()

@@ -719,8 +719,13 @@ def test_any_district_message_gets_one_answer_and_only_a_valid_one_acts(tmp_path
     from gateway.instruments import Instruments
     from gateway.profiles import load_profiles
     from gateway.registry import DeviceRegistry
+    from gateway.services import schema
+    from gateway.services.actions import Actions
     from gateway.services.catalogue import load_catalogue
-    from gateway.services.desk import ServiceDesk
+    from gateway.services.context import ServiceContext
+    from gateway.services.refusals import Refusals
+    from gateway.services.relay import RecordRelay
+    from gateway.sqlite import SqliteThread
     from gateway.store.writer import StoreWriter
     from gateway.uplink.commands import DistrictCommands
 
@@ -730,9 +735,15 @@ def test_any_district_message_gets_one_answer_and_only_a_valid_one_acts(tmp_path
     registry.on_birth("aq-1", {"kind": "air_quality"}, 0)
     registry.resolve("junk-1", 0)
     writer = StoreWriter(tmp_path / "cgw.sqlite3", metrics)
-    desk = ServiceDesk(tmp_path / "services.sqlite3", load_catalogue(), "c", metrics)
+    services = SqliteThread("services", lambda: schema.connect(tmp_path / "services.sqlite3"))
     sent: list[tuple[str, bytes]] = []
     recorded: list[Any] = []
+
+    async def no_delivery(_: Any) -> None:
+        return None
+
+    context = ServiceContext(services, load_catalogue(), "c", metrics, Refusals(metrics))
+    actions = Actions(context, RecordRelay(services), no_delivery)
 
     async def snapshot() -> int:
         return 0
@@ -741,15 +752,18 @@ def test_any_district_message_gets_one_answer_and_only_a_valid_one_acts(tmp_path
         recorded.append(event)
 
     commands = DistrictCommands(
-        "c", desk, registry, profiles, lambda t, p: sent.append((t, p)), snapshot, writer, record, 3_600_000
+        "c",
+        actions,
+        registry,
+        profiles,
+        lambda t, p: sent.append((t, p)),
+        snapshot,
+        writer,
+        record,
+        3_600_000,
     )
     with asyncio.Runner() as runner:
         runner.run(writer.open())
-
-        async def no_delivery(_: Any) -> None:
-            return None
-
-        runner.run(desk.open(no_delivery))
 
         @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
         @given(message=_commands | _json | st.binary(max_size=40))
@@ -773,5 +787,5 @@ def test_any_district_message_gets_one_answer_and_only_a_valid_one_acts(tmp_path
 
         check()
         assert [orjson.loads(p)["id"] for _, p in sent].count("v1") == 1
-        runner.run(desk.close())
+        runner.run(services.close())
         runner.run(writer.close())

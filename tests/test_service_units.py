@@ -267,3 +267,35 @@ def test_a_community_smaller_than_the_voters_lets_every_household_vote() -> None
     assert len(drawn) == 1 * 2 * UNITS_PER_FLOOR
     assert sorted(drawn) == sorted(f"1/1-{f}{u:02d}" for f in (1, 2) for u in range(1, UNITS_PER_FLOOR + 1))
     assert len(voting_households(random.Random(7), buildings=9, floors=6, voters=40)) == 40
+
+
+async def test_the_relay_hands_each_record_on_once_and_forgets_it_once_durable(tmp_path: Path) -> None:
+    """One counter: a record goes with one batch only, and leaves services.sqlite3 when that
+    batch is durable; a refusal over the API goes with the next batch."""
+    from gateway.models import Batch, DeadLetter
+    from gateway.sqlite import SqliteThread
+
+    db = SqliteThread("services", lambda: schema.connect(tmp_path / "services.sqlite3"))
+    hand_off = relay.RecordRelay(db)
+    try:
+        await db.call(relay.keep, [{"kind": "line", "line": "a x=1 1"}, {"kind": "line", "line": "b x=2 2"}])
+        letter = DeadLetter(1, "api/vote", "t", "already_voted: again", b"{}", "vote")
+        hand_off.hold(letter)
+        first = Batch()
+        await hand_off.hand_on(first)
+        assert [r["line"] for r in first.records] == ["a x=1 1", "b x=2 2"]
+        assert first.dead_letters == [letter]
+        await db.call(relay.keep, [{"kind": "line", "line": "c x=3 3"}])
+        second = Batch()
+        await hand_off.hand_on(second)  # before the first is durable: only what came since
+        assert [r["line"] for r in second.records] == ["c x=3 3"] and not second.dead_letters
+        for done in first.on_durable:
+            done()
+        await hand_off.close()  # waits for the forgetting
+        kept = await db.call(lambda conn: [r[0] for r in conn.execute("SELECT body FROM outbox_records")])
+        assert len(kept) == 1 and "c x=3 3" in kept[0]
+        nothing = Batch()
+        await hand_off.hand_on(nothing)
+        assert not nothing.records and not nothing.on_durable
+    finally:
+        await db.close()

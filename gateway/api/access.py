@@ -15,6 +15,7 @@ from fastapi import Request
 from gateway import privacy
 from gateway.api.auth import Principal
 from gateway.api.context import ApiContext
+from gateway.services import access_log
 from gateway.services.access_log import Access
 
 
@@ -34,7 +35,7 @@ async def record_reads(
     if not ids:
         return
     name = where if isinstance(where, str) else endpoint(where)
-    await ctx.desk.record_access(Access(ctx.clock.now_ms(), who.who, who.role, who.token_id, name, ids))
+    await ctx.services.call(access_log.record, Access(ctx.clock.now_ms(), who.who, who.role, who.token_id, name, ids))
 
 
 async def record_device_reads(

@@ -14,8 +14,10 @@ from gateway.instruments import Instruments
 from gateway.limits import KeyedRateLimit
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
-from gateway.services.desk import ServiceDesk
+from gateway.services.actions import Actions
+from gateway.services.catalogue import Catalogue
 from gateway.settings import TokenGrant
+from gateway.sqlite import SqliteThread
 from gateway.store.queries import StoreReader
 from gateway.stream import StreamHub
 
@@ -32,7 +34,9 @@ class ApiContext:
     write_limit: KeyedRateLimit  # per token
     readiness: Callable[[], dict[str, Any]]
     alarms_active: Callable[[str], list[str]]
-    desk: ServiceDesk
+    services: SqliteThread  # services.sqlite3: `await ctx.services.call(requests.get, ticket)`
+    catalogue: Catalogue
+    actions: Actions  # writes that are delivered (the live stream, the relay) before answering
     device_reads: DeviceReads  # built from privacy.device_read_window
     open311_keyless_reads: bool = False  # services.open311_keyless_reads
     # The gateway's time (gateway/clock.py): what routes stamp records and default windows with,

@@ -18,6 +18,7 @@ import orjson
 
 from gateway.models import Batch, DeviceEvent, PresenceChange, event_id
 from gateway.services.desk import DeskOutput, ServiceDesk
+from gateway.services.relay import RecordRelay
 from gateway.store.writer import StoreWriter
 from gateway.stream import StreamHub
 
@@ -31,11 +32,13 @@ class Router:
         store: StoreWriter,
         hub: StreamHub,
         desk: ServiceDesk | None = None,
+        relay: RecordRelay | None = None,
         publish: Publish | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._desk = desk
+        self._relay = relay
         self._publish = publish
         # Told of every batch first, on the loop, and must not block (the care desk's activity).
         self.observers: list[Callable[[Batch], None]] = []
@@ -56,8 +59,7 @@ class Router:
             self._live(output)
             batch.events.extend(output.events)
             batch.dead_letters.extend(output.dead_letters)
-            batch.records.extend(output.records)
-            batch.on_durable.append(self._forwarded(output))
+            await self._hand_on(batch)
         # One commit makes the batch durable in the local store and in every sink's outbox;
         # the batch's on_durable callbacks (broker acks) run after it.
         await self._store.put(batch)
@@ -65,11 +67,12 @@ class Router:
             self._send_acks(output)
 
     async def deliver(self, output: DeskOutput) -> None:
-        """The service desk's own output (operators' actions, deadline checks): durable, then told."""
+        """The services' own output (operators' actions, deadline checks): durable, then told."""
         self._live(output)
-        batch = Batch(events=output.events, dead_letters=output.dead_letters, records=output.records)
-        batch.on_durable.append(self._forwarded(output))
-        await self._store.put_durable(batch)
+        batch = Batch(events=output.events, dead_letters=output.dead_letters)
+        await self._hand_on(batch)
+        if output or batch.records or batch.dead_letters:
+            await self._store.put_durable(batch)
         self._send_acks(output)
 
     async def record(self, event: DeviceEvent) -> None:
@@ -83,14 +86,10 @@ class Router:
         for event in output.events:
             self._hub.publish("alarm" if event.alarm else "event", event_payload(event))
 
-    def _forwarded(self, output: DeskOutput) -> Callable[[], None]:
-        desk, upto = self._desk, output.records_upto
-
-        def done() -> None:
-            if desk is not None and upto:
-                desk.forwarded(upto)
-
-        return done
+    async def _hand_on(self, batch: Batch) -> None:
+        """Service records kept since the last batch (and refusals over the API) go with this one."""
+        if self._relay is not None:
+            await self._relay.hand_on(batch)
 
     def _send_acks(self, output: DeskOutput) -> None:
         for topic, payload in output.acks:

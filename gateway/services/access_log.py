@@ -5,7 +5,8 @@ that carries personal data to a role allowed to read it (gateway/privacy.py), ea
 item of a request sent to such a reader, and each `cgw residents export`, adds one entry: the
 reader (the token's name, else its id), its role, the endpoint, and the tickets (or households)
 read. Installers list it (`GET /api/v1/access-log`); entries older than
-`privacy.access_log_retention` are deleted by the service desk's periodic task.
+`privacy.access_log_retention` are deleted by the services' periodic task
+(gateway/services/deadlines.py).
 
 Functions over the services' connection (gateway/services/schema.py), run on the services' thread.
 """

@@ -19,7 +19,7 @@ from gateway.services import evaluation, relay, requests
 from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRating
 from gateway.services.refusals import DeskError
-from gateway.services.requests import TICKET_ALPHABET, Step
+from gateway.services.requests import TICKET_ALPHABET, Move, Step
 from gateway.sqlite import transaction
 
 RATING_CODE_CHARS = 8
@@ -64,16 +64,14 @@ def rate(
     step = None
     if row["state"] == "completed":
         ts = max(rating.ts_ms, row["state_since_ms"])
-        step = requests.transition(
-            conn,
-            catalogue,
+        move = Move(
             rating.service_request_id,
             "evaluated",
             f"resident via {rating.rater}",
             f"rated {rating.score}/5",
             ts_ms=ts,
-            now_ms=max(now_ms, ts),
         )
+        step = requests.transition(conn, catalogue, move, max(now_ms, ts))
     return requests.request_view(requests.row_of(conn, rating.service_request_id)), True, step
 
 

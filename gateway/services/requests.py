@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,21 @@ TICKET_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
 TICKET_CHARS = 10
 
 MAX_CLOCK_AHEAD_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A step asked for: `ticket` to `to`, by `actor` (an operator, the district, a resident's
+    rating), with what the target needs (`provider_id` to assign, `merged_into` to merge) and
+    when it happened (`ts_ms`; default now)."""
+
+    ticket: str
+    to: State
+    actor: str
+    note: str = ""
+    provider_id: str | None = None
+    merged_into: str | None = None
+    ts_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -117,19 +133,10 @@ def _new_ticket(conn: sqlite3.Connection, community: str) -> str:
             return ticket
 
 
-def transition(
-    conn: sqlite3.Connection,
-    catalogue: Catalogue,
-    ticket: str,
-    target: State,
-    actor: str,
-    note: str = "",
-    provider_id: str | None = None,
-    merged_into: str | None = None,
-    ts_ms: int | None = None,
-    now_ms: int = 0,
-) -> Step:
-    """Move a request to `target` (when its lifecycle allows), recording the step."""
+def transition(conn: sqlite3.Connection, catalogue: Catalogue, move: Move, now_ms: int) -> Step:
+    """Move a request (when its lifecycle allows), recording the step."""
+    ticket, target, actor = move.ticket, move.to, move.actor
+    provider_id, merged_into, ts_ms = move.provider_id, move.merged_into, move.ts_ms
     with transaction(conn, immediate=True):
         row = row_of(conn, ticket)
         current: State = row["state"]
@@ -175,7 +182,7 @@ def transition(
         if target == "reopened":
             updates["completed_ms"] = None
             updates["overdue_alarm_ms"] = None
-        text = note or _default_note(target, provider_id, merged_into)
+        text = move.note or _default_note(target, provider_id, merged_into)
         updates["status_notes"] = text
         assignments = ", ".join(f"{k} = ?" for k in updates)
         conn.execute(f"UPDATE requests SET {assignments} WHERE id = ?", (*updates.values(), ticket))
@@ -215,9 +222,9 @@ def history(conn: sqlite3.Connection, ticket: str) -> list[dict[str, Any]]:
 def listing(
     conn: sqlite3.Connection,
     *,
-    ids: list[str] | None = None,
-    codes: list[str] | None = None,
-    states: list[str] | None = None,
+    ids: Sequence[str] | None = None,
+    codes: Sequence[str] | None = None,
+    states: Sequence[str] | None = None,
     provider_id: str | None = None,
     building: str | None = None,
     filed_by: str | None = None,

@@ -5,7 +5,7 @@ no longer than needed (docs/privacy.md). Here:
 - `pseudonymise_closed`: the personal fields (gateway/privacy.py REQUEST_PERSONAL, the steps'
   notes, the ratings' comments) of requests closed longer than `privacy.personal_data_retention`
   are emptied, and votes on proposals closed that long ago no longer name their household. Run by
-  the service desk's periodic task.
+  the services' periodic task (gateway/services/deadlines.py).
 - `export`: everything kept about one contact or one household, as JSON.
 - `erase`: the same pseudonymisation at once, for one contact or one household, with a report.
 The rows stay, with their services, providers, times, states, scores and vote choices: every

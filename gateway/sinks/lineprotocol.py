@@ -73,7 +73,7 @@ def _string(value: str) -> str:
 
 
 def service_record_lines(record: dict[str, Any], community: str) -> list[str]:
-    """The lines of one service record the desk kept (`step_record`, `rating_record`)."""
+    """The lines of one service record (`step_record` and `rating_record` in gateway/services/)."""
     kind = record["kind"]
     if kind == "step":
         return service_step_lines(record, community)

@@ -35,9 +35,13 @@ from gateway.clock import ClockWatch, now_ms
 from gateway.models import DISTRICT, DeviceEvent
 from gateway.profiles import ProfileSet
 from gateway.registry import DeviceRegistry
-from gateway.services.desk import ServiceDesk
+from gateway.services import ratings, requests
+from gateway.services.actions import Actions
+from gateway.services.catalogue import Catalogue
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.refusals import DeskError
+from gateway.services.requests import Move
+from gateway.sqlite import SqliteThread
 from gateway.store import commands as ledger
 from gateway.store.writer import StoreWriter
 from gateway.text import clean
@@ -94,7 +98,7 @@ class DistrictCommands:
     def __init__(
         self,
         community: str,
-        desk: ServiceDesk,
+        actions: Actions,
         registry: DeviceRegistry,
         profiles: ProfileSet,
         publish: Publish,
@@ -105,7 +109,7 @@ class DistrictCommands:
         clock: ClockWatch | None = None,
     ) -> None:
         self._community = community
-        self._desk = desk
+        self._actions = actions
         self._registry = registry
         self._profiles = profiles
         self._publish = publish
@@ -192,13 +196,15 @@ class DistrictCommands:
         if isinstance(command, Ping):
             return {"community": self._community, "version": __version__, "ts_ms": self._clock.now_ms()}
         if isinstance(command, Transition):
-            request = await self._desk.transition(
-                command.service_request_id,
-                command.to,
-                DISTRICT,
-                command.note,
-                command.provider_id,
-                command.merged_into,
+            request = await self._actions.transition(
+                Move(
+                    command.service_request_id,
+                    command.to,
+                    DISTRICT,
+                    command.note,
+                    command.provider_id,
+                    command.merged_into,
+                )
             )
             return privacy.uplink_request(request)
         if isinstance(command, DeviceCommand):
@@ -244,12 +250,14 @@ def _refused(ident: Any, action: Any, error: str) -> dict[str, Any]:
     }
 
 
-async def summaries(desk: ServiceDesk) -> list[tuple[str, dict[str, Any]]]:
+async def summaries(services: SqliteThread, catalogue: Catalogue) -> list[tuple[str, dict[str, Any]]]:
     """The snapshots sent up: the ranked needs list (last 7 days) and 30 days of evaluation."""
     now = now_ms()
-    needs = await desk.needs_list(7 * 86_400_000)
+    needs = await services.call(requests.needs_list, catalogue, now, 7 * 86_400_000)
     start = now - 30 * 86_400_000
-    evaluation = await desk.evaluations(start, now + 1, ("overall", "service", "provider"), "all")
+    evaluation = await services.call(
+        ratings.evaluations, start, now + 1, ("overall", "service", "provider"), "all"
+    )
     return [
         ("needs", {"key": f"needs:{now}", "ts_ms": now, "window_days": 7, "needs": needs}),
         (

@@ -15,6 +15,7 @@ from gateway.api.auth import Principal, require
 from gateway.api.context import Ctx
 from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import AUTH, AccessList
+from gateway.services import access_log as reads_log
 
 router = APIRouter(prefix="/api/v1", tags=["privacy"])
 Installer = Annotated[Principal, Depends(require("installer"))]
@@ -36,7 +37,8 @@ async def access_log(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> AccessList:
-    items = await ctx.desk.access_log(
+    items = await ctx.services.call(
+        reads_log.listing,
         since_ms=epoch_ms(since),
         until_ms=epoch_ms(until),
         who=who,

@@ -13,6 +13,7 @@ from gateway.api.auth import Reader
 from gateway.api.context import Ctx
 from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import ErrorBody, Evaluation, Figures
+from gateway.services import ratings
 from gateway.services.evaluation import By, Period
 
 router = APIRouter(prefix="/api/v1", tags=["evaluation"])
@@ -43,7 +44,7 @@ async def evaluate(
         raise HTTPException(422, "start must be before end")
     if end_ms - start_ms > 3660 * 86_400_000:
         raise HTTPException(422, "the range may span at most ten years")
-    rows = await ctx.desk.evaluation(start_ms, end_ms, by, period)
+    rows = (await ctx.services.call(ratings.evaluations, start_ms, end_ms, (by,), period))[by]
     return Evaluation(
         start_ms=start_ms, end_ms=end_ms, by=by, period=period, rows=[Figures.model_validate(r) for r in rows]
     )

@@ -33,7 +33,8 @@ from gateway.api.schemas import (
     VoteResult,
 )
 from gateway.durations import parse_duration
-from gateway.services import needs
+from gateway.services import needs, requests
+from gateway.services import proposals as proposal_rows
 from gateway.services.intake import IntakeError, NewVote, household_key, household_secret
 from gateway.services.refusals import DeskError
 from gateway.text import csv_cell
@@ -69,7 +70,9 @@ async def hotspots(
     window_end = epoch_ms(end, default=ctx.clock.now_ms())
     window_start = window_end - duration_ms(window, "window")
     baseline_start = window_start - duration_ms(baseline, "baseline")
-    items = await ctx.desk.hotspots(window_start, window_end, baseline_start, alpha, min_count)
+    items = await ctx.services.call(
+        requests.hotspots, ctx.catalogue, window_start, window_end, baseline_start, alpha, min_count
+    )
     return Hotspots(
         window_start_ms=window_start,
         window_end_ms=window_end,
@@ -93,7 +96,7 @@ async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datet
     start_ms = epoch_ms(start, default=end_ms - 7 * 86_400_000)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
-    signals = await ctx.desk.signals(start_ms, end_ms)
+    signals = await ctx.services.call(requests.signals, start_ms, end_ms)
     return Heatmap(start_ms=start_ms, end_ms=end_ms, buildings=needs.heatmap(signals, start_ms, end_ms))
 
 
@@ -104,13 +107,17 @@ async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datet
     responses=BAD,
 )
 async def list_needs(ctx: Ctx, _: Reader, recent: DurationText = "7d") -> NeedsList:
-    items = await ctx.desk.needs_list(duration_ms(recent, "recent"))
+    items = await ctx.services.call(
+        requests.needs_list, ctx.catalogue, ctx.clock.now_ms(), duration_ms(recent, "recent")
+    )
     return NeedsList(items=[Need.model_validate(n) for n in items])
 
 
 @router.get("/proposals", response_model=ProposalList, summary="Proposals and their votes", responses=AUTH)
 async def proposals(ctx: Ctx, _: Reader) -> ProposalList:
-    return ProposalList(items=[Proposal.model_validate(p) for p in await ctx.desk.proposals()])
+    return ProposalList(
+        items=[Proposal.model_validate(p) for p in await ctx.services.call(proposal_rows.listing)]
+    )
 
 
 @router.post(
@@ -121,8 +128,14 @@ async def proposals(ctx: Ctx, _: Reader) -> ProposalList:
     responses={**BAD, **TOO_MANY},
 )
 async def create_proposal(ctx: Ctx, who: Operator, body: ProposalIn) -> Proposal:
-    created = await ctx.desk.create_proposal(
-        body.title, body.description, body.need_ids, epoch_ms(body.closes), who.actor
+    created = await ctx.services.call(
+        proposal_rows.create,
+        body.title,
+        body.description,
+        body.need_ids,
+        epoch_ms(body.closes),
+        who.actor,
+        ctx.clock.now_ms(),
     )
     return Proposal.model_validate(created)
 
@@ -134,7 +147,7 @@ async def create_proposal(ctx: Ctx, who: Operator, body: ProposalIn) -> Proposal
     responses={**AUTH, 404: {"model": ErrorBody}},
 )
 async def get_proposal(ctx: Ctx, _: Reader, proposal_id: ProposalId) -> Proposal:
-    found = await ctx.desk.proposal(proposal_id)
+    found = await ctx.services.call(proposal_rows.get, proposal_id)
     if found is None:
         raise HTTPException(404, f"no proposal {proposal_id!r}")
     return Proposal.model_validate(found)
@@ -152,7 +165,7 @@ async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -
         household = household_key(body.building, body.unit)
         key = f"api:{who.token_id}|{body.vote_id}" if body.vote_id else None
         secret = household_secret(body.pin, body.card)
-        status, proposal = await ctx.desk.vote(
+        status, proposal = await ctx.actions.vote(
             NewVote(proposal_id, household, body.choice, ctx.clock.now_ms(), None, key, secret, who.actor)
         )
     except IntakeError as exc:
@@ -170,7 +183,9 @@ async def vote(ctx: Ctx, who: Terminal, proposal_id: ProposalId, body: VoteIn) -
 )
 async def close_proposal(ctx: Ctx, _: Operator, proposal_id: ProposalId, body: CloseIn) -> Proposal:
     try:
-        return Proposal.model_validate(await ctx.desk.close_proposal(proposal_id, body.file))
+        return Proposal.model_validate(
+            await ctx.services.call(proposal_rows.close, proposal_id, ctx.clock.now_ms(), body.file)
+        )
     except DeskError as exc:
         raise refused(exc) from None
 
@@ -201,9 +216,10 @@ PLAN_COLUMNS = (
 async def plan(
     ctx: Ctx, _: Reader, fmt: Annotated[Literal["json", "csv"], Path()], filed_only: bool = False
 ) -> Response:
-    listed = {n["need_id"]: n for n in await ctx.desk.needs_list(7 * 86_400_000)}
+    needs_now = await ctx.services.call(requests.needs_list, ctx.catalogue, ctx.clock.now_ms(), 7 * 86_400_000)
+    listed = {n["need_id"]: n for n in needs_now}
     rows = []
-    for p in await ctx.desk.proposals():
+    for p in await ctx.services.call(proposal_rows.listing):
         if filed_only and p["filed_ms"] is None:
             continue
         rows.append(

@@ -41,7 +41,7 @@ from gateway.api.schemas import (
     ServiceOut,
     TokenOut,
 )
-from gateway.services import open311
+from gateway.services import open311, requests
 from gateway.services.intake import IntakeError, open311_request
 from gateway.services.lifecycle import OPEN311_CLOSED, STATES
 
@@ -123,7 +123,7 @@ def respond(
 def entry_for(ctx: ApiContext, who: Principal | None, view: dict[str, Any], lang: str) -> dict[str, Any]:
     """A request as an Open311 entry, as `who` (None: a keyless reader) may read it: a keyless
     reader gets what the lowest reading role gets, the redacted entry (gateway/privacy.py)."""
-    entry = open311.request_entry(view, ctx.desk.catalogue, lang)
+    entry = open311.request_entry(view, ctx.catalogue, lang)
     return privacy.open311_for(who.role if who is not None else None, entry)
 
 
@@ -134,7 +134,7 @@ def own(who: Principal | None) -> str | None:
 
 async def readable(ctx: ApiContext, who: Principal | None, ticket: str) -> dict[str, Any] | None:
     """The request, if `who` may know it exists (a terminal: only the tickets it filed)."""
-    found = await ctx.desk.get(ticket)
+    found = await ctx.services.call(requests.get, ticket)
     if found is None or (own(who) is not None and found.get("filed_by") != own(who)):
         return None
     return found
@@ -188,7 +188,7 @@ async def services(
     ctx: Ctx, fmt: Format, jurisdiction_id: Jurisdiction = None, lang: Lang = "zh"
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
-    items = [open311.service_entry(s, lang) for s in ctx.desk.catalogue.services.values()]
+    items = [open311.service_entry(s, lang) for s in ctx.catalogue.services.values()]
     return respond(fmt, "services", items)
 
 
@@ -204,7 +204,7 @@ async def service_definition(
     jurisdiction_id: Jurisdiction = None,
 ) -> Response:
     check_jurisdiction(ctx, jurisdiction_id)
-    service = ctx.desk.catalogue.get(service_code)
+    service = ctx.catalogue.get(service_code)
     if service is None:
         raise HTTPException(404, f"service_code {service_code!r} is not in the catalogue")
     return respond(fmt, "service_definition", open311.service_definition(service))
@@ -237,7 +237,11 @@ async def list_requests(
     if service_request_id is not None:
         # The spec: when ids are given, the other filters are ignored.
         ids = [i.strip() for i in service_request_id.split(",") if i.strip()][:MAX_RESULTS]
-        found = await ctx.desk.requests(ids=ids, filed_by=own(who), limit=MAX_RESULTS) if ids else []
+        found = (
+            await ctx.services.call(requests.listing, ids=ids, filed_by=own(who), limit=MAX_RESULTS)
+            if ids
+            else []
+        )
     else:
         start = epoch_ms(start_date, 400)
         end = epoch_ms(end_date, 400)
@@ -262,8 +266,14 @@ async def list_requests(
                 closed = wanted == {"closed"}
                 states = [s for s in STATES if (s in OPEN311_CLOSED) == closed]
         codes = [c.strip() for c in service_code.split(",") if c.strip()] if service_code else None
-        found = await ctx.desk.requests(
-            codes=codes, states=states, filed_by=own(who), start_ms=start, end_ms=end, limit=MAX_RESULTS
+        found = await ctx.services.call(
+            requests.listing,
+            codes=codes,
+            states=states,
+            filed_by=own(who),
+            start_ms=start,
+            end_ms=end,
+            limit=MAX_RESULTS,
         )
     entries = [shown(entry_for(ctx, who, r, lang), extensions) for r in found]
     await record_reads(ctx, who, request, (r["id"] for r in found))
@@ -370,12 +380,12 @@ async def post_request(
     form = await _post_fields(request)
     check_jurisdiction(ctx, form.get("jurisdiction_id"))
     try:
-        new = open311_request(ctx.desk.catalogue, form, ctx.clock.now_ms())
+        new = open311_request(ctx.catalogue, form, ctx.clock.now_ms())
     except IntakeError as exc:
         # The spec: 404 for a service_code it does not know, 400 for any other bad field.
         raise HTTPException(404 if str(exc).startswith("unknown_service") else 400, str(exc)) from None
-    view, created = await ctx.desk.file(new, f"{principal.role}:{principal.token_id}")
-    notice = open311.request_entry(view, ctx.desk.catalogue, lang)["service_notice"]
+    view, created = await ctx.actions.file(new, f"{principal.role}:{principal.token_id}")
+    notice = open311.request_entry(view, ctx.catalogue, lang)["service_notice"]
     if not created:
         notice = f"duplicate: already filed as {view['id']}"
     # The ticket is issued at once, so the answer is a service_request_id, not a token (the spec

@@ -31,9 +31,11 @@ from gateway.api.schemas import (
     RequestOut,
     TransitionIn,
 )
+from gateway.services import ratings, requests
 from gateway.services.intake import NewRating
 from gateway.services.lifecycle import State, TransitionError
 from gateway.services.refusals import DeskError
+from gateway.services.requests import Move
 
 router = APIRouter(prefix="/api/v1", tags=["service requests"])
 REFUSED: dict[int | str, dict[str, Any]] = {  # the writes' refusals
@@ -66,7 +68,8 @@ async def list_requests(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> RequestList:
-    items = await ctx.desk.requests(
+    items = await ctx.services.call(
+        requests.listing,
         states=list(state) if state else None,
         codes=[service_code] if service_code else None,
         provider_id=provider_id,
@@ -97,11 +100,11 @@ def visible(who: Principal, view: dict[str, Any] | None) -> bool:
     responses={**AUTH, 404: {"model": ErrorBody}},
 )
 async def get_request(ctx: Ctx, who: Reader, request: Request, ticket: Ticket) -> RequestDetail:
-    found = await ctx.desk.get(ticket)
+    found = await ctx.services.call(requests.get, ticket)
     if found is None or not visible(who, found):
         raise HTTPException(404, f"no service request {ticket!r}")
-    history = await ctx.desk.history(ticket)
-    rating = await ctx.desk.rating_of(ticket)
+    history = await ctx.services.call(requests.history, ticket)
+    rating = await ctx.services.call(ratings.rating_of, ticket)
     if not privacy.reads_personal(who.role):
         history = privacy.redact_steps(history)
         rating = privacy.redact_rating(rating) if rating is not None else None
@@ -120,14 +123,8 @@ async def transition(
     ctx: Ctx, who: Operator, request: Request, ticket: Ticket, body: TransitionIn
 ) -> RequestOut:
     try:
-        view = await ctx.desk.transition(
-            ticket,
-            body.to,
-            who.actor,
-            body.note,
-            body.provider_id,
-            body.merged_into,
-            epoch_ms(body.ts),
+        view = await ctx.actions.transition(
+            Move(ticket, body.to, who.actor, body.note, body.provider_id, body.merged_into, epoch_ms(body.ts))
         )
     except (DeskError, TransitionError) as exc:
         raise refused(exc) from None
@@ -145,7 +142,7 @@ async def transition(
 async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: RatingIn) -> RatingResult:
     when = epoch_ms(body.ts, default=ctx.clock.now_ms())
     try:
-        view, first = await ctx.desk.rate(
+        view, first = await ctx.actions.rate(
             NewRating(ticket, body.score, body.comment, when, who.actor, who.actor, body.rating_code)
         )
     except (DeskError, TransitionError) as exc:
@@ -163,7 +160,9 @@ async def rate(ctx: Ctx, who: Terminal, request: Request, ticket: Ticket, body: 
 )
 async def assess(ctx: Ctx, _: Operator, body: AssessmentIn) -> AssessmentOut:
     try:
-        saved = await ctx.desk.assess(
+        saved = await ctx.services.call(
+            ratings.assess,
+            ctx.catalogue,
             ts_ms=epoch_ms(body.ts, default=ctx.clock.now_ms()),
             assessor=body.assessor,
             provider_id=body.provider_id,
@@ -179,7 +178,7 @@ async def assess(ctx: Ctx, _: Operator, body: AssessmentIn) -> AssessmentOut:
 
 @router.get("/catalogue", summary="The service catalogue (services, groups, providers)", responses=AUTH)
 async def catalogue(ctx: Ctx, _: Reader) -> dict[str, Any]:
-    cat = ctx.desk.catalogue
+    cat = ctx.catalogue
     return {
         "groups": {code: group.model_dump() for code, group in cat.groups.items()},
         "providers": [p.model_dump() for p in cat.providers.values()],
@@ -194,8 +193,8 @@ async def catalogue(ctx: Ctx, _: Reader) -> dict[str, Any]:
     responses=AUTH,
 )
 async def providers(ctx: Ctx, _: Reader) -> list[ProviderOut]:
-    cat = ctx.desk.catalogue
-    loads = await ctx.desk.workloads()
+    cat = ctx.catalogue
+    loads = await ctx.services.call(requests.workloads, ctx.clock.now_ms())
     return [
         ProviderOut(
             **p.model_dump(),
