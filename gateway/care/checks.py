@@ -34,7 +34,7 @@ class WelfareCheck:
     raised_ms: int
     quiet_since_ms: int
     why: str
-    ticket: str | None = None  # the service request filed for it (gateway/services/desk.py)
+    ticket: str | None = None  # the service request filed for it (gateway/services/actions.py: Actions.file)
     acked_ms: int | None = None
     acked_by: str | None = None
     escalated_ms: int | None = None
