@@ -196,7 +196,13 @@ class Gateway:
             service_context, self.router.deliver, settings.privacy, settings.services.check_interval_s
         )
         self.care = CareDesk(
-            settings.care_db_path, settings.care, self.catalogue, self.actions, self.registry, self.clock
+            settings.care_db_path,
+            settings.care,
+            self.catalogue,
+            self.actions,
+            self.services,
+            self.registry,
+            self.clock,
         )
         self.router.observers.append(self.care.observe)
         if self.uplink is not None:

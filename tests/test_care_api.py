@@ -53,7 +53,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
     async def prepare() -> None:
         gw.registry.restore(await gw.writer.open())
-        await gw.desk.open(gw.router.deliver)
         await gw.care.open()
 
     asyncio.run(prepare())

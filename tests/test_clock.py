@@ -341,22 +341,32 @@ def test_cgw_doctor_says_the_clock_is_not_set_and_what_to_do(tmp_path: Path) -> 
 
 async def test_a_district_command_is_not_refused_while_the_clock_is_not_set(tmp_path: Path) -> None:
     """The district's `expires_ms` is in real time: days ahead of a box booted in 1970's estimate."""
+    from gateway.services import schema as services_schema
+    from gateway.services.actions import Actions
+    from gateway.services.context import ServiceContext
+    from gateway.services.refusals import Refusals
+    from gateway.services.relay import RecordRelay
+    from gateway.sqlite import SqliteThread
     from gateway.uplink.commands import DistrictCommands
 
     clocks, watch = boot_in_1970()
     profiles = load_profiles()
     writer = StoreWriter(tmp_path / "cgw.sqlite3", Instruments())
-    desk = ServiceDesk(tmp_path / "services.sqlite3", load_catalogue(), "c", Instruments(), clock=watch)
+    instruments = Instruments()
+    services = SqliteThread("services", lambda: services_schema.connect(tmp_path / "services.sqlite3"))
 
     async def nowhere(_: object) -> None:
         return None
+
+    context = ServiceContext(services, load_catalogue(), "c", instruments, Refusals(instruments), clock=watch)
+    actions = Actions(context, RecordRelay(services), nowhere)
 
     async def no_snapshot() -> int:
         return 0
 
     commands = DistrictCommands(
         "c",
-        desk,
+        actions,
         DeviceRegistry(profiles, "open"),
         profiles,
         lambda topic, payload: None,
@@ -367,7 +377,6 @@ async def test_a_district_command_is_not_refused_while_the_clock_is_not_set(tmp_
         watch,
     )
     await writer.open()
-    await desk.open(nowhere)
     try:
         clocks.tick(60)
         real_ms = int(REAL_S * 1000) + 60_000
@@ -379,5 +388,5 @@ async def test_a_district_command_is_not_refused_while_the_clock_is_not_set(tmp_
         reply = await commands.handle(orjson.dumps(ahead))
         assert not reply["ok"] and "ahead" in reply["error"]  # once set, the lifetime holds again
     finally:
-        await desk.close()
+        await services.close()
         await writer.close()

@@ -35,7 +35,9 @@ async def record_reads(
     if not ids:
         return
     name = where if isinstance(where, str) else endpoint(where)
-    await ctx.services.call(access_log.record, Access(ctx.clock.now_ms(), who.who, who.role, who.token_id, name, ids))
+    await ctx.services.call(
+        access_log.record, Access(ctx.clock.now_ms(), who.who, who.role, who.token_id, name, ids)
+    )
 
 
 async def record_device_reads(

@@ -35,10 +35,12 @@ from gateway.clock import ClockWatch
 from gateway.files import private_store
 from gateway.models import Batch
 from gateway.registry import DeviceRegistry
+from gateway.services import requests as service_requests
+from gateway.services.actions import Actions
 from gateway.services.catalogue import Catalogue
-from gateway.services.desk import ServiceDesk
 from gateway.services.intake import NewRequest
 from gateway.services.lifecycle import State, TransitionError
+from gateway.services.requests import Move
 from gateway.settings import CareGrid, CareSettings
 from gateway.sqlite import SqliteThread, connect, migrate, transaction
 
@@ -60,14 +62,16 @@ class CareDesk:
         path: Path,
         settings: CareSettings,
         catalogue: Catalogue,
-        services: ServiceDesk,
+        services: Actions,
+        services_db: SqliteThread,
         registry: DeviceRegistry,
         clock: ClockWatch | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock or ClockWatch()  # the gateway's time, as the other stages take it
         self._catalogue = catalogue
-        self._services = services
+        self._services = services  # files and moves the welfare checks' requests
+        self._services_db = services_db  # services.sqlite3, to read a household's requests
         self._registry = registry
         self._db = SqliteThread("care", lambda: _open(path))
         self.engine = WelfareEngine(settings)
@@ -183,7 +187,7 @@ class CareDesk:
         for state in states:
             provider = self.settings.escalate_to if state == "assigned" else None
             try:
-                await self._services.transition(ticket, state, ACTOR, note, provider_id=provider)
+                await self._services.transition(Move(ticket, state, ACTOR, note, provider_id=provider))
             except (TransitionError, ValueError) as exc:
                 log.debug("request %s not moved to %s: %s", ticket, state, exc)
 
@@ -263,7 +267,7 @@ class CareDesk:
     async def household_view(self, household: str) -> dict[str, Any]:
         building, _, unit = household.partition("/")
         needs, consents, open_needs, past_visits = await self._db.call(_household, household)
-        requests = of_unit(await self._services.requests(building=building), unit)
+        requests = of_unit(await self._services_db.call(service_requests.listing, building=building), unit)
         since = self._clock.now_ms() - UNUSED_DAYS * DAY_MS
         used = [r["service_code"] for r in requests if r["requested_ms"] >= since]
         group = households.group_of(needs)
@@ -291,7 +295,9 @@ class CareDesk:
 
     async def equity(self, start_ms: int, end_ms: int) -> list[dict[str, Any]]:
         groups, window = await self._db.call(_groups_and_checks, start_ms, end_ms)
-        requests = await self._services.requests(start_ms=start_ms, end_ms=end_ms, limit=100_000)
+        requests = await self._services_db.call(
+            service_requests.listing, start_ms=start_ms, end_ms=end_ms, limit=100_000
+        )
         return figures(groups, requests, window)
 
 

@@ -156,7 +156,7 @@ async def post_visits(ctx: Ctx, who: Carer, body: CareVisitBatch) -> CareVisitRe
         if scope is not None and v.building not in scope:
             out.append(CareVisitResult(id=v.id, status="refused", error="not_your_grid"))
             continue
-        unknown = [c for c in v.needs if c not in ctx.desk.catalogue.services]
+        unknown = [c for c in v.needs if c not in ctx.catalogue.services]
         if unknown:
             out.append(
                 CareVisitResult(id=v.id, status="refused", error=f"unknown_service: {', '.join(unknown)}")

@@ -216,7 +216,9 @@ PLAN_COLUMNS = (
 async def plan(
     ctx: Ctx, _: Reader, fmt: Annotated[Literal["json", "csv"], Path()], filed_only: bool = False
 ) -> Response:
-    needs_now = await ctx.services.call(requests.needs_list, ctx.catalogue, ctx.clock.now_ms(), 7 * 86_400_000)
+    needs_now = await ctx.services.call(
+        requests.needs_list, ctx.catalogue, ctx.clock.now_ms(), 7 * 86_400_000
+    )
     listed = {n["need_id"]: n for n in needs_now}
     rows = []
     for p in await ctx.services.call(proposal_rows.listing):
