@@ -26,6 +26,8 @@ from typing import Any, Literal
 Period = Literal["all", "day", "week", "month"]
 By = Literal["overall", "service", "group", "provider"]
 HOUR_MS = 3_600_000
+# The evaluation's span when nobody says: a month of ratings, enough for a provider's figures.
+SPAN_MS = 30 * 24 * HOUR_MS
 
 
 def nearest_rank(values: list[float], q: float) -> float:

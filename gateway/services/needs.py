@@ -17,6 +17,9 @@ from typing import Any
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+# What "recent" means for the needs list and the heat map when nobody says: a week, long enough
+# for a weekly rhythm to show, short enough that last month's burst has settled.
+RECENT_MS = 7 * DAY_MS
 
 
 @dataclass(frozen=True, slots=True)

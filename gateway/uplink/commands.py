@@ -38,7 +38,9 @@ from gateway.registry import DeviceRegistry
 from gateway.services import ratings, requests
 from gateway.services.actions import Actions
 from gateway.services.catalogue import Catalogue
+from gateway.services.evaluation import SPAN_MS
 from gateway.services.lifecycle import State, TransitionError
+from gateway.services.needs import RECENT_MS
 from gateway.services.refusals import DeskError
 from gateway.services.requests import Move
 from gateway.sqlite import SqliteThread
@@ -253,8 +255,8 @@ def _refused(ident: Any, action: Any, error: str) -> dict[str, Any]:
 async def summaries(services: SqliteThread, catalogue: Catalogue) -> list[tuple[str, dict[str, Any]]]:
     """The snapshots sent up: the ranked needs list (last 7 days) and 30 days of evaluation."""
     now = now_ms()
-    needs = await services.call(requests.needs_list, catalogue, now, 7 * 86_400_000)
-    start = now - 30 * 86_400_000
+    needs = await services.call(requests.needs_list, catalogue, now, RECENT_MS)
+    start = now - SPAN_MS
     evaluation = await services.call(
         ratings.evaluations, start, now + 1, ("overall", "service", "provider"), "all"
     )

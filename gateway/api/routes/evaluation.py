@@ -13,7 +13,7 @@ from gateway.api.auth import Reader
 from gateway.api.context import Ctx
 from gateway.api.datetimes import epoch_ms
 from gateway.api.schemas import ErrorBody, Evaluation, Figures
-from gateway.services import ratings
+from gateway.services import evaluation, ratings
 from gateway.services.evaluation import By, Period
 
 router = APIRouter(prefix="/api/v1", tags=["evaluation"])
@@ -39,7 +39,7 @@ async def evaluate(
     period: Period = "all",
 ) -> Evaluation:
     end_ms = epoch_ms(end, default=ctx.clock.now_ms() + 1)
-    start_ms = epoch_ms(start, default=end_ms - 30 * 86_400_000)
+    start_ms = epoch_ms(start, default=end_ms - evaluation.SPAN_MS)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
     if end_ms - start_ms > 3660 * 86_400_000:

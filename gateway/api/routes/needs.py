@@ -93,7 +93,7 @@ async def hotspots(
 )
 async def heatmap(ctx: Ctx, _: Reader, start: datetime | None = None, end: datetime | None = None) -> Heatmap:
     end_ms = epoch_ms(end, default=ctx.clock.now_ms())
-    start_ms = epoch_ms(start, default=end_ms - 7 * 86_400_000)
+    start_ms = epoch_ms(start, default=end_ms - needs.RECENT_MS)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
     signals = await ctx.services.call(requests.signals, start_ms, end_ms)
@@ -217,7 +217,7 @@ async def plan(
     ctx: Ctx, _: Reader, fmt: Annotated[Literal["json", "csv"], Path()], filed_only: bool = False
 ) -> Response:
     needs_now = await ctx.services.call(
-        requests.needs_list, ctx.catalogue, ctx.clock.now_ms(), 7 * 86_400_000
+        requests.needs_list, ctx.catalogue, ctx.clock.now_ms(), needs.RECENT_MS
     )
     listed = {n["need_id"]: n for n in needs_now}
     rows = []
