@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,3 +139,35 @@ class SqliteReaders:
     async def close(self) -> None:
         for thread in self._threads:
             await thread.close()
+
+
+class Where:
+    """The WHERE clause of a filtered listing, built from the filters a caller gave (None: not
+    given), and its arguments in order. `str()` is "" without a condition, else " WHERE a AND b"."""
+
+    def __init__(self) -> None:
+        self._conditions: list[str] = []
+        self.args: list[object] = []
+
+    def add(self, condition: str, *args: object) -> None:
+        """A condition that always applies, with its arguments."""
+        self._conditions.append(condition)
+        self.args.extend(args)
+
+    def given(self, condition: str, value: object | None) -> None:
+        """`condition` (one `?`) with `value`, unless the filter was not given."""
+        if value is not None:
+            self.add(condition, value)
+
+    def equal(self, **columns: object | None) -> None:
+        """`column = ?` for each column whose filter was given."""
+        for column, value in columns.items():
+            self.given(f"{column} = ?", value)
+
+    def among(self, column: str, values: Sequence[object] | None) -> None:
+        """`column IN (...)`, unless no value was given."""
+        if values:
+            self.add(f"{column} IN ({', '.join('?' * len(values))})", *values)
+
+    def __str__(self) -> str:
+        return f" WHERE {' AND '.join(self._conditions)}" if self._conditions else ""

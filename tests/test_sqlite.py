@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sqlite import SqliteReaders, SqliteThread, connect, transaction
+from gateway.sqlite import SqliteReaders, SqliteThread, Where, connect, transaction
 
 
 def _where(conn: sqlite3.Connection, plus: int, *, times: int = 1) -> tuple[str, int]:
@@ -81,3 +81,23 @@ async def test_readers_run_a_call_on_a_free_thread_while_another_is_busy(tmp_pat
         release.set()
     assert await held is True
     await readers.close()
+
+
+def test_a_where_clause_holds_only_the_filters_given() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (a TEXT, b INTEGER, c TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", [("x", 1, None), ("y", 2, "z"), ("x", 3, "z")])
+
+    def rows(where: Where) -> list[tuple[object, ...]]:
+        return conn.execute(f"SELECT b FROM t{where} ORDER BY b", where.args).fetchall()
+
+    assert str(Where()) == "" and rows(Where()) == [(1,), (2,), (3,)]
+    where = Where()
+    where.equal(a="x", c=None)  # c not given: no condition
+    where.given("b >= ?", 2)
+    assert str(where) == " WHERE a = ? AND b >= ?" and rows(where) == [(3,)]
+    among = Where()
+    among.among("b", [1, 2])
+    among.among("a", [])  # nothing given: no condition
+    among.add("c IS NOT NULL")
+    assert rows(among) == [(2,)]

@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from gateway.sqlite import transaction
+from gateway.sqlite import Where, transaction
 
 CheckState = Literal["raised", "escalated", "acknowledged", "closed"]
 Outcome = Literal["fine", "needed_help", "hospital", "not_home", "no_answer"]
@@ -108,18 +108,13 @@ def listing(
     since_ms: int | None = None,
     limit: int = 500,
 ) -> list[WelfareCheck]:
-    where: list[str] = []
-    args: list[object] = []
+    where = Where()
     if open_only:
-        where.append("closed_ms IS NULL")
-    if household is not None:
-        where.append("household = ?")
-        args.append(household)
-    if since_ms is not None:
-        where.append("raised_ms >= ?")
-        args.append(since_ms)
-    sql = f"SELECT {_COLUMNS} FROM checks" + (f" WHERE {' AND '.join(where)}" if where else "")
-    rows = conn.execute(sql + " ORDER BY raised_ms DESC LIMIT ?", (*args, limit)).fetchall()
+        where.add("closed_ms IS NULL")
+    where.equal(household=household)
+    where.given("raised_ms >= ?", since_ms)
+    sql = f"SELECT {_COLUMNS} FROM checks{where} ORDER BY raised_ms DESC LIMIT ?"
+    rows = conn.execute(sql, (*where.args, limit)).fetchall()
     return [WelfareCheck(**dict(r)) for r in rows]
 
 

@@ -23,7 +23,7 @@ from gateway.services.catalogue import Catalogue
 from gateway.services.intake import NewRequest
 from gateway.services.lifecycle import State
 from gateway.services.refusals import DeskError
-from gateway.sqlite import transaction
+from gateway.sqlite import Where, transaction
 
 # Tickets shown to residents: the community and 10 characters of an alphabet without look-alikes
 # (50 random bits), so no one can guess another resident's ticket. Older sequential tickets stay.
@@ -234,25 +234,15 @@ def listing(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Requests matching every filter given, newest first."""
-    where: list[str] = []
-    args: list[object] = []
-    for column, values in (("id", ids), ("service_code", codes), ("state", states)):
-        if values:
-            where.append(f"{column} IN ({', '.join('?' * len(values))})")
-            args.extend(values)
-    for column, value in (("provider_id", provider_id), ("building", building), ("filed_by", filed_by)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if start_ms is not None:
-        where.append("requested_ms >= ?")
-        args.append(start_ms)
-    if end_ms is not None:
-        where.append("requested_ms < ?")
-        args.append(end_ms)
-    sql = "SELECT * FROM requests" + (f" WHERE {' AND '.join(where)}" if where else "")
-    sql += " ORDER BY requested_ms DESC, seq DESC LIMIT ? OFFSET ?"
-    return [request_view(r) for r in conn.execute(sql, (*args, limit, offset))]
+    where = Where()
+    where.among("id", ids)
+    where.among("service_code", codes)
+    where.among("state", states)
+    where.equal(provider_id=provider_id, building=building, filed_by=filed_by)
+    where.given("requested_ms >= ?", start_ms)
+    where.given("requested_ms < ?", end_ms)
+    sql = f"SELECT * FROM requests{where} ORDER BY requested_ms DESC, seq DESC LIMIT ? OFFSET ?"
+    return [request_view(r) for r in conn.execute(sql, (*where.args, limit, offset))]
 
 
 def workloads(conn: sqlite3.Connection, now_ms: int) -> dict[str, dict[str, int]]:

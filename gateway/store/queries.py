@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sqlite import SqliteReaders, connect
+from gateway.sqlite import SqliteReaders, Where, connect
 
 MAX_POINTS = 10_000
 
@@ -132,36 +132,22 @@ def _event_dict(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _events(conn: sqlite3.Connection, flt: EventFilter) -> list[dict[str, Any]]:
-    where: list[str] = []
-    args: list[Any] = []
-    for column, value in (
-        ("device_id", flt.device_id),
-        ("kind", flt.kind),
-        ("building", flt.building),
-        ("type", flt.type),
-        ("severity", flt.severity),
-        ("source", flt.source),
-    ):
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if flt.alarm is not None:
-        where.append("alarm = ?")
-        args.append(int(flt.alarm))
+    where = Where()
+    where.equal(
+        device_id=flt.device_id,
+        kind=flt.kind,
+        building=flt.building,
+        type=flt.type,
+        severity=flt.severity,
+        source=flt.source,
+    )
+    where.given("alarm = ?", None if flt.alarm is None else int(flt.alarm))
     if flt.acked is not None:
-        where.append("acked_ms IS NOT NULL" if flt.acked else "acked_ms IS NULL")
-    if flt.since_ms is not None:
-        where.append("ts_ms >= ?")
-        args.append(flt.since_ms)
-    if flt.until_ms is not None:
-        where.append("ts_ms < ?")
-        args.append(flt.until_ms)
-    sql = f"SELECT {_EVENT_COLUMNS} FROM events"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY ts_ms DESC, id DESC LIMIT ? OFFSET ?"
-    args += [flt.limit, flt.offset]
-    return [_event_dict(row) for row in conn.execute(sql, args)]
+        where.add("acked_ms IS NOT NULL" if flt.acked else "acked_ms IS NULL")
+    where.given("ts_ms >= ?", flt.since_ms)
+    where.given("ts_ms < ?", flt.until_ms)
+    sql = f"SELECT {_EVENT_COLUMNS} FROM events{where} ORDER BY ts_ms DESC, id DESC LIMIT ? OFFSET ?"
+    return [_event_dict(row) for row in conn.execute(sql, (*where.args, flt.limit, flt.offset))]
 
 
 def _event_by_id(conn: sqlite3.Connection, event_id: int) -> dict[str, Any] | None:
@@ -266,19 +252,16 @@ def _metric_names(conn: sqlite3.Connection, device_id: str) -> list[str]:
 def _dead_letters(
     conn: sqlite3.Connection, device_id: str | None, reason: str | None, limit: int, offset: int
 ) -> list[dict[str, Any]]:
-    where, args = [], []
-    if device_id is not None:
-        where.append("device_id = ?")
-        args.append(device_id)
-    if reason is not None:
-        where.append("reason_code = ?")
-        args.append(reason)
-    sql = "SELECT id, received_ms, topic, device_id, channel, reason_code, reason, payload FROM dead_letters"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+    where = Where()
+    where.equal(device_id=device_id, reason_code=reason)
+    sql = (
+        "SELECT id, received_ms, topic, device_id, channel, reason_code, reason, payload FROM dead_letters"
+        f"{where} ORDER BY id DESC LIMIT ? OFFSET ?"
+    )
     out = []
-    for lid, received, topic, dev, channel, code, why, payload in conn.execute(sql, [*args, limit, offset]):
+    for lid, received, topic, dev, channel, code, why, payload in conn.execute(
+        sql, [*where.args, limit, offset]
+    ):
         out.append(
             {
                 "id": lid,
