@@ -467,6 +467,7 @@ def test_a_write_is_the_request_influxdb_v2_takes(token: str) -> None:
     finally:
         api.close()
         server.shutdown()
+        server.server_close()  # its listening socket, or it is left open
     assert answer.ok and answer.status == 204
     [(path, headers, body)] = server.requests  # type: ignore[attr-defined]
     assert path == "/under/a/proxy/api/v2/write?org=my+org&bucket=b%2F1&precision=ms"
@@ -484,5 +485,6 @@ def test_a_kept_connection_the_server_closed_is_opened_again() -> None:
     finally:
         api.close()
         server.shutdown()
+        server.server_close()  # its listening socket, or it is left open
     assert [a.status for a in answers] == [204, 204, 204]
     assert [body for _, _, body in server.requests] == [b"m v=0.0 1", b"m v=1.0 1", b"m v=2.0 1"]  # type: ignore[attr-defined]

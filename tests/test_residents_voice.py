@@ -301,6 +301,7 @@ def test_only_service_terminals_may_publish_for_residents_at_the_broker(tmp_path
         finally:
             watcher.kill()
             watcher.wait()
+            watcher.stdout.close()  # its pipe, or a ResourceWarning (warnings are errors)
     finally:
         broker.kill()
 
