@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
-    """The wall clock in epoch milliseconds, for stamps made outside a running gateway's stages
-    (the CLI, the API's routes); the stages ask their `ClockWatch.now_ms()`."""
+    """The wall clock in epoch milliseconds, for stamps made outside a running gateway (the CLI)
+    and for log throttles; the stages and the API's routes (`ctx.clock`) ask their
+    `ClockWatch.now_ms()`, which stays right while the clock is not set."""
     return time.time_ns() // 1_000_000
 
 

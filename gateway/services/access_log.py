@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sqlite import transaction
+from gateway.sqlite import Where, transaction
 
 SCHEMA = [
     """CREATE TABLE access_log (
@@ -70,17 +70,13 @@ def listing(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Entries, newest first; `record_id` keeps those that read that ticket (or household)."""
-    conditions = (
-        ("ts_ms >= ?", since_ms),
-        ("ts_ms < ?", until_ms),
-        ("who = ?", who),
-        ("EXISTS (SELECT 1 FROM json_each(access_log.records) WHERE value = ?)", record_id),
-    )
-    where = [clause for clause, value in conditions if value is not None]
-    args = [value for _, value in conditions if value is not None]
-    sql = "SELECT * FROM access_log" + (f" WHERE {' AND '.join(where)}" if where else "")
-    sql += " ORDER BY ts_ms DESC, id DESC LIMIT ? OFFSET ?"
-    rows = conn.execute(sql, (*args, limit, offset)).fetchall()
+    where = Where()
+    where.given("ts_ms >= ?", since_ms)
+    where.given("ts_ms < ?", until_ms)
+    where.equal(who=who)
+    where.given("EXISTS (SELECT 1 FROM json_each(access_log.records) WHERE value = ?)", record_id)
+    sql = f"SELECT * FROM access_log{where} ORDER BY ts_ms DESC, id DESC LIMIT ? OFFSET ?"
+    rows = conn.execute(sql, (*where.args, limit, offset)).fetchall()
     return [{**dict(row), "records": orjson.loads(row["records"])} for row in rows]
 
 
